@@ -1,0 +1,178 @@
+"""The ``brats-cnn`` command: a thin shell over the library.
+
+Each subcommand parses its options, imports its stage lazily (so ``brats-cnn --help`` stays fast)
+and calls one function. Known errors (:class:`~brats_cnn.errors.BratsCnnError`) are printed as one
+line on stderr with exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from brats_cnn import __version__
+
+app = typer.Typer(
+    name="brats-cnn",
+    help="Brain tumour segmentation with the CNN of Pereira et al. (IEEE TMI 2016), and BraTS-style scoring.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+EXIT_USER_ERROR = 2
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file or bundled name (pereira_hgg, pereira_lgg, smoke).")
+SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set train.epochs=3 (repeatable).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda.")
+ManifestOpt = typer.Option(None, "--manifest", help="CSV with columns case_id,grade (default: <data>/manifest.csv if present).")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"brats-cnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv for debug logs)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    _state["debug"] = debug
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def preprocess(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (any supported layout)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for the preprocessed cache."),
+    fit: bool = typer.Option(False, "--fit", help="Fit the normaliser (Nyul + z-score) on these cases."),
+    normaliser: Optional[Path] = typer.Option(None, "--normaliser", help="Apply a saved normaliser JSON instead of fitting."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    manifest: Optional[Path] = ManifestOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", help="Cases processed in parallel (default from config)."),
+) -> None:
+    """N4 bias correction, Nyul standardisation and z-scoring into a memory-mappable cache."""
+    from brats_cnn.preprocess import run_preprocess
+
+    run_preprocess(data=data, out=out, fit=fit, normaliser=normaliser, config=config,
+                   overrides=set_ or [], manifest=manifest, workers=workers)
+
+
+@app.command()
+def train(
+    grade: str = typer.Option(..., "--grade", help="hgg or lgg: which of the paper's models to train."),
+    data: Path = typer.Option(..., "--data", help="Raw dataset folder, or a preprocessed cache folder."),
+    out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoints, metrics, config)."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    device: str = DeviceOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    manifest: Optional[Path] = ManifestOpt,
+) -> None:
+    """Train the HGG or LGG network (resumable; CPU or CUDA; torchrun for several GPUs)."""
+    from brats_cnn.train import run_training
+
+    run_training(grade=grade, data=data, out=out, config=config, overrides=set_ or [],
+                 device=device, resume=resume, manifest=manifest)
+
+
+@app.command()
+def segment(
+    inputs: List[Path] = typer.Argument(..., help="Case(s): a 4-D case.nii.gz, a case folder, one of a case's files, or a dataset folder."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint file."),
+    grade: Optional[str] = typer.Option(None, "--grade", help="hgg or lgg: use the bundled model of that grade."),
+    out: Path = typer.Option(Path("segmentations"), "--out", "-o", help="Output file (one case) or folder."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="exact, fast or auto (exact on CUDA, fast on CPU)."),
+    device: str = DeviceOpt,
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write per-class probabilities (float16)."),
+    label_convention: Optional[str] = typer.Option(None, "--label-convention", help="Convention of the written labels (default: the checkpoint's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute cases whose output exists."),
+    no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Skip small-component removal."),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Segment cases with a trained model and write label-map NIfTIs."""
+    from brats_cnn.segment import run_segment
+
+    run_segment(inputs=inputs, model=model, grade=grade, out=out, mode=mode, device=device,
+                save_probabilities=save_probabilities, label_convention=label_convention,
+                overwrite=overwrite, postprocess=not no_postprocess, overrides=set_ or [])
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Prediction file or folder."),
+    gt: Path = typer.Option(..., "--gt", help="Ground-truth file or dataset folder."),
+    out: Path = typer.Option(Path("evaluation"), "--out", help="Report folder (metrics.csv, summary.json, report.html)."),
+    label_convention: str = typer.Option("brats2017", "--label-convention", help="Convention of the ground truth."),
+    pred_convention: Optional[str] = typer.Option(None, "--pred-convention", help="Convention of the predictions (default: same as ground truth)."),
+    manifest: Optional[Path] = ManifestOpt,
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder with the cases' images for overlay figures (default: --gt)."),
+) -> None:
+    """Score segmentations as BraTS does: DSC, PPV, sensitivity, specificity, HD95, volumes."""
+    from brats_cnn.evaluate import run_evaluate
+
+    run_evaluate(pred=pred, gt=gt, out=out, label_convention=label_convention,
+                 pred_convention=pred_convention, manifest=manifest, images=images)
+
+
+@app.command()
+def benchmark(
+    grade: str = typer.Option("hgg", "--grade", help="Network to time: hgg or lgg."),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(128, "--batch-size", help="Patches per batch."),
+    iterations: int = typer.Option(20, "--iterations", help="Timed batches (after warm-up)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Preprocessed cache (or raw dataset) to time the data pipeline too."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write results JSON here."),
+) -> None:
+    """Time forward and forward+backward per batch, and the training data pipeline."""
+    from brats_cnn.benchmark import run_benchmark
+
+    run_benchmark(grade=grade, device=device, batch_size=batch_size, iterations=iterations,
+                  data=data, out=out)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo makes."),
+    device: str = DeviceOpt,
+) -> None:
+    """Generate phantom cases, train the smoke config, segment a held-out case and write a report."""
+    from brats_cnn.demo import run_demo
+
+    run_demo(out=out, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and map known errors to one line and exit code 2."""
+    from brats_cnn.errors import BratsCnnError
+
+    try:
+        app(args=argv, prog_name="brats-cnn")  # typer reports its own usage errors (exit 2)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BratsCnnError as exc:
+        if _state["debug"]:
+            raise
+        print(f"brats-cnn: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("brats-cnn: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Typed, frozen configuration: dataclasses loaded from YAML, with ``--set a.b=value`` overrides.
+
+Values marked (paper) come from Pereira et al. 2016; values marked (choice) are this project's.
+A config file only needs the keys it changes; everything else takes the defaults below, which are
+the paper's HGG setting. Unknown keys and values of the wrong type raise :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from brats_cnn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    label_convention: str = "brats2017"  # convention of the training labels (choice: BraTS 2017-21 data)
+    channel_order: tuple[str, ...] = ("t1", "t1c", "t2", "flair")  # (choice) stored in checkpoints
+    validation_cases: int = 1  # held-out whole cases for validation (choice)
+
+
+@dataclass(frozen=True)
+class N4Config:
+    sequences: tuple[str, ...] = ("t1", "t1c")  # (paper) N4 on T1 and T1c
+    shrink_factor: int = 4  # (choice) fit on a shrunk image, apply the field at full resolution
+    iterations: tuple[int, ...] = (50, 50, 50, 50)  # (choice) per fitting level (ITK default shape)
+    convergence_threshold: float = 0.001  # (choice)
+
+
+@dataclass(frozen=True)
+class NyulConfig:
+    pc1: float = 1.0  # (choice) lower percentile of the brain voxels
+    pc2: float = 99.0  # (choice) upper percentile
+    landmarks: tuple[float, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # (paper: deciles)
+    s1: float = 0.0  # (choice) standard scale minimum
+    s2: float = 100.0  # (choice) standard scale maximum
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    n4: N4Config = field(default_factory=N4Config)
+    nyul: NyulConfig = field(default_factory=NyulConfig)
+    background_value: float = 0.0  # (choice) value of non-brain voxels after z-scoring
+    cache_dtype: str = "float16"  # (choice) dtype of the memory-mapped preprocessed volumes
+    workers: int = 2  # parallel cases in `brats-cnn preprocess`
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    patch_size: int = 33  # (paper) 33x33 axial patches
+    total_patches: int = 450_000  # (paper) ~450k HGG, ~335k LGG; split evenly over classes
+    rotation_angles: tuple[int, ...] = (0, 90, 180, 270)  # (paper) multiples of 90 degrees
+    arbitrary_rotation: bool = False  # (choice) also rotate by a uniform random angle
+    validation_patches: int = 20_000  # (choice) patch-accuracy validation set size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str = "hgg"  # (paper) "hgg" (Table I) or "lgg" (Table II)
+    dropout: float = 0.1  # (paper) 0.1 HGG, 0.5 LGG
+    leaky_relu_slope: float = 0.333  # (paper)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20  # (paper) 20 HGG, 25 LGG
+    batch_size: int = 128  # (paper)
+    lr_start: float = 0.003  # (paper) decayed linearly ...
+    lr_end: float = 0.00003  # (paper) ... to this over the whole run
+    momentum: float = 0.9  # (paper) Nesterov
+    weight_decay: float = 0.0  # (choice)
+    seed: int = 0  # (choice)
+    num_workers: int = 2  # data-loader workers (choice)
+    amp: bool = True  # bf16 autocast on CUDA (choice; ignored on CPU)
+    compile: bool = False  # torch.compile the network (choice)
+    validate_dice: bool = True  # per-epoch Dice on validation cases if time allows (choice)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    mode: str = "auto"  # "exact", "fast" or "auto" (exact on CUDA, fast on CPU) (choice)
+    batch_size: int = 4096  # patches per forward pass in exact mode (choice)
+    amp: bool = True  # bf16 autocast on CUDA (choice)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    min_component_voxels: int = 10_000  # (paper) t_vol: 10,000 HGG, 3,000 LGG
+    connectivity: int = 1  # (choice) 1 = face (6-), 2 = edge (18-), 3 = vertex (26-) connectivity
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "pereira_hgg"
+    grade: str = "hgg"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+_CHOICES = {
+    "grade": ("hgg", "lgg"),
+    "model.architecture": ("hgg", "lgg"),
+    "segment.mode": ("auto", "exact", "fast"),
+    "data.label_convention": ("brats2013", "brats2017", "brats2023", "msd"),
+    "preprocess.cache_dtype": ("float16", "float32"),
+    "postprocess.connectivity": (1, 2, 3),
+}
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in that type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}' must be a mapping, got {type(value).__name__} {value!r}", source)
+        return _build(tp, value, key + ".", source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"key '{key}' must be a list, got {type(value).__name__} {value!r}", source)
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above are used
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(f"key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}", source)
+
+
+def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys in this section: {', '.join(sorted(names))})",
+            source)
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        kwargs[name] = _convert(value, hints[name], key, source)
+        if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
+            raise ConfigError(f"key '{key}' must be one of {list(_CHOICES[key])}, got {value!r}", source)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict, source: str = "<config>") -> Config:
+    """Build a validated :class:`Config` from a nested dict (missing keys take defaults)."""
+    return _build(Config, values or {}, "", source)
+
+
+def config_to_dict(config: Any) -> dict:
+    """The config as a nested dict of plain YAML/JSON types (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """Turn ``["train.epochs=3", "sampling.rotation_angles=[0,90]"]`` into a nested dict.
+
+    Values are parsed as YAML scalars/lists, so ``3`` is an int, ``0.5`` a float, ``true`` a bool.
+    """
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'", "--set")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set key '{key}' conflicts with another --set", "--set")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Load a YAML config (or the defaults if ``path`` is None), then apply ``--set`` overrides.
+
+    Args:
+        path: a YAML file, or a bundled name such as ``"pereira_lgg"`` or ``"smoke"``.
+        overrides: ``key=value`` strings applied after the file.
+        base: a nested dict applied before the file (e.g. a checkpoint's stored config).
+    """
+    values: dict = dict(base or {})
+    source = "<defaults>"
+    if path is not None:
+        file = resolve_config_path(path)
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML ({str(exc).splitlines()[0]})", file) from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config ({exc.strerror})", file) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("a config file must be a YAML mapping", file)
+        values = _deep_merge(values, loaded or {})
+    config = config_from_dict(values, source)
+    if overrides:
+        merged = _deep_merge(config_to_dict(config), parse_overrides(overrides))
+        config = config_from_dict(merged, "--set")
+    return config
+
+
+def bundled_config_dir() -> Path:
+    """Folder of the YAML configs shipped with the package."""
+    return Path(__file__).parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path as given, or a bundled config by name (``smoke`` -> ``configs/smoke.yaml``)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    bundled = bundled_config_dir() / f"{Path(str(path)).stem}.yaml"
+    if not candidate.suffix and bundled.is_file():
+        return bundled
+    raise ConfigError("config file not found (give a YAML path or one of: "
+                      + ", ".join(sorted(p.stem for p in bundled_config_dir().glob('*.yaml'))) + ")", path)
+
+
+def default_config(grade: str) -> Config:
+    """The paper's config for a grade: ``pereira_hgg`` or ``pereira_lgg``."""
+    return load_config(f"pereira_{grade.lower()}")
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML next to an output (atomically)."""
+    from brats_cnn.fsutil import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

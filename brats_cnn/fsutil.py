@@ -1,0 +1,55 @@
+"""Atomic file writing: write to a temporary file in the same folder, then rename.
+
+An interrupted run therefore never leaves a half-written output under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from brats_cnn.errors import BratsCnnError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
+
+    The temporary name keeps the final suffixes (``.nii.gz``, ``.npy``) so that writers which
+    choose a format from the name behave the same. On any exception the temporary file is removed.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BratsCnnError(f"cannot create output folder ({exc.strerror})", path.parent) from exc
+    suffix = "".join(path.suffixes) or ".tmp"
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix,
+                                        dir=path.parent)
+    except OSError as exc:
+        raise BratsCnnError(f"cannot write output ({exc.strerror})", path) from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically and return the path."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
