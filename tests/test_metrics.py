@@ -1,0 +1,197 @@
+"""Metrics on hand-built masks with hand-computed values, every empty-mask rule, and cross-checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from brats_cnn import metrics
+from brats_cnn.metrics import HD95_ONE_EMPTY
+
+
+def _cube(shape, lo, hi):
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return mask
+
+
+# ---------------------------------------------------------------- confusion counts and overlap
+
+def test_two_cubes_offset_by_one_voxel():
+    ref = _cube((5, 5, 5), (1, 1, 1), (3, 3, 3))    # 8 voxels
+    pred = _cube((5, 5, 5), (2, 1, 1), (4, 3, 3))   # 8 voxels, 4 shared
+    assert metrics.compute_tp_fp_fn_tn(ref, pred) == (4, 4, 4, 113)
+    assert metrics.dice(ref, pred) == pytest.approx(0.5)
+    assert metrics.ppv(ref, pred) == pytest.approx(0.5)
+    assert metrics.sensitivity(ref, pred) == pytest.approx(0.5)
+    assert metrics.specificity(ref, pred) == pytest.approx(113 / 117)
+
+
+def test_prediction_inside_truth():
+    ref = _cube((6, 6, 6), (1, 1, 1), (4, 4, 4))    # 27 voxels
+    pred = _cube((6, 6, 6), (2, 1, 1), (4, 4, 4))   # 18 voxels, all inside ref
+    assert metrics.compute_tp_fp_fn_tn(ref, pred) == (18, 0, 9, 189)
+    m = metrics.mask_metrics(ref, pred, spacing=(1.0, 2.0, 0.5))
+    assert m["dsc"] == pytest.approx(36 / 45)
+    assert m["ppv"] == 1.0
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["specificity"] == 1.0
+    assert m["vol_gt_ml"] == pytest.approx(27 * 1.0 / 1000)
+    assert m["vol_pred_ml"] == pytest.approx(18 * 1.0 / 1000)
+    # pred lacks the x=1 layer of ref: the pred->ref distances are 0, ref->pred are 0 or 1 mm
+    assert m["hd95"] == pytest.approx(1.0)
+
+
+def test_arguments_are_not_mutated():
+    ref = _cube((5, 5, 5), (1, 1, 1), (3, 3, 3))
+    pred = _cube((5, 5, 5), (2, 1, 1), (4, 3, 3))
+    ref0, pred0 = ref.copy(), pred.copy()
+    metrics.mask_metrics(ref, pred, (1, 1, 1))
+    assert np.array_equal(ref, ref0) and np.array_equal(pred, pred0)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.compute_tp_fp_fn_tn(np.zeros((2, 2, 2), bool), np.zeros((2, 2, 3), bool))
+
+
+# ---------------------------------------------------------------- empty masks (SPEC rules)
+
+EMPTY = np.zeros((4, 4, 4), dtype=bool)
+SOME = _cube((4, 4, 4), (1, 1, 1), (3, 3, 3))
+
+
+def test_both_empty():
+    m = metrics.mask_metrics(EMPTY, EMPTY, (1, 1, 1))
+    assert (m["dsc"], m["ppv"], m["sensitivity"], m["specificity"], m["hd95"]) == (1.0, 1.0, 1.0, 1.0, 0.0)
+    assert m["vol_gt_ml"] == 0.0 and m["vol_pred_ml"] == 0.0
+
+
+def test_empty_prediction_nonempty_truth():
+    m = metrics.mask_metrics(SOME, EMPTY, (1, 1, 1))
+    assert m["dsc"] == 0.0
+    assert m["ppv"] == 0.0          # denominator 0, truth not empty
+    assert m["sensitivity"] == 0.0  # 0 / 8
+    assert m["specificity"] == 1.0  # 56 / 56
+    assert m["hd95"] == HD95_ONE_EMPTY == 373.13
+
+
+def test_empty_truth_nonempty_prediction():
+    m = metrics.mask_metrics(EMPTY, SOME, (1, 1, 1))
+    assert m["dsc"] == 0.0
+    assert m["ppv"] == 0.0          # 0 / 8
+    assert m["sensitivity"] == 0.0  # denominator 0, prediction not empty
+    assert m["specificity"] == pytest.approx(56 / 64)
+    assert m["hd95"] == HD95_ONE_EMPTY
+
+
+def test_truth_covers_every_voxel():
+    full = np.ones((2, 2, 2), dtype=bool)
+    assert metrics.specificity(full, full) == 1.0
+    assert metrics.specificity(full, _cube((2, 2, 2), (0, 0, 0), (1, 2, 2))) == 0.0
+
+
+# ---------------------------------------------------------------- HD95
+
+def test_hd95_parallel_planes_anisotropic():
+    ref = np.zeros((8, 5, 4), dtype=bool)
+    pred = np.zeros((8, 5, 4), dtype=bool)
+    ref[2], pred[5] = True, True  # 3 voxels apart along x
+    spacing = (2.0, 0.5, 3.0)
+    for definition in ("brats", "monai"):
+        assert metrics.hd95(ref, pred, spacing, definition) == pytest.approx(6.0)
+    ref_to_pred, pred_to_ref = metrics.surface_distances(ref, pred, spacing)
+    assert ref_to_pred.shape == (20,) and pred_to_ref.shape == (20,)
+    assert np.allclose(ref_to_pred, 6.0) and np.allclose(pred_to_ref, 6.0)
+
+
+def test_hd95_definitions_differ_on_a_small_outlier():
+    # ref: a 10x10 plane; pred: the same plane plus an 8-voxel patch 10 voxels away.
+    # pred->ref: 8 of 108 distances (7.4 %) are 10*1.5 mm, so its 95th percentile is 15 mm (MONAI);
+    # pooled: 8 of 208 (3.8 %) are 15 mm, so the pooled 95th percentile is 0 (BraTS).
+    ref = np.zeros((12, 10, 10), dtype=bool)
+    ref[0] = True
+    pred = ref.copy()
+    pred[10, 0:2, 0:4] = True
+    spacing = (1.5, 1.0, 1.0)
+    assert metrics.hd95(ref, pred, spacing, "brats") == pytest.approx(0.0)
+    assert metrics.hd95(ref, pred, spacing, "monai") == pytest.approx(15.0)
+
+
+def test_hd95_mask_on_array_border_has_surface():
+    ref = np.ones((3, 3, 3), dtype=bool)       # touches every border: all 26 outer voxels are surface
+    pred = _cube((3, 3, 3), (0, 0, 0), (3, 3, 2))
+    ref_to_pred, pred_to_ref = metrics.surface_distances(ref, pred, (1, 1, 1))
+    assert ref_to_pred.size == 26 and pred_to_ref.size == 18
+    assert metrics.hd95(ref, pred, (1, 1, 1)) == pytest.approx(1.0)
+
+
+def test_unknown_hd95_definition():
+    with pytest.raises(ValueError, match="unknown HD95 definition"):
+        metrics.hd95(SOME, SOME, (1, 1, 1), "medpy")
+
+
+# ---------------------------------------------------------------- regions of label maps
+
+def test_region_metrics_brats2017():
+    ref = np.zeros((6, 6, 6), dtype=np.int16)
+    ref[1:5, 1:5, 1:5] = 2     # edema
+    ref[2:4, 2:4, 2:4] = 1     # core (8 voxels)
+    ref[2, 2, 2] = 4           # one enhancing voxel
+    pred = ref.copy()
+    pred[2, 2, 2] = 1          # enhancing missed, still core
+    out = metrics.region_metrics(ref, pred, "brats2017", (1, 1, 1))
+    assert set(out) == {"complete", "core", "enhancing"}
+    assert out["complete"]["dsc"] == 1.0 and out["core"]["dsc"] == 1.0
+    assert out["enhancing"]["dsc"] == 0.0 and out["enhancing"]["hd95"] == HD95_ONE_EMPTY
+    assert out["core"]["vol_gt_ml"] == pytest.approx(0.008)
+    assert ref[2, 2, 2] == 4  # not mutated
+
+
+# ---------------------------------------------------------------- cross-checks
+
+def _random_blobs(seed: int, shape=(40, 36, 24)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = ndimage.gaussian_filter(rng.standard_normal(shape), 2.5) > 0.08
+    b = ndimage.gaussian_filter(rng.standard_normal(shape), 2.5) > 0.08
+    return a, b
+
+
+def _brute_force_distances(ref, pred, spacing):
+    """Independent implementation: surface by explicit 6-neighbour test, distances by cdist."""
+    def surface(mask):
+        padded = np.pad(mask, 1)
+        interior = padded.copy()
+        for axis in range(3):
+            for shift in (1, -1):
+                interior &= np.roll(padded, shift, axis=axis)
+        return (padded & ~interior)[1:-1, 1:-1, 1:-1]
+    pts_ref = np.argwhere(surface(ref)) * np.asarray(spacing)
+    pts_pred = np.argwhere(surface(pred)) * np.asarray(spacing)
+    d = cdist(pts_ref, pts_pred)
+    return d.min(axis=1), d.min(axis=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cross_check_independent_and_monai(seed):
+    torch = pytest.importorskip("torch")
+    monai_metrics = pytest.importorskip("monai.metrics")
+    ref, pred = _random_blobs(seed)
+    spacing = (1.0, 1.3, 2.5)
+    ref_to_pred, pred_to_ref = _brute_force_distances(ref, pred, spacing)
+    brats_expected = np.percentile(np.concatenate([ref_to_pred, pred_to_ref]), 95)
+    monai_expected_own = max(np.percentile(ref_to_pred, 95), np.percentile(pred_to_ref, 95))
+    # Same surfaces and exact Euclidean distances: agreement to rounding.
+    assert metrics.hd95(ref, pred, spacing, "brats") == pytest.approx(brats_expected, abs=1e-9)
+    assert metrics.hd95(ref, pred, spacing, "monai") == pytest.approx(monai_expected_own, abs=1e-9)
+
+    y_pred = torch.from_numpy(pred[None, None].astype(np.float32))
+    y = torch.from_numpy(ref[None, None].astype(np.float32))
+    monai_dice = float(monai_metrics.compute_dice(y_pred, y, include_background=True))
+    monai_hd95 = float(monai_metrics.compute_hausdorff_distance(
+        y_pred, y, include_background=True, percentile=95, spacing=spacing))
+    assert metrics.dice(ref, pred) == pytest.approx(monai_dice, abs=1e-6)
+    # MONAI computes in float32 (torch.quantile): 1e-4 mm tolerance.
+    assert metrics.hd95(ref, pred, spacing, "monai") == pytest.approx(monai_hd95, abs=1e-4)
