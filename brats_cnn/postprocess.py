@@ -1,0 +1,60 @@
+"""Post-processing (SPEC stage 9): remove small 3-D connected components of tumour.
+
+Pereira et al. drop every connected tumour component smaller than ``t_vol`` voxels
+(10,000 for HGG, 3,000 for LGG, ``config.postprocess.min_component_voxels``). All non-zero labels
+count as tumour together, so a component is a connected blob of any mix of tumour labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from brats_cnn.errors import ConfigError
+
+CONNECTIVITIES: dict[int, str] = {1: "face (6-neighbour)", 2: "edge (18-neighbour)", 3: "vertex (26-neighbour)"}
+
+
+def component_sizes(tumour: np.ndarray, connectivity: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Label the connected components of a boolean mask.
+
+    Args:
+        tumour: ``(X, Y, Z)`` bool mask.
+        connectivity: 1 = face, 2 = edge, 3 = vertex neighbours (``scipy.ndimage`` convention).
+
+    Returns:
+        ``(components, sizes)``: ``(X, Y, Z)`` int32 component ids (0 = outside the mask) and the
+        voxel count of each id (``sizes[0]`` counts the voxels outside the mask).
+    """
+    from scipy import ndimage
+
+    if connectivity not in CONNECTIVITIES:
+        raise ConfigError(f"postprocess.connectivity must be 1, 2 or 3 ({', '.join(CONNECTIVITIES.values())}), "
+                          f"got {connectivity!r}")
+    tumour = np.asarray(tumour, dtype=bool)
+    structure = ndimage.generate_binary_structure(tumour.ndim, connectivity)
+    components, _count = ndimage.label(tumour, structure=structure)
+    return components, np.bincount(components.ravel())
+
+
+def remove_small_components(labels: np.ndarray, min_voxels: int, connectivity: int = 1) -> np.ndarray:
+    """Set tumour components with *strictly fewer* than ``min_voxels`` voxels to background.
+
+    A component of exactly ``min_voxels`` voxels is kept (the paper: "smaller than t_vol" removed).
+    ``min_voxels <= 1`` removes nothing. The input is not modified.
+
+    Args:
+        labels: ``(X, Y, Z)`` integer label values of any convention or class indices; 0 is
+            background, every other value is tumour.
+        min_voxels: ``t_vol``, the smallest component size that is kept.
+        connectivity: 1 = face (6-), 2 = edge (18-), 3 = vertex (26-) connectivity.
+
+    Returns:
+        A new array of the same shape and dtype as ``labels``.
+    """
+    labels = np.asarray(labels)
+    components, sizes = component_sizes(labels != 0, connectivity)
+    too_small = sizes < min_voxels
+    too_small[0] = False  # id 0 is the background, never "removed"
+    out = labels.copy()
+    out[too_small[components]] = 0
+    return out

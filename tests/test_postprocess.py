@@ -1,0 +1,83 @@
+"""Tests for brats_cnn.postprocess: small-component removal on hand-built label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brats_cnn.errors import ConfigError
+from brats_cnn.postprocess import component_sizes, remove_small_components
+
+
+def _bar(volume: np.ndarray, start: tuple[int, int, int], length: int, value: int) -> None:
+    """Write a 1-voxel-thick bar of ``length`` voxels along x (test helper; mutates ``volume``)."""
+    x, y, z = start
+    volume[x:x + length, y, z] = value
+
+
+def test_threshold_is_strict_minus_one_removed_equal_and_plus_one_kept():
+    labels = np.zeros((20, 10, 10), dtype=np.int16)
+    _bar(labels, (0, 1, 1), 9, 2)   # threshold - 1
+    _bar(labels, (0, 4, 4), 10, 4)  # threshold
+    _bar(labels, (0, 7, 7), 11, 1)  # threshold + 1
+    out = remove_small_components(labels, min_voxels=10)
+    assert out[:, 1, 1].sum() == 0
+    assert (out[:10, 4, 4] == 4).all() and out[:, 4, 4].sum() == 40
+    assert (out[:11, 7, 7] == 1).all()
+    assert np.count_nonzero(out) == 21
+
+
+def test_all_tumour_labels_count_together_and_values_are_kept():
+    labels = np.zeros((12, 4, 4), dtype=np.uint8)
+    labels[0:4, 1, 1] = 1
+    labels[4:8, 1, 1] = 2
+    labels[8:10, 1, 1] = 4  # one component of 10 voxels made of three labels
+    out = remove_small_components(labels, min_voxels=10)
+    np.testing.assert_array_equal(out, labels)
+    assert out.dtype == np.uint8
+    assert np.count_nonzero(remove_small_components(labels, min_voxels=11)) == 0
+
+
+def test_input_not_modified_and_new_array_returned():
+    labels = np.zeros((6, 6, 6), dtype=np.int16)
+    labels[1, 1, 1] = 2
+    before = labels.copy()
+    out = remove_small_components(labels, min_voxels=5)
+    np.testing.assert_array_equal(labels, before)
+    assert out is not labels and np.count_nonzero(out) == 0
+
+
+def _touching_cubes(kind: str) -> np.ndarray:
+    """Two 3x3x3 cubes (27 voxels each) that share an edge or only a corner."""
+    labels = np.zeros((10, 10, 10), dtype=np.int16)
+    labels[1:4, 1:4, 1:4] = 1
+    if kind == "edge":
+        labels[4:7, 4:7, 1:4] = 2  # touches along the z-edge at x=3|4, y=3|4
+    else:
+        labels[4:7, 4:7, 4:7] = 2  # touches only at the corner (3,3,3)|(4,4,4)
+    return labels
+
+
+@pytest.mark.parametrize("kind, connectivity, expected_components", [
+    ("edge", 1, 2), ("edge", 2, 1), ("edge", 3, 1),
+    ("corner", 1, 2), ("corner", 2, 2), ("corner", 3, 1),
+])
+def test_connectivity_of_cubes_touching_at_edge_or_corner(kind, connectivity, expected_components):
+    labels = _touching_cubes(kind)
+    _components, sizes = component_sizes(labels != 0, connectivity)
+    assert len(sizes) - 1 == expected_components
+    # 27-voxel cubes: separate ones are removed at t=28, a merged 54-voxel one survives.
+    out = remove_small_components(labels, min_voxels=28, connectivity=connectivity)
+    assert np.count_nonzero(out) == (54 if expected_components == 1 else 0)
+
+
+def test_min_voxels_of_one_or_less_removes_nothing():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((8, 8, 8)) < 0.2).astype(np.int16) * 2
+    np.testing.assert_array_equal(remove_small_components(labels, 1), labels)
+    np.testing.assert_array_equal(remove_small_components(labels, 0), labels)
+
+
+def test_bad_connectivity_is_a_config_error():
+    with pytest.raises(ConfigError, match="connectivity"):
+        remove_small_components(np.zeros((3, 3, 3), dtype=np.int16), 10, connectivity=4)
