@@ -10,10 +10,15 @@ Parameter counts with 5 outputs: HGG 2,118,213, LGG 1,933,701 (4 outputs: 2,117,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
-from brats_cnn.config import ModelConfig
+from brats_cnn.config import Config, ModelConfig, config_to_dict
+from brats_cnn.errors import CheckpointError
 
 # "c<N>" = 3x3 convolution with N filters + LeakyReLU, "p" = 3x3 stride-2 max-pooling.
 LAYERS: dict[str, tuple[str, ...]] = {
@@ -93,3 +98,154 @@ def build_network(config: ModelConfig, num_classes: int) -> PereiraCNN:
 def count_parameters(network: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: one self-contained file per model, loadable with torch.load(weights_only=True).
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "brats-cnn-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_KEYS: frozenset[str] = frozenset({
+    "format", "format_version", "architecture", "num_classes", "state_dict", "grade",
+    "label_convention", "channel_order", "normaliser", "config", "epoch", "training_state",
+})
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        network: the network in eval mode on ``map_location``.
+        config: the resolved config the model was trained with.
+        grade: ``"hgg"`` or ``"lgg"``.
+        label_convention: convention whose labels the class indices stand for.
+        channel_order: input channel order, e.g. ``("t1", "t1c", "t2", "flair")``.
+        normaliser: the fitted normaliser (Nyul landmarks, z-score statistics) to apply at inference.
+        epoch: number of completed training epochs.
+        training_state: optimiser state, step counter, RNG states... (for ``--resume``), or None.
+        format_version: :data:`CHECKPOINT_FORMAT_VERSION` of the file.
+    """
+
+    network: PereiraCNN
+    config: Config
+    grade: str
+    label_convention: str
+    channel_order: tuple[str, ...]
+    normaliser: Any
+    epoch: int
+    training_state: dict | None
+    format_version: int
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain network inside a ``torch.compile`` and/or ``DistributedDataParallel`` wrapper."""
+    while True:
+        if hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        elif isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        else:
+            return network
+
+
+def save_checkpoint(path: str | Path, *, network: nn.Module, config: Config, normaliser: Any,
+                    label_convention: str, epoch: int = 0, training_state: dict | None = None) -> Path:
+    """Write a self-contained checkpoint atomically and return its path.
+
+    Everything is stored as tensors and plain Python types (dict/list/str/int/float/bool/None), so
+    that :func:`load_checkpoint` can use ``torch.load(weights_only=True)``.
+
+    Args:
+        network: a :class:`PereiraCNN` (optionally wrapped by torch.compile or DDP); weights are
+            saved on the CPU.
+        config: the resolved config (stored as a nested dict).
+        normaliser: a ``NormaliserState`` (stored via its ``to_dict()``).
+        label_convention: the convention of the class indices, e.g. ``"brats2017"``.
+        epoch: completed epochs.
+        training_state: optional resume state; tensors and plain types only.
+    """
+    from brats_cnn.fsutil import atomic_path
+
+    plain = unwrap_network(network)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "architecture": plain.architecture,
+        "num_classes": int(plain.num_classes),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()},
+        "grade": config.grade,
+        "label_convention": label_convention,
+        "channel_order": list(config.data.channel_order),
+        "normaliser": normaliser.to_dict(),
+        "config": config_to_dict(config),
+        "epoch": int(epoch),
+        "training_state": training_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def _read_checkpoint_payload(path: Path, map_location: Any) -> dict:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
+    import pickle
+
+    if not path.is_file():
+        raise CheckpointError("checkpoint not found", path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError("refused to load: the file holds objects other than tensors and plain data "
+                              "(weights_only load failed; it may run code)", path) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"corrupt or truncated checkpoint ({first})", path) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError("not a brats-cnn checkpoint (no 'format' marker)", path)
+    version = payload.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {version!r} is not supported "
+                              f"(expected {CHECKPOINT_FORMAT_VERSION})", path)
+    missing = sorted(CHECKPOINT_KEYS - set(payload))
+    if missing:
+        raise CheckpointError(f"checkpoint is missing key '{missing[0]}'", path)
+    unexpected = sorted(set(payload) - CHECKPOINT_KEYS)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected key '{unexpected[0]}'", path)
+    return payload
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: missing file, truncated/corrupt file, unsafe pickle, another format
+            version, a missing/unexpected key, or weights that do not fit the stored network.
+    """
+    from brats_cnn.config import config_from_dict
+
+    path = Path(path)
+    payload = _read_checkpoint_payload(path, map_location)
+    from brats_cnn.normalise import NormaliserState
+
+    try:
+        config = config_from_dict(payload["config"], str(path))
+        normaliser = NormaliserState.from_dict(payload["normaliser"])
+        network = build_network(config.model, int(payload["num_classes"]))
+        if network.architecture != payload["architecture"]:
+            raise ValueError(f"architecture {payload['architecture']!r} does not match the config's "
+                             f"{network.architecture!r}")
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any inconsistency inside a well-formed file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"inconsistent checkpoint ({first})", path) from exc
+    network.to(map_location).eval()
+    return Checkpoint(network=network, config=config, grade=str(payload["grade"]),
+                      label_convention=str(payload["label_convention"]),
+                      channel_order=tuple(payload["channel_order"]), normaliser=normaliser,
+                      epoch=int(payload["epoch"]), training_state=payload["training_state"],
+                      format_version=int(payload["format_version"]))

@@ -1,0 +1,221 @@
+"""The Pereira networks (Tables I/II) and the checkpoint format."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from brats_cnn.config import load_config
+from brats_cnn.errors import CheckpointError
+from brats_cnn.model import (CHECKPOINT_FORMAT_VERSION, PereiraCNN, build_network, count_parameters,
+                             load_checkpoint, save_checkpoint, unwrap_network)
+
+
+@pytest.mark.parametrize(("architecture", "classes", "expected"), [
+    ("hgg", 5, 2_118_213), ("lgg", 5, 1_933_701), ("hgg", 4, 2_117_956), ("lgg", 4, 1_933_444)])
+def test_parameter_counts_match_the_paper(architecture, classes, expected):
+    assert count_parameters(PereiraCNN(architecture, classes)) == expected
+
+
+@pytest.mark.parametrize("architecture", ["hgg", "lgg"])
+def test_output_shape_for_a_batch(architecture):
+    net = PereiraCNN(architecture, 4).eval()
+    out = net(torch.zeros(3, 4, 33, 33))
+    assert out.shape == (3, 4)
+    assert out.dtype == torch.float32
+
+
+def test_xavier_init_weights_within_glorot_bound_and_zero_bias():
+    torch.manual_seed(0)
+    net = PereiraCNN("hgg", 5)
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 9  # 6 convolutions + 3 FC (Table I)
+    for layer in layers:
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound
+        # a uniform(-b, b) sample of this size comes close to the bound and has std b/sqrt(3)
+        assert layer.weight.abs().max() > 0.9 * bound
+        assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+
+
+def test_build_network_follows_the_config():
+    lgg = load_config("pereira_lgg")
+    net = build_network(lgg.model, 4)
+    assert net.architecture == "lgg"
+    dropouts = [m.p for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts == [0.5, 0.5, 0.5]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+class _FakeNormaliser:
+    def to_dict(self):
+        return {"version": 1, "channel_order": ["t1", "t1c", "t2", "flair"]}
+
+
+def _write(path: Path, **changes) -> Path:
+    """A valid checkpoint payload, with ``changes`` applied, saved with plain torch.save."""
+    config = load_config("smoke")
+    net = build_network(config.model, 4)
+    save_checkpoint(path, network=net, config=config, normaliser=_FakeNormaliser(),
+                    label_convention="brats2017", epoch=3)
+    if changes:
+        payload = torch.load(path, weights_only=True)
+        for key, value in changes.items():
+            if value is _DELETE:
+                del payload[key]
+            else:
+                payload[key] = value
+        torch.save(payload, path)
+    return path
+
+
+_DELETE = object()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    normalise = pytest.importorskip("brats_cnn.normalise")
+    config = load_config("smoke", ["model.dropout=0.2"])
+    state = _any_normaliser_state(normalise)
+    torch.manual_seed(1)
+    net = build_network(config.model, 4)
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    net(torch.randn(2, 4, 33, 33)).sum().backward()
+    optimiser.step()
+    training_state = {"optimiser": optimiser.state_dict(), "step": 7, "torch_rng": torch.get_rng_state()}
+    path = save_checkpoint(tmp_path / "m.pt", network=net, config=config, normaliser=state,
+                           label_convention="brats2017", epoch=2, training_state=training_state)
+    ckpt = load_checkpoint(path)
+    assert ckpt.format_version == CHECKPOINT_FORMAT_VERSION
+    assert ckpt.config == config and ckpt.grade == "hgg" and ckpt.epoch == 2
+    assert ckpt.label_convention == "brats2017"
+    assert ckpt.channel_order == ("t1", "t1c", "t2", "flair")
+    assert ckpt.normaliser == state
+    assert not ckpt.network.training
+    for (name, a), (_, b) in zip(net.state_dict().items(), ckpt.network.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert ckpt.training_state["step"] == 7
+    assert torch.equal(ckpt.training_state["torch_rng"], training_state["torch_rng"])
+    restored = torch.optim.SGD(ckpt.network.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    restored.load_state_dict(ckpt.training_state["optimiser"])  # resumable
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temp file
+
+
+def _any_normaliser_state(normalise):
+    """A NormaliserState built from a tiny synthetic fit (the module's own public API)."""
+    import numpy as np
+
+    from brats_cnn.config import PreprocessConfig
+    rng = np.random.default_rng(0)
+    image = rng.uniform(1, 100, size=(4, 12, 12, 6)).astype(np.float32)
+    case = _fake_case(image)
+    config = PreprocessConfig(n4=load_config("smoke").preprocess.n4.__class__(sequences=()))
+    return normalise.fit_normaliser([case], config)
+
+
+def _fake_case(image):
+    import numpy as np
+
+    from brats_cnn.io import Case
+    return Case(case_id="c0", image=image, label=None, affine=np.eye(4), header=None,
+                spacing=(1.0, 1.0, 1.0), label_convention=None, grade=None, source=Path("c0"))
+
+
+def test_unwrap_network_handles_compiled_wrappers():
+    net = PereiraCNN("lgg", 4)
+    assert unwrap_network(net) is net
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+    assert unwrap_network(Wrapper(net)) is net
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found") as err:
+        load_checkpoint(tmp_path / "none.pt")
+    assert str(tmp_path / "none.pt") in str(err.value)
+
+
+def test_truncated_checkpoint_is_rejected(tmp_path):
+    path = _write(tmp_path / "m.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_garbage_file_is_rejected(tmp_path):
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"this is not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_other_format_version_is_rejected(tmp_path):
+    path = _write(tmp_path / "m.pt", format_version=CHECKPOINT_FORMAT_VERSION + 1)
+    with pytest.raises(CheckpointError, match="format version 2 is not supported"):
+        load_checkpoint(path)
+
+
+def test_missing_key_is_rejected(tmp_path):
+    path = _write(tmp_path / "m.pt", normaliser=_DELETE)
+    with pytest.raises(CheckpointError, match="missing key 'normaliser'"):
+        load_checkpoint(path)
+
+
+def test_unexpected_key_is_rejected(tmp_path):
+    path = _write(tmp_path / "m.pt", extra=1)
+    with pytest.raises(CheckpointError, match="unexpected key 'extra'"):
+        load_checkpoint(path)
+
+
+def test_wrong_weights_are_rejected(tmp_path):
+    pytest.importorskip("brats_cnn.normalise")
+    path = _write(tmp_path / "m.pt", num_classes=5)
+    with pytest.raises(CheckpointError, match="inconsistent checkpoint"):
+        load_checkpoint(path)
+
+
+def test_not_a_brats_checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="not a brats-cnn checkpoint"):
+        load_checkpoint(path)
+
+
+class _CreatesFile:
+    """Unpickling this calls open(target, 'w'), i.e. runs code with a visible side effect."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "legacy_pickle"])
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path, writer):
+    target = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "brats-cnn-checkpoint", "evil": _CreatesFile(target)}
+    if writer == "torch_zip":
+        torch.save(payload, path)
+        assert zipfile.is_zipfile(path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    assert not target.exists()
+    with pytest.raises(CheckpointError, match="refused to load") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+    assert not target.exists()
