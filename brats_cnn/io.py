@@ -504,7 +504,7 @@ def _warn_axial(affine: np.ndarray, path: Path) -> None:
                     "assume the third axis is the slice axis (not reoriented)", path, codes[2], "".join(codes))
 
 
-def _header_from_affine(affine: np.ndarray, shape: tuple) -> Any:
+def header_from_affine(affine: np.ndarray, shape: tuple) -> Any:
     """A NIfTI header (qform and sform code 1, scanner) for a non-NIfTI source."""
     import nibabel as nib
 
@@ -549,7 +549,7 @@ def _load_images(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, Any, tuple[float
         if image is None:
             image = np.empty((len(CHANNELS),) + data.shape, dtype=np.float32)
             ref_path, ref_affine, ref_spacing = path, affine, spacing
-            ref_header = header if header is not None else _header_from_affine(affine, data.shape)
+            ref_header = header if header is not None else header_from_affine(affine, data.shape)
         else:
             _check_same_grid(data.shape, affine, image.shape[1:], ref_affine, ref_path, path)
         _store_channel(image, index, data, path)
@@ -559,7 +559,7 @@ def _load_images(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, Any, tuple[float
 def _read_label_volume(path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[float, float, float]]:
     if path.name.lower().endswith(".mha"):
         data, affine, spacing = _read_mha(path)
-        return data, affine, _header_from_affine(affine, data.shape), spacing
+        return data, affine, header_from_affine(affine, data.shape), spacing
     data, img = _read_nifti(path)
     data = _as_3d(data, path)
     return data, img.affine, img.header, tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -621,7 +621,7 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, header: Any, path: Path,
     """Write atomically, keeping the reference header's qform/sform codes."""
     import nibabel as nib
 
-    header = header.copy() if header is not None else _header_from_affine(affine, array.shape[:3])
+    header = header.copy() if header is not None else header_from_affine(affine, array.shape[:3])
     qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
     img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine, header)
     img.set_data_dtype(dtype)
