@@ -1,0 +1,326 @@
+"""Patch sampling (SPEC steps 4-5): class-balanced centres, on-the-fly extraction, rotations.
+
+Arrays follow the preprocessed cache (see docs/architecture.md): a case image is slice-major
+``(Z, 4, X, Y)`` (float16/float32, usually a read-only memmap), the brain mask ``(Z, X, Y)`` bool and
+the label map ``(Z, X, Y)`` uint8 class indices. A patch is the axial ``P x P`` neighbourhood
+``image[z, :, x-P//2 : x+P//2+1, y-P//2 : y+P//2+1]`` of a centre voxel ``(z, x, y)``; its label is
+the centre voxel's. Patches are never materialised for the whole training set: a batch is gathered
+from the memory-mapped volumes when it is asked for, with one numpy fancy-indexing call per case.
+
+Randomness is explicit: every draw comes from a ``numpy.random.Generator`` seeded from
+``(seed, stream, epoch, batch)``, so results do not depend on the number of data-loader workers or
+on where a run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from brats_cnn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Independent random streams derived from the run seed (names, not magic numbers).
+CENTRE_STREAM = 1
+VALIDATION_STREAM = 2
+ORDER_STREAM = 3
+AUGMENT_STREAM = 4
+RIGHT_ANGLE = 90
+
+
+def make_rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
+    """A generator determined by ``(seed, stream, *keys)`` alone (e.g. keys = epoch, batch)."""
+    return np.random.default_rng([int(seed), int(stream), *map(int, keys)])
+
+
+@dataclass(frozen=True)
+class Centres:
+    """Patch centres over a list of cases; all arrays ``(N,)``.
+
+    Attributes:
+        case: int32 index of the case in the list the centres were drawn from.
+        z, x, y: int32 voxel coordinates in the ``(Z, X, Y)`` cache arrays.
+        label: uint8 class index of the centre voxel.
+    """
+
+    case: np.ndarray
+    z: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.case.shape[0])
+
+    def take(self, index: np.ndarray) -> "Centres":
+        """The centres at ``index`` (a new object; arrays are copied)."""
+        return Centres(self.case[index], self.z[index], self.x[index], self.y[index], self.label[index])
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """``(num_classes,)`` int64 number of centres per class."""
+        return np.bincount(self.label, minlength=num_classes)
+
+
+def class_voxel_counts(label: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` int64 number of brain-mask voxels of each class in one case."""
+    return np.bincount(np.asarray(label)[np.asarray(mask)], minlength=num_classes)[:num_classes]
+
+
+def sample_balanced_centres(cases: Sequence[tuple[np.ndarray, np.ndarray]], total: int, num_classes: int,
+                            rng: np.random.Generator) -> Centres:
+    """Draw about ``total // num_classes`` centres of every class, uniformly inside the brain masks.
+
+    Each class's quota is spread over the cases in proportion to how many voxels of that class each
+    case has (multivariate hypergeometric draw), i.e. voxels of a class are drawn uniformly from the
+    whole set, without replacement. A class with fewer voxels than its quota contributes all of them
+    (logged); the total is then smaller than asked.
+
+    Args:
+        cases: ``(label (Z, X, Y) uint8 class indices, mask (Z, X, Y) bool)`` per case (memmaps fine).
+        total: requested number of centres over all classes.
+        num_classes: number of classes (class indices ``0..num_classes-1``).
+        rng: source of randomness.
+
+    Returns:
+        Centres sorted by case then class (shuffle them for training).
+    """
+    counts = np.stack([class_voxel_counts(label, mask, num_classes) for label, mask in cases]) \
+        if cases else np.zeros((0, num_classes), np.int64)
+    quota = total // num_classes
+    per_case = np.zeros_like(counts)
+    for cls in range(num_classes):
+        available = int(counts[:, cls].sum())
+        wanted = min(quota, available)
+        if wanted < quota:
+            log.info("class %d has only %d brain voxels in %d cases; taking all of them (quota %d)",
+                     cls, available, len(cases), quota)
+        if wanted:
+            per_case[:, cls] = rng.multivariate_hypergeometric(counts[:, cls], wanted)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for index, (label, mask) in enumerate(cases):
+        if not per_case[index].any():
+            continue
+        label = np.asarray(label)
+        inside = np.asarray(mask)
+        for cls in np.flatnonzero(per_case[index]):
+            voxels = np.flatnonzero((label == cls) & inside)
+            chosen = np.sort(rng.choice(voxels, size=int(per_case[index, cls]), replace=False))
+            z, x, y = np.unravel_index(chosen, label.shape)
+            parts.append((np.full(chosen.size, index), z, x, y, np.full(chosen.size, cls)))
+    if not parts:
+        empty = np.zeros(0, np.int32)
+        return Centres(empty, empty, empty, empty, np.zeros(0, np.uint8))
+    case, z, x, y, cls = (np.concatenate(column) for column in zip(*parts))
+    return Centres(case.astype(np.int32), z.astype(np.int32), x.astype(np.int32), y.astype(np.int32),
+                   cls.astype(np.uint8))
+
+
+def extract_patches(image: np.ndarray, z: np.ndarray, x: np.ndarray, y: np.ndarray, patch_size: int,
+                    background: float) -> np.ndarray:
+    """Gather axial patches around centres of one case.
+
+    Args:
+        image: ``(Z, C, X, Y)`` float16/float32 volume (a memmap is read only where needed).
+        z, x, y: ``(N,)`` integer centre coordinates.
+        patch_size: odd patch side ``P``.
+        background: value of positions outside the volume (only border centres need it).
+
+    Returns:
+        ``(N, C, P, P)`` float32 patches; ``out[n, :, P//2, P//2] == image[z[n], :, x[n], y[n]]``.
+    """
+    half = patch_size // 2
+    _, channels, size_x, size_y = image.shape
+    z, x, y = (np.asarray(a, dtype=np.intp) for a in (z, x, y))
+    out = np.empty((z.shape[0], channels, patch_size, patch_size), np.float32)
+    inside = (x >= half) & (x < size_x - half) & (y >= half) & (y < size_y - half)
+    if inside.any():
+        # (Z, C, X-P+1, Y-P+1, P, P) view, no copy; one fancy index gathers the whole batch
+        windows = np.lib.stride_tricks.sliding_window_view(image, (patch_size, patch_size), axis=(2, 3))
+        out[inside] = windows[z[inside], :, x[inside] - half, y[inside] - half]
+    if not inside.all():
+        border = ~inside
+        offsets = np.arange(-half, half + 1)
+        xs = x[border, None] + offsets  # (n, P)
+        ys = y[border, None] + offsets
+        valid = ((xs >= 0) & (xs < size_x))[:, :, None] & ((ys >= 0) & (ys < size_y))[:, None, :]
+        gathered = image[z[border, None, None], :, np.clip(xs, 0, size_x - 1)[:, :, None],
+                         np.clip(ys, 0, size_y - 1)[:, None, :]]  # (n, P, P, C)
+        gathered = np.moveaxis(gathered, -1, 1)
+        out[border] = np.where(valid[:, None], gathered, np.float32(background))
+    return out
+
+
+def quarter_turns(angles: Sequence[int]) -> np.ndarray:
+    """Rotation angles in degrees (multiples of 90) -> quarter turns ``(K,)`` int64 in 0..3."""
+    angles = np.asarray(angles, dtype=np.int64)
+    if angles.size == 0 or np.any(angles % RIGHT_ANGLE):
+        raise ConfigError(f"sampling.rotation_angles must be non-empty multiples of 90, got {angles.tolist()}")
+    return (angles // RIGHT_ANGLE) % 4
+
+
+def rotate_patches_90(patches: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """Rotate each patch by ``turns[n]`` quarter turns in its axial plane (all channels together).
+
+    Args:
+        patches: ``(N, C, P, P)`` array.
+        turns: ``(N,)`` int quarter turns (counter-clockwise from the X axis towards Y, as
+            ``np.rot90``/``torch.rot90`` with axes/dims ``(2, 3)``).
+
+    Returns:
+        A new ``(N, C, P, P)`` array; the centre voxel (hence the label) is unchanged.
+    """
+    out = np.array(patches, copy=True)
+    turns = np.asarray(turns) % 4
+    for k in (1, 2, 3):
+        selected = turns == k
+        if selected.any():
+            out[selected] = np.rot90(patches[selected], k, axes=(2, 3))
+    return out
+
+
+def rotation_support(patch_size: int) -> int:
+    """Side of the patch to extract so that any rotation of it still covers ``patch_size``."""
+    half = patch_size // 2
+    return 2 * math.ceil(half * math.sqrt(2)) + 1
+
+
+def rotate_patches(patches: np.ndarray, angles: np.ndarray, patch_size: int, background: float) -> np.ndarray:
+    """Rotate each patch by an arbitrary angle (bilinear) and crop the central ``patch_size`` square.
+
+    Args:
+        patches: ``(N, C, L, L)`` float32 with ``L >= rotation_support(patch_size)``, so that the crop
+            never samples outside the extracted patch.
+        angles: ``(N,)`` angles in radians.
+        patch_size: side ``P`` of the returned patches.
+        background: fill value for any sample that falls outside (only when ``L`` is too small).
+
+    Returns:
+        ``(N, C, P, P)`` float32; the centre voxel is unchanged.
+    """
+    import torch.nn.functional as F
+
+    source = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)) - background
+    theta = torch.from_numpy(np.asarray(angles, dtype=np.float32))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zeros = torch.zeros_like(cos)
+    affine = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    grid = F.affine_grid(affine, list(source.shape), align_corners=True)
+    rotated = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    side = patches.shape[-1]
+    start = (side - patch_size) // 2
+    crop = rotated[:, :, start:start + patch_size, start:start + patch_size] + background
+    return crop.numpy().copy()
+
+
+def _case_arrays(case: Any) -> Any:
+    """A cache folder (opened memory-mapped via preprocess) or an object with image/mask/label."""
+    if isinstance(case, (str, Path)):
+        from brats_cnn.preprocess import load_cached_case
+
+        return load_cached_case(Path(case))
+    return case
+
+
+class PatchBatches(Dataset):
+    """Map-style ``torch.utils.data`` dataset whose item ``i`` is a whole batch.
+
+    The centres are shuffled once per epoch (generator ``(seed, ORDER_STREAM, epoch)``) and cut into
+    global batches of ``batch_size``; with ``world_size`` processes, rank ``r`` gets the ``r``-th
+    equal slice of every global batch (so the union over ranks is the single-process batch) and the
+    last incomplete batch is dropped. Augmentation draws come from ``(seed, AUGMENT_STREAM, epoch,
+    batch)`` for the whole global batch, so they do not depend on workers or world size.
+
+    Item: ``(patches (B, C, P, P) float32 tensor, labels (B,) int64 tensor)``.
+    Use with ``DataLoader(dataset, batch_size=None, ...)``.
+
+    Args:
+        cases: per case either a cache folder (opened lazily in each worker, so memory maps are never
+            pickled) or an object with ``image (Z, C, X, Y)``.
+        centres: centres indexing into ``cases``.
+        rotation_angles: degrees, multiples of 90; each patch gets one uniformly at random.
+        arbitrary_rotation: rotate by a uniform angle in [0, 2 pi) instead (bilinear).
+        shuffle: permute the centres per epoch (False for validation).
+    """
+
+    def __init__(self, cases: Sequence[Any], centres: Centres, *, batch_size: int, patch_size: int,
+                 background: float, rotation_angles: Sequence[int] = (0,), arbitrary_rotation: bool = False,
+                 seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
+        self.cases = list(cases)
+        self.centres = centres
+        self.batch_size = batch_size
+        self.local_batch = batch_size // world_size
+        self.patch_size = patch_size
+        self.background = float(background)
+        self.turns = quarter_turns(rotation_angles)
+        self.arbitrary_rotation = arbitrary_rotation
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.order = (make_rng(seed, ORDER_STREAM, epoch).permutation(len(centres)) if shuffle
+                      else np.arange(len(centres)))
+        full, rest = divmod(len(centres), batch_size)
+        self.num_batches = full + (1 if rest and world_size == 1 else 0)
+        self._opened: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_opened"] = {}  # workers reopen the memmaps instead of receiving copies
+        return state
+
+    def _image(self, index: int) -> np.ndarray:
+        if index not in self._opened:
+            self._opened[index] = _case_arrays(self.cases[index])
+        return self._opened[index].image
+
+    def batch_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(patches (B, C, P, P) float32, labels (B,) int64)`` of this rank's part of a batch."""
+        if not 0 <= batch < self.num_batches:
+            raise IndexError(batch)
+        start = batch * self.batch_size
+        members = self.order[start:start + self.batch_size]
+        rng = make_rng(self.seed, AUGMENT_STREAM, self.epoch, batch)
+        if self.arbitrary_rotation:
+            draws = rng.uniform(0.0, 2 * math.pi, size=members.size)
+        else:
+            draws = self.turns[rng.integers(0, self.turns.size, size=members.size)]
+        local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        centres = self.centres.take(members[local])
+        draws = draws[local]
+        side = rotation_support(self.patch_size) if self.arbitrary_rotation else self.patch_size
+        patches = np.empty((len(centres), self._image(int(centres.case[0])).shape[1], side, side), np.float32) \
+            if len(centres) else np.zeros((0, 0, side, side), np.float32)
+        for case in np.unique(centres.case):
+            selected = centres.case == case
+            patches[selected] = extract_patches(self._image(int(case)), centres.z[selected], centres.x[selected],
+                                                centres.y[selected], side, self.background)
+        if self.arbitrary_rotation:
+            patches = rotate_patches(patches, draws, self.patch_size, self.background)
+        elif self.turns.max() > 0:
+            patches = rotate_patches_90(patches, draws)
+        return patches, centres.label.astype(np.int64)
+
+    def __getitem__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        patches, labels = self.batch_arrays(batch)
+        return torch.from_numpy(patches), torch.from_numpy(labels)
+
+
+def cases_label_mask(cases: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(label, mask)`` pairs of cache folders or CachedCase-like objects (memory-mapped)."""
+    pairs = []
+    for case in cases:
+        arrays = _case_arrays(case)
+        if arrays.label is None:
+            raise ConfigError(f"case '{arrays.case_id}' has no label map; training needs labels")
+        pairs.append((arrays.label, arrays.mask))
+    return pairs

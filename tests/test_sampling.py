@@ -1,0 +1,188 @@
+"""Class-balanced centres, on-the-fly patch extraction, rotation augmentation, batch datasets."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from brats_cnn.errors import ConfigError
+from brats_cnn.sampling import (Centres, PatchBatches, extract_patches, make_rng, quarter_turns,
+                                rotate_patches, rotate_patches_90, rotation_support,
+                                sample_balanced_centres)
+
+SHAPE = (6, 40, 44)  # (Z, X, Y)
+
+
+def fake_case(seed: int, shape=SHAPE, rare_class_voxels: int = 30) -> SimpleNamespace:
+    """A CachedCase-like object: image (Z,4,X,Y) float16, mask (Z,X,Y) bool, label (Z,X,Y) uint8."""
+    rng = np.random.default_rng(seed)
+    z, x, y = shape
+    image = rng.standard_normal((z, 4, x, y)).astype(np.float16)
+    mask = np.zeros(shape, bool)
+    mask[:, 4:x - 4, 4:y - 4] = True
+    label = np.zeros(shape, np.uint8)
+    label[:, 12:28, 12:30] = 2          # edema block
+    label[:, 16:24, 16:24] = 1          # core inside it
+    flat = np.flatnonzero(label == 1)[:rare_class_voxels]
+    label.flat[flat] = 3                # a rare enhancing class
+    return SimpleNamespace(case_id=f"c{seed}", image=image, mask=mask, label=label, meta={})
+
+
+# ---- extraction --------------------------------------------------------------------------------
+
+def test_extract_patches_equals_slicing_inside_the_volume():
+    case = fake_case(0)
+    z, x, y = np.array([0, 3, 5]), np.array([16, 20, 23]), np.array([16, 21, 27])
+    patches = extract_patches(case.image, z, x, y, 33, background=0.0)
+    assert patches.shape == (3, 4, 33, 33) and patches.dtype == np.float32
+    for n in range(3):
+        expected = case.image[z[n], :, x[n] - 16:x[n] + 17, y[n] - 16:y[n] + 17].astype(np.float32)
+        np.testing.assert_array_equal(patches[n], expected)
+        np.testing.assert_array_equal(patches[n, :, 16, 16], case.image[z[n], :, x[n], y[n]])
+
+
+def test_extract_patches_pads_border_centres_with_background():
+    case = fake_case(1)
+    patches = extract_patches(case.image, np.array([2, 2]), np.array([0, 20]), np.array([43, 20]), 33,
+                              background=-7.0)
+    border = patches[0]
+    assert np.all(border[:, :16, :] == -7.0)       # rows above x=0
+    assert np.all(border[:, :, 17:] == -7.0)       # columns beyond y=43
+    np.testing.assert_array_equal(border[:, 16:, :17], case.image[2, :, 0:17, 27:44].astype(np.float32))
+    np.testing.assert_array_equal(patches[1], case.image[2, :, 4:37, 4:37].astype(np.float32))
+
+
+def test_extract_patches_reads_a_memmap(tmp_path):
+    case = fake_case(2)
+    np.save(tmp_path / "image.npy", case.image)
+    mapped = np.load(tmp_path / "image.npy", mmap_mode="r")
+    a = extract_patches(mapped, np.array([1]), np.array([20]), np.array([22]), 33, 0.0)
+    b = extract_patches(case.image, np.array([1]), np.array([20]), np.array([22]), 33, 0.0)
+    np.testing.assert_array_equal(a, b)
+
+
+# ---- centres -----------------------------------------------------------------------------------
+
+def test_centres_are_class_balanced_inside_the_mask_and_deterministic():
+    cases = [fake_case(0), fake_case(1)]
+    pairs = [(c.label, c.mask) for c in cases]
+    centres = sample_balanced_centres(pairs, total=400, num_classes=4, rng=make_rng(5, 1))
+    counts = centres.class_counts(4)
+    assert counts.tolist() == [100, 100, 100, 60]   # class 3 has only 2 x 30 voxels: all taken
+    for n in range(len(centres)):
+        case = cases[centres.case[n]]
+        assert case.mask[centres.z[n], centres.x[n], centres.y[n]]
+        assert case.label[centres.z[n], centres.x[n], centres.y[n]] == centres.label[n]
+    keys = set(zip(centres.case.tolist(), centres.z.tolist(), centres.x.tolist(), centres.y.tolist()))
+    assert len(keys) == len(centres)               # without replacement
+    again = sample_balanced_centres(pairs, total=400, num_classes=4, rng=make_rng(5, 1))
+    np.testing.assert_array_equal(again.x, centres.x)
+    other = sample_balanced_centres(pairs, total=400, num_classes=4, rng=make_rng(6, 1))
+    assert not np.array_equal(other.x, centres.x)
+    assert set(np.unique(centres.case)) == {0, 1}
+
+
+def test_centres_of_a_missing_class(caplog):
+    case = fake_case(0)
+    label = np.where(case.label == 3, 1, case.label).astype(np.uint8)
+    with caplog.at_level("INFO"):
+        centres = sample_balanced_centres([(label, case.mask)], 40, 4, make_rng(0, 1))
+    assert centres.class_counts(4).tolist() == [10, 10, 10, 0]
+    assert "class 3 has only 0" in caplog.text
+
+
+# ---- rotation ----------------------------------------------------------------------------------
+
+def test_quarter_turn_rotation_equals_torch_rot90_and_keeps_the_centre():
+    rng = np.random.default_rng(0)
+    patches = rng.standard_normal((8, 4, 33, 33)).astype(np.float32)
+    turns = np.array([0, 1, 2, 3, 1, 2, 3, 0])
+    rotated = rotate_patches_90(patches, turns)
+    for n, k in enumerate(turns):
+        expected = torch.rot90(torch.from_numpy(patches[n]), int(k), dims=(1, 2)).numpy()
+        np.testing.assert_array_equal(rotated[n], expected)
+    np.testing.assert_array_equal(rotated[:, :, 16, 16], patches[:, :, 16, 16])
+    assert not np.shares_memory(rotated, patches)
+
+
+def test_quarter_turns_rejects_non_right_angles():
+    assert quarter_turns([0, 90, 180, 270, 360]).tolist() == [0, 1, 2, 3, 0]
+    with pytest.raises(ConfigError, match="multiples of 90"):
+        quarter_turns([0, 45])
+
+
+def test_arbitrary_rotation_matches_rot90_at_right_angles_and_keeps_the_centre():
+    side = rotation_support(33)
+    assert side == 47
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((3, 4, side, side)).astype(np.float32)
+    rotated = rotate_patches(big, np.array([0.0, np.pi / 2, 0.7]), 33, background=0.0)
+    crop = big[:, :, 7:40, 7:40]
+    np.testing.assert_allclose(rotated[0], crop[0], atol=1e-4)
+    quarter = np.stack([torch.rot90(torch.from_numpy(crop[1]), k, dims=(1, 2)).numpy() for k in (1, 3)])
+    best = min(np.abs(rotated[1] - q).max() for q in quarter)  # direction convention of the grid
+    assert best < 1e-4
+    np.testing.assert_allclose(rotated[:, :, 16, 16], crop[:, :, 16, 16], atol=1e-4)
+
+
+# ---- batch dataset -----------------------------------------------------------------------------
+
+def _dataset(cases, centres, **kw):
+    defaults = dict(batch_size=32, patch_size=33, background=0.0, rotation_angles=(0, 90, 180, 270), seed=3)
+    return PatchBatches(cases, centres, **{**defaults, **kw})
+
+
+def test_patch_batches_cover_every_centre_once_per_epoch_with_labels():
+    cases = [fake_case(0), fake_case(1)]
+    centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 200, 4, make_rng(0, 1))
+    data = _dataset(cases, centres)
+    assert len(data) == int(np.ceil(len(centres) / 32))
+    seen = []
+    for i in range(len(data)):
+        patches, labels = data[i]
+        assert patches.dtype == torch.float32 and labels.dtype == torch.int64
+        assert patches.shape[1:] == (4, 33, 33)
+        idx = data.order[i * 32:(i + 1) * 32]
+        np.testing.assert_array_equal(labels.numpy(), centres.label[idx])
+        # rotations keep the centre voxel: it is the volume value at the centre
+        for j, n in enumerate(idx[:4]):
+            case = cases[centres.case[n]]
+            np.testing.assert_array_equal(patches[j, :, 16, 16].numpy(),
+                                          case.image[centres.z[n], :, centres.x[n], centres.y[n]])
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(len(centres)))
+    a, b = _dataset(cases, centres, epoch=0), _dataset(cases, centres, epoch=1)
+    assert not np.array_equal(a.order, b.order)
+    torch.testing.assert_close(a[0][0], _dataset(cases, centres, epoch=0)[0][0], rtol=0, atol=0)
+
+
+def test_ranks_split_each_global_batch():
+    cases = [fake_case(0)]
+    centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 100, 4, make_rng(0, 1))
+    single = _dataset(cases, centres)
+    ranks = [_dataset(cases, centres, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(centres) // 32 == len(ranks[1])
+    for i in range(len(ranks[0])):
+        joined = torch.cat([ranks[0][i][0], ranks[1][i][0]])
+        torch.testing.assert_close(joined, single[i][0], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="divisible"):
+        _dataset(cases, centres, batch_size=33, world_size=2)
+
+
+def test_dataloader_workers_give_the_same_batches():
+    cases = [fake_case(0)]
+    centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 120, 4, make_rng(0, 1))
+    data = _dataset(cases, centres, arbitrary_rotation=True)
+    plain = [b for b in torch.utils.data.DataLoader(data, batch_size=None, num_workers=0)]
+    workers = [b for b in torch.utils.data.DataLoader(data, batch_size=None, num_workers=2)]
+    for (p0, l0), (p1, l1) in zip(plain, workers):
+        assert torch.equal(p0, p1) and torch.equal(l0, l1)
+    assert len(plain) == len(workers) == 4
+
+
+def test_patch_batches_empty_centres():
+    empty = Centres(*(np.zeros(0, np.int32) for _ in range(4)), np.zeros(0, np.uint8))
+    assert len(_dataset([fake_case(0)], empty)) == 0
