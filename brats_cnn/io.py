@@ -436,19 +436,40 @@ def _check_file(path: Path) -> None:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
-    """Read a NIfTI file fully (so truncation is caught now). Returns (array, nibabel image)."""
+    """Read a NIfTI file fully, so that truncation and corruption are caught now.
+
+    A ``.gz`` file is decompressed in one go with :func:`gzip.decompress`, which also verifies the
+    gzip CRC and length (nibabel alone stops reading before the checksum). Returns
+    ``(array in the file's dtype after scaling, nibabel image)``.
+    """
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+    from nibabel.wrapstruct import WrapStructError
 
     _check_file(path)
-    try:
-        img = nib.load(path)
-    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
-        raise InputError(f"cannot read NIfTI header ({_describe(exc)})", path) from exc
+    if path.name.lower().endswith(".gz"):
+        try:
+            raw = gzip.decompress(path.read_bytes())
+        except EOFError as exc:
+            raise InputError("file is truncated (the gzip stream ends early)", path) from exc
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise InputError(f"corrupt gzip data ({_describe(exc)})", path) from exc
+        except OSError as exc:
+            raise InputError(f"cannot read file ({exc.strerror})", path) from exc
+        try:
+            img = nib.Nifti1Image.from_bytes(raw)
+        except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
+            raise InputError(f"not a valid NIfTI-1 image ({_describe(exc)})", path) from exc
+    else:
+        try:
+            img = nib.load(path, mmap=False)
+        except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
+            raise InputError(f"not a valid NIfTI image ({_describe(exc)})", path) from exc
     try:
         data = np.asarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise InputError(f"truncated or corrupt image data ({_describe(exc)})", path) from exc
+    except (OSError, EOFError, ValueError) as exc:
+        raise InputError(f"image data are truncated or unreadable ({_describe(exc)})", path) from exc
     return data, img
 
 
@@ -517,7 +538,8 @@ def header_from_affine(affine: np.ndarray, shape: tuple) -> Any:
 
 
 def _store_channel(out: np.ndarray, index: int, data: np.ndarray, path: Path) -> None:
-    out[index] = data  # casts to float32 without an extra copy
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
+        out[index] = data  # casts to float32 without an extra copy
     if not np.isfinite(out[index]).all():
         bad = int(np.count_nonzero(~np.isfinite(out[index])))
         raise InputError(f"image has {bad} NaN or infinite voxel(s); expected finite intensities", path)
