@@ -8,6 +8,7 @@ the paper's HGG setting. Unknown keys and values of the wrong type raise :class:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ _CHOICES = {
 }
 
 
+_FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in that type."""
     origin = typing.get_origin(tp)
@@ -146,6 +150,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads "3e-5" (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value
