@@ -39,7 +39,7 @@ class N4Config:
 class NyulConfig:
     pc1: float = 1.0  # (choice) lower percentile of the brain voxels
     pc2: float = 99.0  # (choice) upper percentile
-    landmarks: tuple[float, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # (paper: deciles)
+    landmarks: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)  # (paper: deciles)
     s1: float = 0.0  # (choice) standard scale minimum
     s2: float = 100.0  # (choice) standard scale maximum
 

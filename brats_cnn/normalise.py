@@ -502,15 +502,24 @@ def case_statistics(case: Any, config: Any, channel_order: Sequence[str] = CHANN
         config: ``PreprocessConfig`` or a full ``Config``.
     """
     pre = _as_preprocess_config(config)
-    percentiles = nyul_percentiles(pre.nyul)
     source = getattr(case, "source", None) or case.case_id
     _check_case_image(case.image, channel_order, source)
     mask = brain_mask(case.image)
     corrected = correct_bias(case.image, mask, pre.n4, spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),
                              channel_order=channel_order, source=source)
-    moments = {name: sequence_moments(corrected[c], mask, percentiles, source=f"{source} ({name})")
+    return corrected_image_statistics(str(case.case_id), corrected, mask, pre, channel_order, source=source)
+
+
+def corrected_image_statistics(case_id: str, corrected: np.ndarray, mask: np.ndarray, config: Any,
+                               channel_order: Sequence[str] = CHANNELS, *,
+                               source: str | Path | None = None) -> CaseStatistics:
+    """:class:`CaseStatistics` of an already bias-corrected ``(C, X, Y, Z)`` image and its mask."""
+    pre = _as_preprocess_config(config)
+    percentiles = nyul_percentiles(pre.nyul)
+    _check_case_image(corrected, channel_order, source)
+    moments = {name: sequence_moments(corrected[c], mask, percentiles, source=f"{source or case_id} ({name})")
                for c, name in enumerate(channel_order)}
-    return CaseStatistics(case_id=str(case.case_id), moments=moments)
+    return CaseStatistics(case_id=str(case_id), moments=moments)
 
 
 def _check_case_image(image: np.ndarray, channel_order: Sequence[str], source: Any) -> None:
