@@ -184,32 +184,68 @@ def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
 
 
 def mask_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
-                 hd95_definition: str = "brats") -> dict[str, float]:
-    """All metrics of one region: the keys of :data:`METRIC_NAMES` (volumes in ml, HD95 in mm)."""
-    counts = compute_tp_fp_fn_tn(mask_ref, mask_pred)
+                 hd95_definition: str = "brats", n_voxels: int | None = None) -> dict[str, float]:
+    """All metrics of one region: the keys of :data:`METRIC_NAMES` (volumes in ml, HD95 in mm).
+
+    Args:
+        mask_ref, mask_pred: boolean arrays of the same shape.
+        spacing: voxel size in mm per axis.
+        hd95_definition: see :func:`hd95`.
+        n_voxels: voxel count of the whole image when the masks are a crop of it that holds every
+            foreground voxel of both (the voxels outside the crop are true negatives); default:
+            the masks' own size.
+    """
+    tp, fp, fn, tn = compute_tp_fp_fn_tn(mask_ref, mask_pred)
+    if n_voxels is not None:
+        tn += int(n_voxels) - np.asarray(mask_ref).size
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     return {
-        "dsc": dice_from_counts(*counts),
-        "ppv": ppv_from_counts(*counts),
-        "sensitivity": sensitivity_from_counts(*counts),
-        "specificity": specificity_from_counts(*counts),
+        "dsc": dice_from_counts(tp, fp, fn, tn),
+        "ppv": ppv_from_counts(tp, fp, fn, tn),
+        "sensitivity": sensitivity_from_counts(tp, fp, fn, tn),
+        "specificity": specificity_from_counts(tp, fp, fn, tn),
         "hd95": hd95(mask_ref, mask_pred, spacing, hd95_definition),
-        "vol_pred_ml": volume_ml(mask_pred, spacing),
-        "vol_gt_ml": volume_ml(mask_ref, spacing),
+        "vol_pred_ml": (tp + fp) * voxel_ml,
+        "vol_gt_ml": (tp + fn) * voxel_ml,
     }
 
 
+def foreground_box(labels_ref: np.ndarray, labels_pred: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box (slices) of the non-zero voxels of two label maps of the same shape.
+
+    Cropping both maps to it keeps every region voxel, so metrics on the crop are those of the
+    whole image once the voxels outside are counted as true negatives (``n_voxels``). Two empty
+    maps give an empty box.
+    """
+    ref, pred = np.asarray(labels_ref), np.asarray(labels_pred)
+    if ref.shape != pred.shape:
+        raise ValueError(f"label map shapes differ: reference {ref.shape}, prediction {pred.shape}")
+    found = ndimage.find_objects(((ref != 0) | (pred != 0)).astype(np.uint8))
+    return found[0] if found else tuple(slice(0, 0) for _ in ref.shape)
+
+
 def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: str,
-                   spacing: Sequence[float], hd95_definition: str = "brats") -> dict[str, dict[str, float]]:
+                   spacing: Sequence[float], hd95_definition: str = "brats",
+                   pred_convention: str | None = None) -> dict[str, dict[str, float]]:
     """Metrics of the complete, core and enhancing regions of two label maps.
 
+    Each map's regions are taken in its own convention, which equals converting the prediction
+    to ``convention`` first and also works where that conversion is not defined (to brats2013).
+    The work is done on the bounding box of both maps' foreground (:func:`foreground_box`).
+
     Args:
-        labels_ref, labels_pred: ``(X, Y, Z)`` integer label values, both in ``convention``.
-        convention: label convention name (``brats2013``, ``brats2017``, ``brats2023``, ``msd``).
+        labels_ref, labels_pred: ``(X, Y, Z)`` integer label values.
+        convention: label convention of ``labels_ref`` (``brats2013``, ``brats2017``,
+            ``brats2023``, ``msd``); ``pred_convention`` that of ``labels_pred`` (default: the same).
         spacing: voxel size in mm per axis.
 
     Returns:
         ``{region: {metric: value}}`` for the regions of :data:`brats_cnn.labels.REGIONS`.
     """
-    return {region: mask_metrics(region_mask(labels_ref, convention, region),
-                                 region_mask(labels_pred, convention, region), spacing, hd95_definition)
+    box = foreground_box(labels_ref, labels_pred)
+    ref, pred = np.asarray(labels_ref)[box], np.asarray(labels_pred)[box]
+    n_voxels = int(np.asarray(labels_ref).size)
+    return {region: mask_metrics(region_mask(ref, convention, region),
+                                 region_mask(pred, pred_convention or convention, region), spacing,
+                                 hd95_definition, n_voxels=n_voxels)
             for region in REGIONS}
