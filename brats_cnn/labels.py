@@ -124,16 +124,30 @@ def region_masks(labels: np.ndarray, convention: str | LabelConvention) -> dict[
 
 
 def _lookup_table(values: tuple[int, ...], targets: tuple[int, ...]) -> np.ndarray:
-    table = np.zeros(max(values) + 1, dtype=np.int16)
+    table = np.full(max(values) + 1, -1, dtype=np.int16)  # -1 marks values outside the convention
     table[list(values)] = targets
     return table
 
 
+def _apply_table(table: np.ndarray, labels: np.ndarray, conv: LabelConvention) -> np.ndarray:
+    """``table[labels]``, raising instead of silently mapping (or wrapping) unknown values."""
+    values = np.asarray(labels, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() >= len(table)):
+        mapped = np.full(values.shape, -1, dtype=np.int16)
+    else:
+        mapped = table[values]
+    if values.size and mapped.min() < 0:
+        unexpected = sorted(set(np.unique(values).tolist()) - set(conv.labels))
+        raise InputError(f"label values {unexpected} are not in the {conv.name} convention "
+                         f"(expected {list(conv.labels)})")
+    return mapped
+
+
 def to_class_indices(labels: np.ndarray, convention: str | LabelConvention) -> np.ndarray:
-    """Label values -> contiguous class indices ``0..n-1`` (``uint8``). Labels must be valid."""
+    """Label values -> contiguous class indices ``0..n-1`` (``uint8``); unknown values raise InputError."""
     conv = _as_convention(convention)
     table = _lookup_table(conv.labels, tuple(range(conv.num_classes)))
-    return table[np.asarray(labels, dtype=np.int64)].astype(np.uint8)
+    return _apply_table(table, labels, conv).astype(np.uint8)
 
 
 def from_class_indices(indices: np.ndarray, convention: str | LabelConvention) -> np.ndarray:
@@ -166,4 +180,4 @@ def convert_labels(labels: np.ndarray, source: str | LabelConvention,
     """Convert a label map between conventions (``uint8``); see :func:`conversion_table`."""
     mapping = conversion_table(source, target)
     table = _lookup_table(tuple(mapping), tuple(mapping.values()))
-    return table[np.asarray(labels, dtype=np.int64)].astype(np.uint8)
+    return _apply_table(table, labels, _as_convention(source)).astype(np.uint8)
