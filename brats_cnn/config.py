@@ -60,6 +60,7 @@ class SamplingConfig:
     rotation_angles: tuple[int, ...] = (0, 90, 180, 270)  # (paper) multiples of 90 degrees
     arbitrary_rotation: bool = False  # (choice) also rotate by a uniform random angle
     validation_patches: int = 20_000  # (choice) patch-accuracy validation set size
+    resample_each_epoch: bool = False  # (choice) False: one centre set per run (paper), reshuffled per epoch
 
 
 @dataclass(frozen=True)
