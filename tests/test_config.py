@@ -1,0 +1,162 @@
+"""Tests for brats_cnn.config: the paper's numbers, validation errors, --set overrides, YAML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from brats_cnn import config as C
+from brats_cnn.errors import ConfigError
+
+
+def _error(func, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        func(*args, **kwargs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("grade,epochs,dropout,t_vol,patches,architecture", [
+    ("hgg", 20, 0.1, 10_000, 450_000, "hgg"),
+    ("lgg", 25, 0.5, 3_000, 335_000, "lgg"),
+])
+def test_defaults_are_the_paper_numbers(grade, epochs, dropout, t_vol, patches, architecture):
+    for config in (C.default_config(grade), C.default_config(grade.upper()), C.load_config(f"pereira_{grade}")):
+        assert config.name == f"pereira_{grade}" and config.grade == grade
+        assert config.train.epochs == epochs
+        assert config.model.dropout == dropout and config.model.architecture == architecture
+        assert config.postprocess.min_component_voxels == t_vol
+        assert config.sampling.total_patches == patches
+        assert config.train.lr_start == 0.003 and config.train.lr_end == 0.00003
+        assert config.train.momentum == 0.9 and config.train.batch_size == 128
+        assert config.model.leaky_relu_slope == 0.333
+        assert config.sampling.patch_size == 33
+        assert config.sampling.rotation_angles == (0, 90, 180, 270)
+        assert config.preprocess.n4.sequences == ("t1", "t1c") and config.preprocess.n4.shrink_factor == 4
+        assert config.preprocess.nyul.pc1 == 1 and config.preprocess.nyul.pc2 == 99
+        assert config.preprocess.nyul.landmarks == (10, 20, 30, 40, 50, 60, 70, 80, 90)
+        assert (config.preprocess.nyul.s1, config.preprocess.nyul.s2) == (0, 100)
+        assert config.data.channel_order == ("t1", "t1c", "t2", "flair")
+        assert config.postprocess.connectivity == 1
+
+
+def test_dataclass_defaults_are_the_hgg_paper_config():
+    assert C.Config() == C.default_config("hgg")
+    assert C.load_config() == C.Config()
+
+
+def test_configs_are_frozen():
+    config = C.Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3  # type: ignore[misc]
+
+
+def test_smoke_config_is_small():
+    smoke = C.load_config("smoke")
+    assert smoke.train.epochs == 2 and smoke.sampling.total_patches == 4000
+    assert smoke.preprocess.n4.iterations == (20, 20)
+    assert smoke.model.architecture == "hgg"
+
+
+def test_unknown_key():
+    assert _error(C.config_from_dict, {"train": {"epoch": 3}}, "x.yaml") == (
+        "x.yaml: unknown config key 'train.epoch' (known keys in this section: amp, batch_size, compile, "
+        "epochs, lr_end, lr_start, momentum, num_workers, seed, validate_dice, weight_decay)")
+    assert _error(C.config_from_dict, {"trian": {}}).startswith("<config>: unknown config key 'trian'")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"train": {"epochs": "ten"}}, "key 'train.epochs' must be int, got str 'ten'"),
+    ({"train": {"epochs": 2.5}}, "key 'train.epochs' must be int, got float 2.5"),
+    ({"train": {"epochs": True}}, "key 'train.epochs' must be int, got bool True"),
+    ({"train": {"amp": 1}}, "key 'train.amp' must be bool, got int 1"),
+    ({"train": {"lr_start": "fast"}}, "key 'train.lr_start' must be float, got str 'fast'"),
+    ({"train": 3}, "key 'train' must be a mapping, got int 3"),
+    ({"sampling": {"rotation_angles": 90}}, "key 'sampling.rotation_angles' must be a list, got int 90"),
+    ({"sampling": {"rotation_angles": [0, "x"]}}, "key 'sampling.rotation_angles[1]' must be int, got str 'x'"),
+    ({"name": 5}, "key 'name' must be str, got int 5"),
+])
+def test_wrong_type(values, message):
+    assert _error(C.config_from_dict, values, "c.yaml") == f"c.yaml: {message}"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"grade": "gbm"}, "key 'grade' must be one of ['hgg', 'lgg'], got 'gbm'"),
+    ({"model": {"architecture": "unet"}}, "key 'model.architecture' must be one of ['hgg', 'lgg'], got 'unet'"),
+    ({"segment": {"mode": "slow"}}, "key 'segment.mode' must be one of ['auto', 'exact', 'fast'], got 'slow'"),
+    ({"data": {"label_convention": "brats2020"}},
+     "key 'data.label_convention' must be one of ['brats2013', 'brats2017', 'brats2023', 'msd'], got 'brats2020'"),
+    ({"postprocess": {"connectivity": 4}}, "key 'postprocess.connectivity' must be one of [1, 2, 3], got 4"),
+    ({"preprocess": {"cache_dtype": "int8"}},
+     "key 'preprocess.cache_dtype' must be one of ['float16', 'float32'], got 'int8'"),
+])
+def test_bad_choice(values, message):
+    assert _error(C.config_from_dict, values, "c.yaml") == f"c.yaml: {message}"
+
+
+def test_overrides_of_each_type():
+    config = C.load_config("pereira_lgg", ["train.epochs=3", "train.lr_start=0.01", "model.dropout=0",
+                                           "sampling.rotation_angles=[0, 180]", "train.amp=false",
+                                           "preprocess.n4.sequences=[t1]", "name=my run",
+                                           "train.lr_end=3e-5"])
+    assert config.train.epochs == 3 and isinstance(config.train.epochs, int)
+    assert config.train.lr_start == 0.01
+    assert config.model.dropout == 0.0 and isinstance(config.model.dropout, float)  # int accepted for float
+    assert config.sampling.rotation_angles == (0, 180)
+    assert config.train.amp is False
+    assert config.preprocess.n4.sequences == ("t1",)
+    assert config.name == "my run"
+    assert config.train.lr_end == 3e-5  # PyYAML reads "3e-5" as a string; accepted as a float
+    # untouched values keep the file's
+    assert config.train.batch_size == 128 and config.postprocess.min_component_voxels == 3000
+
+
+def test_parse_overrides_nests_keys():
+    assert C.parse_overrides(["a.b.c=1", "a.b.d=x", "e=[1, 2]", "f="]) == (
+        {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2], "f": ""})
+
+
+def test_bad_overrides():
+    assert _error(C.load_config, None, ["train.epochs"]) == "--set: --set expects key=value, got 'train.epochs'"
+    assert _error(C.load_config, None, ["train.epochs=2.5"]) == "--set: key 'train.epochs' must be int, got float 2.5"
+    assert _error(C.load_config, None, ["train.nope=1"]).startswith("--set: unknown config key 'train.nope'")
+    assert _error(C.load_config, None, ["segment.mode=slow"]) == (
+        "--set: key 'segment.mode' must be one of ['auto', 'exact', 'fast'], got 'slow'")
+    assert _error(C.load_config, None, ["train.lr_end=nan"]) == "--set: key 'train.lr_end' must be float, got str 'nan'"
+    assert _error(C.parse_overrides, ["train=1", "train.epochs=2"]) == (
+        "--set: --set key 'train.epochs' conflicts with another --set")
+
+
+def test_yaml_round_trip(tmp_path):
+    config = C.load_config("pereira_lgg", ["train.epochs=7", "sampling.arbitrary_rotation=true",
+                                           "train.lr_end=0.00001"])
+    path = C.save_config(config, tmp_path / "run" / "config.yaml")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]  # atomic: no temp file left
+    assert C.load_config(path) == config
+    assert yaml.safe_load(path.read_text())["train"]["epochs"] == 7
+    assert C.config_from_dict(C.config_to_dict(config)) == config
+
+
+def test_partial_file_takes_defaults_and_base(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 4\n")
+    config = C.load_config(path, base={"model": {"dropout": 0.25}, "train": {"epochs": 9, "seed": 5}})
+    assert config.train.epochs == 4 and config.train.seed == 5  # file wins over base; base over defaults
+    assert config.model.dropout == 0.25 and config.train.batch_size == 128
+
+
+def test_bad_files(tmp_path):
+    missing = tmp_path / "none.yaml"
+    assert _error(C.load_config, missing).startswith(f"{missing}: config file not found (give a YAML path or one of: ")
+    assert "pereira_hgg, pereira_lgg, smoke" in _error(C.load_config, missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    assert _error(C.load_config, bad).startswith(f"{bad}: not valid YAML (")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    assert _error(C.load_config, listing) == f"{listing}: a config file must be a YAML mapping"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert C.load_config(empty) == C.Config()
