@@ -152,8 +152,8 @@ def boxplot_png(rows: Sequence[Mapping[str, Any]], grades: Mapping[str, str | No
                        c=["white" if h else "black" for h in hollow])
         ax.set_xticks(range(1, len(REGIONS) + 1), [r[:4] if r == "enhancing" else r for r in REGIONS])
         ax.set_title(METRIC_LABELS[metric], fontsize=11)
-        if metric != "hd95":
-            ax.set_ylim(-0.03, 1.03)
+        if metric in ("dsc", "ppv", "sensitivity"):
+            ax.set_ylim(-0.03, 1.03)  # specificity is ~1 everywhere: let its axis zoom in
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _figure_png(fig)
@@ -287,7 +287,7 @@ def _case_table(rows: Sequence[Mapping[str, Any]], grades: Mapping[str, str | No
     lines = []
     for case_id, regions in by_case.items():
         missing = any(r.get("missing_prediction") for r in regions.values())
-        cells = "".join(f"<td>{_fmt(regions[r][m], m)}</td>" for m in metrics for r in REGIONS)
+        cells = "".join(f"<td>{_fmt(regions.get(r, {}).get(m), m)}</td>" for m in metrics for r in REGIONS)
         flag = "<td class='l flag'>missing prediction</td>" if missing else "<td class=l></td>"
         lines.append(f"<tr><td class=l>{html.escape(case_id)}</td><td class=l>{html.escape(grades.get(case_id) or '')}"
                      f"</td>{cells}{flag}</tr>")

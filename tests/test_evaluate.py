@@ -1,0 +1,219 @@
+"""run_evaluate on tiny NIfTIs: matching, missing/extra predictions, bad inputs, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_cnn import evaluate
+from brats_cnn.errors import BratsCnnError, InputError
+from brats_cnn.metrics import HD95_ONE_EMPTY
+
+SHAPE = (12, 10, 8)
+SPACING = (1.0, 2.0, 2.5)  # voxel volume 5 mm^3
+
+
+def _affine(spacing=SPACING, origin=(0.0, 0.0, 0.0)):
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def _labels() -> np.ndarray:
+    """brats2017 map: 48 edema voxels, 8 core voxels, 2 of them enhancing."""
+    lab = np.zeros(SHAPE, dtype=np.uint8)
+    lab[2:6, 2:5, 2:6] = 2   # 4*3*4 = 48
+    lab[3:5, 3:5, 3:5] = 1   # 8 (inside the edema block)
+    lab[3, 3, 3:5] = 4       # 2
+    return lab
+
+
+def _save(array, path: Path, affine=None, dtype=np.uint8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=dtype), _affine() if affine is None else affine), path)
+    return path
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture()
+def label_folders(tmp_path):
+    """gt/ with three label files (mixed names), pred/ with two matching predictions and one extra."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    lab = _labels()
+    _save(lab, gt / "A_seg.nii.gz")
+    _save(lab, gt / "B.nii.gz")
+    _save(lab, gt / "C-seg.nii.gz")
+    _save(lab, pred / "A.nii.gz")                    # perfect
+    shifted = np.roll(lab, 1, axis=0)                # shifted by 1 voxel (1 mm) along x
+    _save(shifted, pred / "B" / "B_seg.nii.gz")      # a case folder
+    _save(lab, pred / "Z-seg.nii.gz")                # no ground truth
+    (gt / "manifest.csv").write_text("case_id,grade\nA,HGG\nB,HGG\nC,LGG\n")
+    return gt, pred
+
+
+def test_matching_missing_and_extra(label_folders, tmp_path):
+    gt, pred = label_folders
+    out = tmp_path / "out"
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=out, label_convention="brats2017",
+                                    pred_convention=None, manifest=None, images=None)
+    rows = _read_csv(out / "metrics.csv")
+    assert list(rows[0]) == ["case_id", "region", "dsc", "ppv", "sensitivity", "specificity", "hd95",
+                             "vol_pred_ml", "vol_gt_ml", "missing_prediction"]
+    assert [(r["case_id"], r["region"]) for r in rows] == [
+        (c, r) for c in "ABC" for r in ("complete", "core", "enhancing")]
+    by = {(r["case_id"], r["region"]): r for r in rows}
+    assert float(by["A", "complete"]["dsc"]) == 1.0 and float(by["A", "complete"]["hd95"]) == 0.0
+    assert float(by["A", "complete"]["vol_gt_ml"]) == pytest.approx(48 * 5 / 1000)
+    assert float(by["A", "enhancing"]["vol_gt_ml"]) == pytest.approx(2 * 5 / 1000)
+    # B: a 4x3x4 block shifted by one voxel along x: TP = 3*3*4 = 36, FP = FN = 12
+    assert float(by["B", "complete"]["dsc"]) == pytest.approx(72 / 96)
+    assert float(by["B", "complete"]["ppv"]) == pytest.approx(36 / 48)
+    assert float(by["B", "complete"]["specificity"]) == pytest.approx((960 - 60) / (960 - 48))
+    assert float(by["B", "complete"]["hd95"]) == pytest.approx(1.0)
+    # C: missing prediction -> scored as empty, flagged
+    assert by["C", "complete"]["missing_prediction"] == "1" and by["A", "complete"]["missing_prediction"] == "0"
+    assert float(by["C", "core"]["dsc"]) == 0.0 and float(by["C", "core"]["hd95"]) == HD95_ONE_EMPTY
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["missing_predictions"] == ["C"] and saved["extra_predictions"] == ["Z"]
+    assert saved["failures"] == [] and saved["n_cases_scored"] == 3
+    assert saved["hd95_definition"] == "brats"
+    stats = saved["statistics"]
+    assert list(stats) == ["all", "HGG", "LGG"]
+    dsc_all = stats["all"]["complete"]["dsc"]
+    assert dsc_all["mean"] == pytest.approx((1 + 0.75 + 0) / 3)
+    assert dsc_all["median"] == pytest.approx(0.75)
+    assert dsc_all["q25"] == pytest.approx(0.375) and dsc_all["q75"] == pytest.approx(0.875)
+    assert stats["HGG"]["complete"]["dsc"]["n"] == 2 and stats["LGG"]["complete"]["dsc"]["mean"] == 0.0
+    assert saved["reference_pereira2016"]["challenge"]["dsc"]["complete"] == 0.88
+    assert summary["statistics"] == stats
+
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Missing predictions" in page and "brats" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_single_files_and_pred_convention(tmp_path):
+    lab = _labels()
+    msd = np.select([lab == 2, lab == 1, lab == 4], [1, 2, 3], 0)  # the same tumour in msd labels
+    gt = _save(lab, tmp_path / "case7_seg.nii.gz")
+    pred = _save(msd, tmp_path / "p" / "case7.nii.gz")
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out", label_convention="brats2017",
+                                    pred_convention="msd", manifest=None, images=None)
+    stats = summary["statistics"]["all"]
+    assert [stats[r]["dsc"]["mean"] for r in ("complete", "core", "enhancing")] == [1.0, 1.0, 1.0]
+
+
+def test_monai_definition_is_named(label_folders, tmp_path):
+    gt, pred = label_folders
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out", hd95_definition="monai")
+    assert summary["hd95_definition"] == "monai"
+    assert "MONAI" in (tmp_path / "out" / "report.html").read_text()
+
+
+def _bad_cases(gt: Path, pred: Path) -> None:
+    lab = _labels()
+    _save(lab, gt / "good.nii.gz")
+    _save(lab, pred / "good.nii.gz")
+    for name in ("badvalue", "float", "shape", "affine", "corrupt", "gtbad"):
+        _save(lab, gt / f"{name}.nii.gz")
+    bad = lab.copy()
+    bad[0, 0, 0] = 3                                                # 3 is not a brats2017 label
+    _save(bad, pred / "badvalue.nii.gz")
+    _save(lab.astype(np.float32) + 0.5, pred / "float.nii.gz", dtype=np.float32)
+    _save(lab[:, :, :7], pred / "shape.nii.gz")
+    _save(lab, pred / "affine.nii.gz", affine=_affine(origin=(0.0, 0.5, 0.0)))
+    (pred / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    _save(lab, pred / "gtbad.nii.gz")
+    _save(np.full(SHAPE, 7, np.uint8), gt / "gtbad.nii.gz")        # ground truth outside the convention
+
+
+def test_bad_inputs_are_listed_and_the_rest_scored(tmp_path):
+    gt, pred, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "out"
+    _bad_cases(gt, pred)
+    with pytest.raises(InputError) as info:
+        evaluate.run_evaluate(pred=pred, gt=gt, out=out)
+    message = str(info.value)
+    assert "\n" not in message and "6 case(s) could not be scored" in message
+    rows = _read_csv(out / "metrics.csv")
+    assert {r["case_id"] for r in rows} == {"good"}
+    failures = {f["case_id"]: f["error"] for f in json.loads((out / "summary.json").read_text())["failures"]}
+    assert set(failures) == {"badvalue", "float", "shape", "affine", "corrupt", "gtbad"}
+    for case_id, error in failures.items():
+        assert case_id in error and "\n" not in error
+    assert "[3]" in failures["badvalue"] and "brats2017" in failures["badvalue"]
+    assert "non-integer" in failures["float"]
+    assert "shape (12, 10, 7) differs" in failures["shape"]
+    assert "affine differs" in failures["affine"] and "0.5 mm" in failures["affine"]
+    assert "corrupt.nii.gz" in failures["corrupt"]
+    assert "[7]" in failures["gtbad"] and "gt" in failures["gtbad"]
+    page = (out / "report.html").read_text()
+    assert "Cases that could not be scored (6)" in page
+
+
+def test_ambiguous_prediction_names_fail_that_case(tmp_path):
+    lab = _labels()
+    _save(lab, tmp_path / "gt" / "A.nii.gz")
+    _save(lab, tmp_path / "gt" / "B.nii.gz")
+    _save(lab, tmp_path / "pred" / "A.nii.gz")
+    _save(lab, tmp_path / "pred" / "A_seg.nii.gz")
+    _save(lab, tmp_path / "pred" / "B.nii.gz")
+    with pytest.raises(InputError, match="1 case"):
+        evaluate.run_evaluate(pred=tmp_path / "pred", gt=tmp_path / "gt", out=tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failures"][0]["case_id"] == "A" and "several prediction files" in summary["failures"][0]["error"]
+    assert summary["n_cases_scored"] == 1 and summary["missing_predictions"] == []
+
+
+def test_nothing_to_evaluate_raises_before_writing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BratsCnnError, match="no prediction files"):
+        evaluate.run_evaluate(pred=tmp_path / "empty", gt=tmp_path / "empty", out=tmp_path / "out")
+    with pytest.raises(BratsCnnError, match="no such prediction"):
+        evaluate.run_evaluate(pred=tmp_path / "nope", gt=tmp_path, out=tmp_path / "out")
+    with pytest.raises(BratsCnnError, match="unknown label convention"):
+        evaluate.run_evaluate(pred=tmp_path, gt=tmp_path, out=tmp_path / "out", label_convention="brats2099")
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_file_case_id():
+    assert evaluate.label_file_case_id("Brats18_X_1_seg.nii.gz") == "Brats18_X_1"
+    assert evaluate.label_file_case_id("BraTS-GLI-00001-000-seg.nii.gz") == "BraTS-GLI-00001-000"
+    assert evaluate.label_file_case_id("BRATS_001.nii") == "BRATS_001"
+    assert evaluate.label_file_case_id("notes.txt") is None
+
+
+def test_dataset_folder_with_images_gives_overlays(tmp_path):
+    """Ground truth in the BraTS 2017-21 layout: overlays from its FLAIR, grades from its manifest."""
+    lab = _labels()
+    gt, pred = tmp_path / "data", tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    for case_id in ("P1", "P2"):
+        for seq in ("t1", "t1ce", "t2", "flair"):
+            _save(rng.uniform(1, 100, SHAPE), gt / case_id / f"{case_id}_{seq}.nii.gz", dtype=np.float32)
+        _save(lab, gt / case_id / f"{case_id}_seg.nii.gz")
+        _save(lab, pred / f"{case_id}.nii.gz")
+    (gt / "manifest.csv").write_text("case_id,grade\nP1,HGG\nP2,LGG\n")
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out")
+    assert summary["grades"] == {"P1": "HGG", "P2": "LGG"}
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<figure>") == 2 and "P2" in page
+
+
+@pytest.mark.slow
+def test_real_sample_perfect_prediction(sample_dir, tmp_path):
+    """The real ground truth scored against itself: DSC 1 and HD95 0 everywhere."""
+    case = sample_dir / "Brats18_CBICA_ABM_1"
+    summary = evaluate.run_evaluate(pred=case / "Brats18_CBICA_ABM_1_seg.nii.gz", gt=case, out=tmp_path / "out")
+    for region in ("complete", "core", "enhancing"):
+        assert summary["statistics"]["all"][region]["dsc"]["mean"] == 1.0
+        assert summary["statistics"]["all"][region]["hd95"]["mean"] == 0.0

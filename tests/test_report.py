@@ -1,0 +1,80 @@
+"""Report pieces on hand-made rows: statistics, CSV, figures, HTML."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from brats_cnn import report
+
+
+def _rows():
+    rows = []
+    for case_id, dsc in (("a", 0.2), ("b", 0.4), ("c", 0.6), ("d", 1.0)):
+        for region in ("complete", "core", "enhancing"):
+            rows.append({"case_id": case_id, "region": region, "dsc": dsc, "ppv": 1.0, "sensitivity": dsc,
+                         "specificity": 0.99, "hd95": 10 * dsc, "vol_pred_ml": 1.5, "vol_gt_ml": 2.0,
+                         "missing_prediction": case_id == "d"})
+    return rows
+
+
+def test_describe_hand_computed():
+    s = report.describe([0.2, 0.4, 0.6, 1.0])
+    assert s["mean"] == pytest.approx(0.55)
+    assert s["std"] == pytest.approx(np.sqrt(((0.35**2) + (0.15**2) + (0.05**2) + (0.45**2)) / 4))
+    assert s["median"] == pytest.approx(0.5)
+    assert s["q25"] == pytest.approx(0.35) and s["q75"] == pytest.approx(0.7)
+    assert s["n"] == 4
+    assert report.describe([]) == {"n": 0}
+
+
+def test_summarise_per_grade():
+    grades = {"a": "HGG", "b": "HGG", "c": "LGG", "d": None}
+    stats = report.summarise(_rows(), grades)
+    assert list(stats) == ["all", "HGG", "LGG"]
+    assert stats["all"]["core"]["dsc"]["mean"] == pytest.approx(0.55)
+    assert stats["HGG"]["enhancing"]["hd95"]["mean"] == pytest.approx(3.0)
+    assert stats["LGG"]["complete"]["dsc"] == {"mean": 0.6, "std": 0.0, "median": 0.6, "q25": 0.6,
+                                               "q75": 0.6, "n": 1}
+
+
+def test_metrics_csv(tmp_path):
+    path = report.write_metrics_csv(_rows(), tmp_path / "m.csv")
+    with open(path, newline="") as handle:
+        lines = list(csv.reader(handle))
+    assert lines[0] == list(report.CSV_COLUMNS)
+    assert lines[1] == ["a", "complete", "0.2", "1", "0.2", "0.99", "2", "1.5", "2", "0"]
+    assert lines[-1][-1] == "1" and len(lines) == 13
+
+
+def test_figures_are_png():
+    png = report.boxplot_png(_rows(), {"a": "LGG"})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    flair = np.arange(100, dtype=np.float32).reshape(10, 10)
+    mask = np.zeros((10, 10), bool)
+    mask[3:6, 3:6] = True
+    masks = {"complete": mask, "core": mask, "enhancing": np.zeros_like(mask)}
+    assert report.overlay_png(flair, masks, masks, "case")[:4] == b"\x89PNG"
+
+
+def test_largest_cross_section():
+    mask = np.zeros((4, 4, 5), bool)
+    mask[:2, :2, 1] = True
+    mask[:3, :3, 3] = True
+    assert report.largest_cross_section(mask) == 3
+    assert report.largest_cross_section(np.zeros((4, 4, 5), bool)) == 2
+
+
+def test_html_is_self_contained_and_escaped():
+    rows = _rows()
+    rows[0] = {**rows[0], "case_id": "<x>"}
+    summary = {"statistics": report.summarise(rows), "hd95_definition": "brats",
+               "hd95_definition_text": "pooled", "missing_predictions": ["d"], "extra_predictions": ["e"],
+               "failures": [{"case_id": "f", "error": "f.nii.gz: broken <file>"}], "grades": {}}
+    page = report.render_html(summary, rows, boxplot=b"\x89PNG fake", overlays={"a": b"\x89PNG"})
+    assert page.count("data:image/png;base64,") == 2
+    assert "&lt;x&gt;" in page and "<x>" not in page and "broken &lt;file&gt;" in page
+    assert "Pereira et al. 2016, BRATS 2013 challenge" in page and "0.88" in page
+    assert "Cases that could not be scored (1)" in page and "Missing predictions (1)" in page
