@@ -195,3 +195,31 @@ def test_cross_check_independent_and_monai(seed):
     assert metrics.dice(ref, pred) == pytest.approx(monai_dice, abs=1e-6)
     # MONAI computes in float32 (torch.quantile): 1e-4 mm tolerance.
     assert metrics.hd95(ref, pred, spacing, "monai") == pytest.approx(monai_hd95, abs=1e-4)
+
+
+def test_foreground_box_crop_gives_whole_image_values():
+    rng = np.random.default_rng(3)
+    ref = np.zeros((20, 18, 16), dtype=np.int16)
+    pred = np.zeros_like(ref)
+    ref[5:12, 4:10, 3:9] = rng.choice([1, 2, 4], size=(7, 6, 6))
+    pred[6:13, 4:11, 3:8] = rng.choice([0, 1, 2, 4], size=(7, 7, 5))
+    spacing = (1.0, 1.5, 2.0)
+    assert metrics.foreground_box(ref, pred) == (slice(5, 13), slice(4, 11), slice(3, 9))
+    cropped = metrics.region_metrics(ref, pred, "brats2017", spacing)
+    for region in ("complete", "core", "enhancing"):
+        from brats_cnn.labels import region_mask
+        whole = metrics.mask_metrics(region_mask(ref, "brats2017", region), region_mask(pred, "brats2017", region),
+                                     spacing)
+        assert cropped[region] == pytest.approx(whole)
+    empty = metrics.region_metrics(np.zeros((3, 3, 3)), np.zeros((3, 3, 3)), "brats2017", (1, 1, 1))
+    assert empty["core"]["specificity"] == 1.0 and empty["core"]["dsc"] == 1.0
+
+
+def test_region_metrics_across_conventions():
+    # brats2013 truth vs a brats2017 prediction of the same tumour (no conversion to 2013 exists)
+    ref = np.zeros((5, 5, 5), dtype=np.int16)
+    ref[1:4, 1:4, 1:4] = 2
+    ref[2, 2, 1:4] = [1, 3, 4]
+    pred = np.where(np.isin(ref, (1, 3)), 1, ref)
+    out = metrics.region_metrics(ref, pred, "brats2013", (1, 1, 1), pred_convention="brats2017")
+    assert [out[r]["dsc"] for r in ("complete", "core", "enhancing")] == [1.0, 1.0, 1.0]
