@@ -83,9 +83,9 @@ def test_brats2017_file_names_and_single_file_gives_the_case(case_dir):
 
 def test_brats2017_accepts_uncompressed_nii(tmp_path, phantom):
     folder = tmp_path / "C1"
+    folder.mkdir()
     for tag, index in (("t1", 0), ("t1ce", 1), ("t2", 2), ("flair", 3)):
-        nib.save(nib.Nifti1Image(phantom.image[index], phantom.affine), folder.mkdir(exist_ok=True) or
-                 folder / f"C1_{tag}.nii")
+        nib.save(nib.Nifti1Image(phantom.image[index], phantom.affine), folder / f"C1_{tag}.nii")
     case = io.load_case(folder)
     np.testing.assert_array_equal(case.image, phantom.image)
     assert case.label is None and case.label_convention is None
