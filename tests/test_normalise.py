@@ -252,3 +252,36 @@ def test_sequence_moments_pieces_cover_all_voxels():
     m = sequence_moments(image, mask, (1.0, 50.0, 99.0))
     assert sum(m.counts) == mask.sum() and len(m.counts) == 2
     assert m.landmarks[0] < m.landmarks[1] < m.landmarks[2]
+
+
+# --- cross-check against TorchIO's HistogramStandardization on real data -----------------------
+
+def test_nyul_matches_torchio_histogram_standardization_on_real_cases(sample_dir, tmp_path):
+    """Same landmarks and the same mapped image as TorchIO, given the same masks (brain = T1 > 0).
+
+    TorchIO trains on 13 percentiles (cutoffs, deciles and quartiles) and applies with 11 (it drops
+    the quartiles), which are ours; it computes percentiles in float32, we in float64.
+    """
+    tio = pytest.importorskip("torchio")
+    import nibabel as nib
+    import torch
+
+    ids = ["Brats18_CBICA_ABM_1", "Brats18_TCIA10_637_1", "Brats18_2013_3_1"]
+    paths = [sample_dir / i / f"{i}_t1.nii.gz" for i in ids]
+    images = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths]
+    masks = [img > 0 for img in images]
+
+    ours = fit_nyul(images, masks, NyulConfig())
+    theirs = tio.HistogramStandardization.train(paths, cutoff=(0.01, 0.99), masking_function=lambda t: t > 0,
+                                                progress=False)
+    theirs_11 = theirs[[0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 12]]  # drop the quartile landmarks (25, 75)
+    np.testing.assert_allclose(ours.landmarks, theirs_11, atol=1e-3)
+
+    transform = tio.HistogramStandardization({"t1": theirs}, masking_method=lambda t: t > 0)
+    subject = tio.Subject(t1=tio.ScalarImage(tensor=torch.from_numpy(images[0])[None], affine=np.eye(4)))
+    theirs_out = transform(subject)["t1"].data[0].numpy()
+    ours_out = apply_nyul(images[0], masks[0], ours)
+    brain = masks[0]
+    difference = np.abs(ours_out[brain] - theirs_out[brain])
+    assert difference.max() < 1e-2  # on a 0-100 scale
+    assert np.median(difference) < 1e-3
