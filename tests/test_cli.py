@@ -1,0 +1,70 @@
+"""The command-line shell: fast help, version, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from brats_cnn import __version__
+from brats_cnn.cli import main
+
+SUBCOMMANDS = ("preprocess", "train", "segment", "evaluate", "benchmark", "demo")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "brats_cnn.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_subcommand_and_is_fast():
+    start = time.perf_counter()
+    result = run_cli("--help")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+    # Lazy imports keep the shell light: interpreter start-up plus typer only.
+    assert elapsed < 3.0, f"--help took {elapsed:.2f} s"
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from brats_cnn.cli import main; "
+            "rc = main(['--help']); print('torch' in sys.modules, rc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "False 0"
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"brats-cnn {__version__}"
+
+
+def test_unknown_option_is_a_usage_error():
+    result = run_cli("train", "--grade", "hgg", "--bogus")
+    assert result.returncode == 2
+    assert "No such option: --bogus" in result.stderr
+
+
+def test_bad_config_override_is_one_line_exit_2(tmp_path):
+    result = run_cli("train", "--grade", "hgg", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                     "--set", "train.epochs=abc")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("brats-cnn: error: --set: key 'train.epochs' must be int, got str 'abc'")
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run_cli("--debug", "train", "--grade", "hgg", "--data", str(tmp_path), "--out",
+                     str(tmp_path / "run"), "--set", "train.nope=1")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert "unknown config key 'train.nope'" in result.stderr
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name):
+    result = run_cli(name, "--help")
+    assert result.returncode == 0
+    assert "Usage" in result.stdout
