@@ -1,0 +1,469 @@
+"""Training (SPEC step 7): the ``brats-cnn train`` command and one readable training loop.
+
+:func:`run_training` reads top to bottom: resolve the config and device, set up DDP when launched by
+torchrun, prepare the data (preprocess a raw dataset into ``<out>/cache`` with a normaliser fitted on
+the training cases only, or use an existing cache), split off whole validation cases, draw
+class-balanced centres, then for every epoch: train with SGD + Nesterov momentum and a learning rate
+decayed linearly per iteration, validate, write metrics and checkpoints.
+
+Run folder::
+
+    <out>/config.yaml      resolved config
+    <out>/cache/           preprocessed cache (only when --data is a raw dataset)
+    <out>/metrics.csv      one row per epoch (also metrics.json)
+    <out>/last.pt          checkpoint after every epoch (with resume state)
+    <out>/best.pt          checkpoint of the best validation score so far
+
+Determinism: every random draw is derived from ``(train.seed, stream, epoch, ...)``: centres,
+the per-epoch order, the augmentation of every batch, and the torch RNG (dropout) reseeded at the
+start of each epoch. A run resumed from ``last.pt`` therefore reproduces the uninterrupted run
+exactly on the CPU, whatever ``train.num_workers`` is (see docs/training.md for the GPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from brats_cnn.config import Config, load_config, save_config
+from brats_cnn.errors import CheckpointError, ConfigError, InputError
+from brats_cnn.fsutil import write_json_atomic, write_text_atomic
+from brats_cnn.labels import REGIONS, get_convention
+from brats_cnn.model import build_network, load_checkpoint, save_checkpoint, unwrap_network
+from brats_cnn.sampling import (CENTRE_STREAM, VALIDATION_STREAM, PatchBatches, cases_label_mask, make_rng,
+                                sample_balanced_centres)
+
+log = logging.getLogger(__name__)
+
+SPLIT_STREAM = 11   # random streams of this module (see sampling.make_rng)
+TORCH_STREAM = 12
+LOADER_STREAM = 13
+PROGRESS_INTERVAL = 20  # iterations between progress-bar updates (each one syncs the device)
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                  *(f"dice_{region}" for region in REGIONS), "score", "epoch_seconds", "patches_per_second")
+
+
+# ---- small pure helpers --------------------------------------------------------------------------
+
+def learning_rate(step: int, total_steps: int, start: float, end: float) -> float:
+    """Linear decay per iteration: ``start`` at step 0, ``end`` at the last step ``total_steps - 1``."""
+    if total_steps <= 1:
+        return start
+    return start + (end - start) * min(step, total_steps - 1) / (total_steps - 1)
+
+
+def split_cases(case_ids: Sequence[str], n_validation: int, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out ``n_validation`` whole cases, chosen by ``seed``; returns sorted (train, validation) ids."""
+    ids = sorted(case_ids)
+    if n_validation < 0 or n_validation >= len(ids):
+        raise ConfigError(f"data.validation_cases={n_validation} leaves no training case "
+                          f"({len(ids)} case(s) of this grade)")
+    held = set(make_rng(seed, SPLIT_STREAM).permutation(ids)[:n_validation].tolist())
+    return [c for c in ids if c not in held], [c for c in ids if c in held]
+
+
+def torch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the torch RNG (dropout) for one epoch of one process."""
+    return int(make_rng(seed, TORCH_STREAM, epoch, rank).integers(2**62))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda`` (error if CUDA is unavailable)."""
+    name = name.lower()
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got '{name}'")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but CUDA is not available (torch {torch.__version__})")
+    return torch.device(name if ":" in name else f"cuda:{local_rank}")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Process group facts; ``world_size == 1`` when not launched by torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, gloo on the CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(rank, local_rank, world_size)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when ``amp``; a no-op context on the CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The cache folders of the split and the normaliser that made them."""
+
+    cache: Path
+    train_dirs: tuple[Path, ...]
+    validation_dirs: tuple[Path, ...]
+    normaliser: Any
+
+
+def _grade_of(folder: Path, grades: dict[str, str]) -> str | None:
+    from brats_cnn.preprocess import load_cached_case
+
+    return grades.get(folder.name) or load_cached_case(folder).grade
+
+
+def _keep_grade(ids_and_grades: list[tuple[str, str | None]], grade: str, source: Path) -> list[str]:
+    """Case ids of ``grade`` when grades are known; all ids (logged) when none is."""
+    if all(g is None for _, g in ids_and_grades):
+        log.warning("no grades known for %s (no manifest); training on all %d case(s)", source, len(ids_and_grades))
+        return [c for c, _ in ids_and_grades]
+    kept = [c for c, g in ids_and_grades if g is not None and g.lower() == grade]
+    if not kept:
+        raise InputError(f"no {grade.upper()} case found (grades come from the manifest)", source)
+    return kept
+
+
+def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Path | None,
+                 dist: Distributed) -> TrainingData:
+    """Use ``data`` as a cache, or preprocess the raw dataset into ``<out>/cache`` (rank 0 only).
+
+    With a raw dataset the normaliser is fitted on the training cases only; the validation cases are
+    written with it. An existing ``<out>/cache`` is reused when up to date (``--resume``).
+    """
+    from brats_cnn import preprocess
+    from brats_cnn.io import list_cases, read_manifest
+    from brats_cnn.normalise import load_normaliser
+
+    data = Path(data)
+    if not data.exists():
+        raise InputError("training data folder not found", data)
+    if preprocess.is_cache(data):
+        cache = data
+        grades = read_manifest(manifest) if manifest else {}
+        folders = {p.name: p for p in preprocess.list_cached_cases(cache)}
+        ids = _keep_grade([(name, _grade_of(p, grades)) for name, p in folders.items()], grade, data)
+        train_ids, val_ids = split_cases(ids, config.data.validation_cases, config.train.seed)
+    else:
+        cache = out / "cache"
+        refs = list_cases(data, manifest=manifest)
+        ids = _keep_grade([(r.case_id, r.grade) for r in refs], grade, data)
+        train_ids, val_ids = split_cases(ids, config.data.validation_cases, config.train.seed)
+        if dist.is_main:
+            kept = [r for r in refs if r.case_id in set(ids)]
+            preprocess.preprocess_dataset(kept, cache, config=config, fit=True, fit_case_ids=train_ids)
+        dist.barrier()
+    log.info("training cases: %s; validation cases: %s", ", ".join(train_ids), ", ".join(val_ids) or "none")
+    return TrainingData(cache, tuple(cache / c for c in train_ids), tuple(cache / c for c in val_ids),
+                        load_normaliser(cache / preprocess.NORMALISER_FILE))
+
+
+def make_loader(dataset: PatchBatches, config: Config, device: torch.device, seed: int) -> torch.utils.data.DataLoader:
+    """Batches come whole from the dataset; workers only run extraction/augmentation in parallel."""
+    workers = config.train.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_patches(network: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over labelled patch batches (eval mode)."""
+    network.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    for patches, labels in loader:
+        patches = patches.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = network(patches)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    if count == 0:
+        return math.nan, math.nan
+    return loss_sum.item() / count, correct.item() / count
+
+
+def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config,
+                    device: torch.device) -> dict[str, float] | None:
+    """Mean Dice of complete/core/enhancing over whole validation cases (no post-processing).
+
+    Uses :func:`brats_cnn.segment.predict_fast`; returns None when that module is unavailable.
+    """
+    try:
+        from brats_cnn.segment import predict_fast
+    except ImportError:
+        return None
+    from brats_cnn.labels import from_class_indices, region_masks
+    from brats_cnn.metrics import dice
+    from brats_cnn.preprocess import load_cached_case
+
+    convention = config.data.label_convention
+    scores: dict[str, list[float]] = {region: [] for region in REGIONS}
+    plain = unwrap_network(network)
+    was_training = plain.training
+    for folder in folders:
+        case = load_cached_case(folder)
+        image = np.transpose(case.image, (1, 2, 3, 0)).astype(np.float32)  # (Z,4,X,Y) -> (4,X,Y,Z)
+        mask = np.transpose(case.mask, (1, 2, 0))
+        probabilities = predict_fast(plain, image, mask, device=device, amp=config.train.amp,
+                                     background_value=config.preprocess.background_value)
+        predicted = region_masks(from_class_indices(probabilities.argmax(0), convention), convention)
+        truth = region_masks(from_class_indices(np.transpose(case.label, (1, 2, 0)), convention), convention)
+        for region in REGIONS:
+            scores[region].append(dice(truth[region], predicted[region]))
+    plain.train(was_training)
+    return {region: float(np.mean(values)) for region, values in scores.items()}
+
+
+# ---- metrics files -------------------------------------------------------------------------------
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """Rewrite ``metrics.csv`` and ``metrics.json`` from the full history (atomically)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(out / "metrics.csv", buffer.getvalue())
+    write_json_atomic(out / "metrics.json", history)
+
+
+def _read_history(out: Path, epochs: int) -> list[dict]:
+    import json
+
+    try:
+        history = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [row for row in history if row.get("epoch", math.inf) <= epochs]
+
+
+def _json_float(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What :func:`run_training` made; ``network`` is the trained (unwrapped) network on the CPU."""
+
+    out: Path
+    last_checkpoint: Path
+    best_checkpoint: Path
+    history: tuple[dict, ...]
+    network: torch.nn.Module
+
+
+def run_training(grade: str, data: Path, out: Path, config: str | Path | None = None,
+                 overrides: Sequence[str] = (), device: str = "auto", resume: bool = False,
+                 manifest: Path | None = None) -> TrainingResult:
+    """Train the HGG or LGG network (the ``brats-cnn train`` command).
+
+    Args:
+        grade: ``"hgg"`` or ``"lgg"``: the cases to train on and the bundled default config.
+        data: a raw dataset folder (any layout) or a preprocessed cache.
+        out: the run folder (see the module docstring).
+        config: YAML path or bundled name; default ``pereira_<grade>``.
+        overrides: ``key=value`` strings applied last.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: continue from ``<out>/last.pt`` (its stored config, then ``overrides``).
+        manifest: CSV ``case_id,grade`` (default ``<data>/manifest.csv`` when present).
+    """
+    from tqdm import tqdm
+
+    grade = grade.lower()
+    if grade not in ("hgg", "lgg"):
+        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
+    out = Path(out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+
+    # 1. config, resume state, device, process group
+    resumed = None
+    if resume:
+        if not last_path.is_file():
+            raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
+        resumed = load_checkpoint(last_path)
+        from brats_cnn.config import config_to_dict
+        cfg = load_config(None, overrides, base=config_to_dict(resumed.config))
+    else:
+        if last_path.is_file():
+            raise ConfigError("run folder already holds last.pt; pass --resume or choose another --out", out)
+        cfg = load_config(config or f"pereira_{grade}", overrides)
+    if cfg.grade != grade:
+        raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
+    dist = init_distributed(device)
+    device_ = resolve_device(device, dist.local_rank)
+    tc = cfg.train
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # 2. data: cache, split, centres
+    data_ = prepare_data(data, out, cfg, grade, manifest, dist)
+    num_classes = get_convention(cfg.data.label_convention).num_classes
+    background = cfg.preprocess.background_value
+    train_pairs = cases_label_mask(data_.train_dirs)
+
+    def centres_for(epoch: int):
+        keys = (epoch,) if cfg.sampling.resample_each_epoch else ()
+        return sample_balanced_centres(train_pairs, cfg.sampling.total_patches, num_classes,
+                                       make_rng(tc.seed, CENTRE_STREAM, *keys))
+
+    def batches_for(epoch: int, centres) -> PatchBatches:
+        return PatchBatches(data_.train_dirs, centres, batch_size=tc.batch_size, patch_size=cfg.sampling.patch_size,
+                            background=background, rotation_angles=cfg.sampling.rotation_angles,
+                            arbitrary_rotation=cfg.sampling.arbitrary_rotation, seed=tc.seed, epoch=epoch,
+                            rank=dist.rank, world_size=dist.world_size)
+
+    centres = centres_for(0)
+    log.info("training centres per class: %s", centres.class_counts(num_classes).tolist())
+    steps_per_epoch = len(batches_for(0, centres))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"sampling.total_patches={cfg.sampling.total_patches} gives no full batch of "
+                          f"{tc.batch_size} patches")
+    total_steps = tc.epochs * steps_per_epoch
+    validation = None
+    if data_.validation_dirs and dist.is_main:
+        val_centres = sample_balanced_centres(cases_label_mask(data_.validation_dirs), cfg.sampling.validation_patches,
+                                              num_classes, make_rng(tc.seed, VALIDATION_STREAM))
+        validation = PatchBatches(data_.validation_dirs, val_centres, batch_size=tc.batch_size,
+                                  patch_size=cfg.sampling.patch_size, background=background, shuffle=False)
+
+    # 3. network and optimiser (restored when resuming)
+    torch.manual_seed(tc.seed)
+    network = build_network(cfg.model, num_classes)
+    optimiser = torch.optim.SGD(network.parameters(), lr=tc.lr_start, momentum=tc.momentum, nesterov=True,
+                                weight_decay=tc.weight_decay)
+    start_epoch, step, best_score, history = 0, 0, -math.inf, []
+    if resumed is not None:
+        network.load_state_dict(resumed.network.state_dict())
+        optimiser.load_state_dict(resumed.training_state["optimiser"])
+        start_epoch, step = resumed.epoch, int(resumed.training_state["step"])
+        best_score = float(resumed.training_state["best_score"])
+        history = _read_history(out, start_epoch)
+        log.info("resuming after epoch %d (step %d) from %s", start_epoch, step, last_path)
+    network.to(device_)
+    for state in optimiser.state.values():  # momentum buffers follow the weights
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = value.to(device_)
+    model = network
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device_.index] if device_.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+
+    # 4. epochs
+    for epoch in range(start_epoch, tc.epochs):
+        started = time.perf_counter()
+        torch.manual_seed(torch_seed(tc.seed, epoch, dist.rank))
+        if cfg.sampling.resample_each_epoch and epoch > 0:
+            centres = centres_for(epoch)
+        loader = make_loader(batches_for(epoch, centres), cfg, device_, seed=tc.seed * 1000 + epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device_, dtype=torch.float64)
+        correct = torch.zeros((), device=device_, dtype=torch.int64)
+        seen = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not dist.is_main,
+                   dynamic_ncols=True, leave=False)
+        for patches, labels in bar:
+            lr = learning_rate(step, total_steps, tc.lr_start, tc.lr_end)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            patches = patches.to(device_, non_blocking=True)
+            labels = labels.to(device_, non_blocking=True)
+            with autocast(device_, tc.amp):
+                logits = model(patches)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            loss_sum += loss.detach() * labels.numel()
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.numel()
+            if step % PROGRESS_INTERVAL == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                                lr=f"{lr:.2e}")
+        bar.close()
+        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device_,
+                                                                       dtype=torch.float64)])
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        train_loss, train_accuracy = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+        seconds = time.perf_counter() - started
+
+        # 5. validation, metrics and checkpoints (rank 0 writes; the others wait)
+        if dist.is_main:
+            val_loss, val_accuracy, dice = math.nan, math.nan, None
+            if validation is not None:
+                val_loader = make_loader(validation, cfg, device_, seed=tc.seed)
+                val_loss, val_accuracy = evaluate_patches(network, val_loader, device_, tc.amp)
+                if tc.validate_dice:
+                    dice = validation_dice(network, data_.validation_dirs, cfg, device_)
+            score = (float(np.mean(list(dice.values()))) if dice else
+                     val_accuracy if math.isfinite(val_accuracy) else -train_loss)
+            row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss,
+                   "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
+                   "val_accuracy": _json_float(val_accuracy),
+                   **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS}, "score": score,
+                   "epoch_seconds": round(seconds, 3), "patches_per_second": round(totals[2].item() / seconds, 1)}
+            history.append(row)
+            write_metrics(out, history)
+            improved = score > best_score
+            best_score = max(best_score, score)
+            training_state = {"optimiser": optimiser.state_dict(), "step": step, "best_score": best_score,
+                              "torch_rng": torch.get_rng_state(), "world_size": dist.world_size,
+                              "train_cases": [p.name for p in data_.train_dirs],
+                              "validation_cases": [p.name for p in data_.validation_dirs]}
+            common = dict(network=network, config=cfg, normaliser=data_.normaliser,
+                          label_convention=cfg.data.label_convention, epoch=epoch + 1)
+            save_checkpoint(last_path, training_state=training_state, **common)
+            if improved:
+                save_checkpoint(best_path, training_state=None, **common)
+            log.info("epoch %d/%d: loss %.4f acc %.3f | val loss %s acc %s dice %s | %.1f s",
+                     epoch + 1, tc.epochs, train_loss, train_accuracy, f"{val_loss:.4f}", f"{val_accuracy:.3f}",
+                     dice and {k: round(v, 3) for k, v in dice.items()}, seconds)
+        dist.barrier()
+
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return TrainingResult(out, last_path, best_path, tuple(history), unwrap_network(network).cpu())

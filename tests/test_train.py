@@ -1,0 +1,171 @@
+"""The training loop: schedule, split, end-to-end runs, resume equality, DDP on gloo."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brats_cnn import train
+from brats_cnn.errors import CheckpointError, ConfigError
+from brats_cnn.model import load_checkpoint
+from brats_cnn.train import learning_rate, resolve_device, run_training, split_cases
+
+# A tiny run: the LGG network (cheapest), 32 patches of batch 8 per epoch, no N4.
+TINY = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=32",
+        "sampling.validation_patches=16", "train.batch_size=8", "train.validate_dice=false"]
+NO_DROPOUT = ["model.dropout=0.0"]  # dropout masks differ per rank; without it DDP equals one process
+
+
+@pytest.fixture(scope="module")
+def raw_dataset(tmp_path_factory) -> Path:
+    from brats_cnn.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("raw")
+    write_phantom_dataset(root, 4, grades=["HGG", "HGG", "LGG", "HGG"], shape=(40, 40, 16))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(raw_dataset, tmp_path_factory) -> Path:
+    from brats_cnn.config import load_config
+    from brats_cnn.preprocess import preprocess_dataset
+
+    out = tmp_path_factory.mktemp("cache")
+    config = load_config("smoke", TINY)
+    preprocess_dataset(raw_dataset, out, config=config, fit=True)
+    return out
+
+
+def test_learning_rate_decays_linearly_per_iteration():
+    assert learning_rate(0, 101, 0.003, 0.00003) == 0.003
+    assert learning_rate(100, 101, 0.003, 0.00003) == pytest.approx(0.00003)
+    assert learning_rate(50, 101, 0.003, 0.00003) == pytest.approx((0.003 + 0.00003) / 2)
+    rates = [learning_rate(s, 11, 1.0, 0.0) for s in range(11)]
+    assert np.allclose(np.diff(rates), -0.1)
+
+
+def test_split_holds_out_whole_cases_deterministically():
+    ids = [f"c{i}" for i in range(10)]
+    train_ids, val_ids = split_cases(ids, 2, seed=0)
+    assert len(val_ids) == 2 and set(train_ids) | set(val_ids) == set(ids) and not set(train_ids) & set(val_ids)
+    assert split_cases(list(reversed(ids)), 2, seed=0) == (train_ids, val_ids)
+    assert split_cases(ids, 0, seed=0) == (ids, [])
+    with pytest.raises(ConfigError, match="leaves no training case"):
+        split_cases(ids[:2], 2, seed=0)
+
+
+def test_cuda_requested_without_cuda_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="must be auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+def test_train_from_raw_data_via_the_cli(raw_dataset, tmp_path):
+    from brats_cnn.cli import main
+
+    out = tmp_path / "run"
+    sets = [a for s in TINY + ["train.validate_dice=true", "train.num_workers=1"] for a in ("--set", s)]
+    code = main(["-q", "train", "--grade", "hgg", "--data", str(raw_dataset), "--out", str(out),
+                 "--config", "smoke", "--device", "cpu", *sets])
+    assert code == 0
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt", "cache/normaliser.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert int(rows[-1]["step"]) == 2 * 4
+    assert float(rows[-1]["lr"]) == pytest.approx(0.00003)
+    for row in rows:
+        assert 0.0 <= float(row["val_accuracy"]) <= 1.0 and float(row["train_loss"]) > 0
+        assert 0.0 <= float(row["dice_complete"]) <= 1.0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.epoch == 2 and ckpt.grade == "hgg" and ckpt.network.architecture == "lgg"
+    state = ckpt.training_state
+    # the LGG phantom is filtered out by grade; one HGG case is held out; the normaliser never saw it
+    assert sorted(state["train_cases"] + state["validation_cases"]) == ["Phantom_000", "Phantom_001", "Phantom_003"]
+    assert len(state["validation_cases"]) == 1
+    assert set(ckpt.normaliser.case_ids) == set(state["train_cases"])
+    best = load_checkpoint(out / "best.pt")
+    assert best.training_state is None
+    history = json.loads((out / "metrics.json").read_text())
+    assert best.epoch == max(history, key=lambda r: r["score"])["epoch"]
+
+
+def _weights(network):
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cache, tmp_path, monkeypatch):
+    straight = run_training("hgg", cache, tmp_path / "a", config="smoke", overrides=TINY, device="cpu")
+
+    real_seed = train.torch_seed
+
+    def interrupt_at_epoch_two(seed, epoch, rank):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_seed(seed, epoch, rank)
+
+    monkeypatch.setattr(train, "torch_seed", interrupt_at_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=TINY, device="cpu")
+    monkeypatch.setattr(train, "torch_seed", real_seed)
+    assert load_checkpoint(tmp_path / "b" / "last.pt").epoch == 1
+    with pytest.raises(ConfigError, match="already holds last.pt"):
+        run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=TINY, device="cpu")
+    # resume with data-loader workers: same batches, same weights
+    resumed = run_training("hgg", cache, tmp_path / "b", overrides=["train.num_workers=2"], device="cpu",
+                           resume=True)
+    a, b = _weights(straight.network), _weights(resumed.network)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert resumed.history[0]["train_loss"] == straight.history[0]["train_loss"]
+
+
+def test_resume_without_checkpoint_and_grade_mismatch(cache, tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        run_training("hgg", cache, tmp_path, device="cpu", resume=True)
+    with pytest.raises(ConfigError, match="is for grade 'hgg'"):
+        run_training("lgg", cache, tmp_path, config="smoke", device="cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cache: str, out: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    result = run_training("hgg", Path(cache), Path(out), config="smoke", overrides=TINY + NO_DROPOUT, device="cpu")
+    torch.save(result.network.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_on_gloo_keeps_ranks_identical_and_matches_one_process(cache, tmp_path):
+    port = _free_port()
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(cache), str(tmp_path / "ddp"), str(tmp_path)),
+                                nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert (tmp_path / "ddp" / "last.pt").is_file()
+    # two ranks see the halves of the single-process batches: same training up to rounding
+    single = run_training("hgg", cache, tmp_path / "single", config="smoke", overrides=TINY + NO_DROPOUT,
+                          device="cpu")
+    for key, value in _weights(single.network).items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-3, atol=1e-5)
