@@ -120,12 +120,13 @@ def evaluate(
     pred_convention: Optional[str] = typer.Option(None, "--pred-convention", help="Convention of the predictions (default: same as ground truth)."),
     manifest: Optional[Path] = ManifestOpt,
     images: Optional[Path] = typer.Option(None, "--images", help="Folder with the cases' images for overlay figures (default: --gt)."),
+    hd95: str = typer.Option("brats", "--hd95", help="HD95 definition: brats (pooled distances, as BraTS/MedPy) or monai (max of the two one-way percentiles)."),
 ) -> None:
     """Score segmentations as BraTS does: DSC, PPV, sensitivity, specificity, HD95, volumes."""
     from brats_cnn.evaluate import run_evaluate
 
     run_evaluate(pred=pred, gt=gt, out=out, label_convention=label_convention,
-                 pred_convention=pred_convention, manifest=manifest, images=images)
+                 pred_convention=pred_convention, manifest=manifest, images=images, hd95_definition=hd95)
 
 
 @app.command()
