@@ -88,8 +88,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SegmentConfig:
     mode: str = "auto"  # "exact", "fast" or "auto" (exact on CUDA, fast on CPU) (choice)
-    batch_size: int = 4096  # patches per forward pass in exact mode (choice)
+    batch_size: int = 4096  # patches (exact) / voxels through the FC layers (fast) per pass (choice)
     amp: bool = True  # bf16 autocast on CUDA (choice)
+    slices_per_batch: int = 4  # fast mode: axial slices per pass through the convolutions (choice)
+    memory_fraction: float = 0.5  # exact mode on CUDA: share of free GPU memory for a batch (choice)
+    cpu_bf16: bool = True  # fast mode on CPUs with native bf16 (AVX512-BF16/AMX): bf16 autocast (choice)
 
 
 @dataclass(frozen=True)
