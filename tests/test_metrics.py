@@ -8,6 +8,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from brats_cnn import metrics
+from brats_cnn.labels import region_mask
 from brats_cnn.metrics import HD95_ONE_EMPTY
 
 
@@ -174,6 +175,7 @@ def _brute_force_distances(ref, pred, spacing):
     return d.min(axis=1), d.min(axis=0)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI deprecation notice inside its own code
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cross_check_independent_and_monai(seed):
     torch = pytest.importorskip("torch")
@@ -207,7 +209,6 @@ def test_foreground_box_crop_gives_whole_image_values():
     assert metrics.foreground_box(ref, pred) == (slice(5, 13), slice(4, 11), slice(3, 9))
     cropped = metrics.region_metrics(ref, pred, "brats2017", spacing)
     for region in ("complete", "core", "enhancing"):
-        from brats_cnn.labels import region_mask
         whole = metrics.mask_metrics(region_mask(ref, "brats2017", region), region_mask(pred, "brats2017", region),
                                      spacing)
         assert cropped[region] == pytest.approx(whole)
