@@ -1,0 +1,236 @@
+"""The ``brats-cnn benchmark`` command: training throughput of the network and of the data pipeline.
+
+Three timings, each after a warm-up, as mean +- sd seconds per batch:
+
+* ``forward``: inference forward pass (eval mode, no autograd) on a batch already on the device;
+* ``train_step``: forward + backward + SGD step on a batch already on the device (model-only rate);
+* ``pipeline``: the real training path: ``PatchBatches`` from a preprocessed cache through a
+  ``DataLoader`` (workers, pinned memory), host-to-device copy, forward + backward + step.
+
+``pipeline_ratio`` = pipeline patches/s / model-only train-step patches/s (target >= 0.9: the data
+pipeline should not starve the device). Achieved GFLOP/s uses 357.5 MFLOP per HGG patch forward
+(SPEC), the LGG figure computed from the layer shapes, and x3 for forward + backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from brats_cnn.config import Config, load_config
+from brats_cnn.errors import ConfigError
+from brats_cnn.model import FLOPS_PER_HGG_PATCH, PATCH_SIZE, build_network
+
+log = logging.getLogger(__name__)
+
+WARMUP_ITERATIONS = 3  # untimed batches before each measurement (allocator, cuDNN autotune, workers)
+BACKWARD_FLOP_FACTOR = 3  # forward + backward ~ 3x the forward FLOPs (SPEC)
+PHANTOM_SHAPE = (96, 96, 48)  # (X, Y, Z) of the phantom cases timed when no --data is given
+PHANTOM_CASES = 2
+
+
+def forward_flops(network: torch.nn.Module, patch_size: int = PATCH_SIZE) -> int:
+    """FLOPs (multiply-adds x 2) of one patch's forward pass through the convolutions and FC layers.
+
+    Counted from the layer shapes with forward hooks on one ``(1, C, P, P)`` patch; activations,
+    pooling and biases are not counted.
+    """
+    total = 0
+
+    def count(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * output.numel() * per_output
+        else:
+            total += 2 * module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in network.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    first = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    try:
+        with torch.no_grad():
+            network.eval()(torch.zeros(1, first.in_channels, patch_size, patch_size,
+                                       device=next(network.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_batches(run_batch: Callable[[], Any], iterations: int, device: torch.device,
+                 warmup: int = WARMUP_ITERATIONS) -> np.ndarray:
+    """``(iterations,)`` float64 seconds per call of ``run_batch`` (device-synchronised), after a warm-up."""
+    for _ in range(warmup):
+        run_batch()
+    _synchronise(device)
+    seconds = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        run_batch()
+        _synchronise(device)
+        seconds[i] = time.perf_counter() - start
+    return seconds
+
+
+def _summary(seconds: np.ndarray, batch_size: int, flops_per_batch: float) -> dict:
+    mean = float(seconds.mean())
+    return {"mean_s": mean, "sd_s": float(seconds.std(ddof=1)) if seconds.size > 1 else 0.0,
+            "patches_per_s": batch_size / mean, "gflops_per_s": flops_per_batch / mean / 1e9,
+            "iterations": int(seconds.size)}
+
+
+def _phantom_cache(root: Path, config: Config) -> Path:
+    """A small preprocessed cache of phantom cases (N4 off: it is not what is timed)."""
+    from brats_cnn.config import config_to_dict, config_from_dict
+    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.preprocess import preprocess_dataset
+
+    raw = root / "raw"
+    write_phantom_dataset(raw, PHANTOM_CASES, grades=[config.grade.upper()] * PHANTOM_CASES, shape=PHANTOM_SHAPE)
+    values = config_to_dict(config)
+    values["preprocess"]["n4"]["sequences"] = []
+    preprocess_dataset(raw, root / "cache", config=config_from_dict(values), fit=True)
+    return root / "cache"
+
+
+def _cache_of(data: Path, root: Path, config: Config) -> Path:
+    """``data`` if it is a cache, else a raw dataset preprocessed into ``root/cache``."""
+    from brats_cnn.preprocess import is_cache, preprocess_dataset
+
+    if is_cache(data):
+        return data
+    preprocess_dataset(data, root / "cache", config=config, fit=True)
+    return root / "cache"
+
+
+def _pipeline_batches(cache: Path, config: Config, batch_size: int, batches: int):
+    """A ``PatchBatches`` dataset of ``batches`` training batches drawn from every case of the cache."""
+    from brats_cnn.labels import get_convention
+    from brats_cnn.preprocess import list_cached_cases
+    from brats_cnn.sampling import (CENTRE_STREAM, PatchBatches, cases_label_mask, make_rng,
+                                    sample_balanced_centres)
+
+    folders = list_cached_cases(cache)
+    num_classes = get_convention(config.data.label_convention).num_classes
+    centres = sample_balanced_centres(cases_label_mask(folders), batch_size * batches, num_classes,
+                                      make_rng(config.train.seed, CENTRE_STREAM))
+    return PatchBatches(folders, centres, batch_size=batch_size, patch_size=config.sampling.patch_size,
+                        background=config.preprocess.background_value,
+                        rotation_angles=config.sampling.rotation_angles,
+                        arbitrary_rotation=config.sampling.arbitrary_rotation, seed=config.train.seed)
+
+
+def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 128, iterations: int = 20,
+                  data: Path | None = None, out: Path | None = None, config: Config | None = None) -> dict:
+    """Time the network and the training pipeline; print a table; write JSON to ``out`` if given.
+
+    Args:
+        grade: ``hgg`` or ``lgg`` network (bundled ``pereira_<grade>`` config unless ``config``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: patches per batch.
+        iterations: timed batches per measurement (after :data:`WARMUP_ITERATIONS`).
+        data: a preprocessed cache or raw dataset for the pipeline timing; default: phantom cases.
+        out: JSON file to write.
+
+    Returns:
+        The results dict (also what the JSON holds).
+    """
+    from brats_cnn.labels import get_convention
+    from brats_cnn.train import autocast, make_loader, resolve_device
+
+    grade = grade.lower()
+    if grade not in ("hgg", "lgg"):
+        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
+    if batch_size < 1 or iterations < 2:
+        raise ConfigError(f"--batch-size must be >= 1 and --iterations >= 2, got {batch_size} and {iterations}")
+    config = config or load_config(f"pereira_{grade}")
+    device_ = resolve_device(device)
+    amp = config.train.amp and device_.type == "cuda"
+    load_before = os.getloadavg()
+    torch.manual_seed(config.train.seed)
+    network = build_network(config.model, get_convention(config.data.label_convention).num_classes).to(device_)
+    flops = forward_flops(network, config.sampling.patch_size)
+    flops_per_patch = FLOPS_PER_HGG_PATCH if config.model.architecture == "hgg" else float(flops)
+    optimiser = torch.optim.SGD(network.parameters(), lr=config.train.lr_start, momentum=config.train.momentum,
+                                nesterov=True)
+    side = config.sampling.patch_size
+    patches = torch.randn(batch_size, 4, side, side, device=device_)
+    labels = torch.randint(0, network.num_classes, (batch_size,), device=device_)
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast(device_, amp):
+            network(patches)
+
+    def train_step(batch: torch.Tensor = patches, target: torch.Tensor = labels) -> None:
+        with autocast(device_, amp):
+            logits = network(batch)
+        loss = F.cross_entropy(logits.float(), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    network.eval()
+    forward_s = time_batches(forward, iterations, device_)
+    network.train()
+    step_s = time_batches(train_step, iterations, device_)
+
+    with tempfile.TemporaryDirectory(prefix="brats-cnn-bench-") as tmp:
+        cache = _cache_of(Path(data), Path(tmp), config) if data else _phantom_cache(Path(tmp), config)
+        dataset = _pipeline_batches(cache, config, batch_size, iterations + WARMUP_ITERATIONS)
+        batches = iter(make_loader(dataset, config, device_, seed=config.train.seed))
+
+        def pipeline_step() -> None:
+            batch, target = next(batches)
+            train_step(batch.to(device_, non_blocking=True), target.to(device_, non_blocking=True))
+
+        pipeline_s = time_batches(pipeline_step, len(dataset) - WARMUP_ITERATIONS, device_)
+
+    results = {
+        "grade": grade, "architecture": config.model.architecture, "device": str(device_),
+        "device_name": torch.cuda.get_device_name(device_) if device_.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "amp_bf16": amp,
+        "batch_size": batch_size, "num_workers": config.train.num_workers,
+        "flops_per_patch_forward": flops_per_patch, "flops_per_patch_forward_counted": flops,
+        "forward": _summary(forward_s, batch_size, flops_per_patch * batch_size),
+        "train_step": _summary(step_s, batch_size, BACKWARD_FLOP_FACTOR * flops_per_patch * batch_size),
+        "pipeline": _summary(pipeline_s, batch_size, BACKWARD_FLOP_FACTOR * flops_per_patch * batch_size),
+        "data": str(data) if data else f"phantom x{PHANTOM_CASES} {PHANTOM_SHAPE}",
+        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+    }
+    results["pipeline_ratio"] = results["pipeline"]["patches_per_s"] / results["train_step"]["patches_per_s"]
+    print(format_table(results))
+    if out is not None:
+        from brats_cnn.fsutil import write_json_atomic
+
+        write_json_atomic(out, results)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of :func:`run_benchmark` results."""
+    lines = [f"brats-cnn benchmark: {results['grade'].upper()} network on {results['device']} "
+             f"({results['device_name']}), batch {results['batch_size']}, bf16 {results['amp_bf16']}, "
+             f"load {results['loadavg_before'][0]:.2f}",
+             f"{'measurement':<14}{'ms/batch':>16}{'patches/s':>12}{'GFLOP/s':>10}"]
+    for name in ("forward", "train_step", "pipeline"):
+        row = results[name]
+        lines.append(f"{name:<14}{row['mean_s'] * 1e3:>9.1f} +- {row['sd_s'] * 1e3:<5.1f}"
+                     f"{row['patches_per_s']:>11.0f}{row['gflops_per_s']:>10.1f}")
+    lines.append(f"pipeline / model-only rate: {results['pipeline_ratio']:.1%} (target >= 90%)")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""FLOP counting, timing helpers and a tiny end-to-end benchmark run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from brats_cnn.benchmark import format_table, forward_flops, run_benchmark, time_batches
+from brats_cnn.config import load_config
+from brats_cnn.model import FLOPS_PER_HGG_PATCH, PereiraCNN
+
+
+def test_forward_flops_from_layer_shapes():
+    # LGG, 4 classes, by hand: 2*(33^2*64*36 + 33^2*64*576 + 16^2*128*576 + 16^2*128*1152
+    #                            + 6272*256 + 256*256 + 256*4)
+    assert forward_flops(PereiraCNN("lgg", 4)) == 201_898_496
+    hgg = forward_flops(PereiraCNN("hgg", 5))
+    assert hgg == 357_686_272  # + 256*5*2 for the last layer
+    assert abs(hgg - FLOPS_PER_HGG_PATCH) / FLOPS_PER_HGG_PATCH < 1e-3  # SPEC: about 357.5 MFLOP
+    assert forward_flops(PereiraCNN("hgg", 5)) - forward_flops(PereiraCNN("hgg", 4)) == 2 * 256
+
+
+def test_time_batches_counts_calls_after_warm_up():
+    calls = []
+    seconds = time_batches(lambda: calls.append(1), 5, torch.device("cpu"), warmup=2)
+    assert len(calls) == 7 and seconds.shape == (5,) and np.all(seconds >= 0)
+
+
+def test_run_benchmark_on_a_tiny_cache(tmp_path):
+    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.preprocess import preprocess_dataset
+
+    config = load_config("smoke", ["preprocess.n4.sequences=[]", "model.architecture=lgg",
+                                   "train.num_workers=0"])
+    write_phantom_dataset(tmp_path / "raw", 2, grades=["HGG", "HGG"], shape=(40, 40, 12))
+    preprocess_dataset(tmp_path / "raw", tmp_path / "cache", config=config, fit=True)
+    out = tmp_path / "bench.json"
+    results = run_benchmark("hgg", "cpu", batch_size=4, iterations=2, data=tmp_path / "cache", out=out,
+                            config=config)
+    saved = json.loads(out.read_text())
+    assert saved["architecture"] == "lgg" and saved["batch_size"] == 4
+    assert saved["flops_per_patch_forward"] == 201_898_496
+    for name in ("forward", "train_step", "pipeline"):
+        row = saved[name]
+        assert row["iterations"] == 2 and row["mean_s"] > 0
+        assert row["patches_per_s"] == pytest.approx(4 / row["mean_s"])
+    assert saved["train_step"]["gflops_per_s"] == pytest.approx(
+        3 * 201_898_496 * 4 / saved["train_step"]["mean_s"] / 1e9)
+    assert saved["pipeline_ratio"] == pytest.approx(
+        saved["pipeline"]["patches_per_s"] / saved["train_step"]["patches_per_s"])
+    assert "pipeline / model-only rate" in format_table(results)
