@@ -83,6 +83,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (choice; ignored on CPU)
     compile: bool = False  # torch.compile the network (choice)
     validate_dice: bool = True  # per-epoch Dice on validation cases if time allows (choice)
+    deterministic: bool = False  # (choice) deterministic CUDA kernels (slower); CPU runs are always reproducible
 
 
 @dataclass(frozen=True)

@@ -331,6 +331,10 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
     dist = init_distributed(device)
     device_ = resolve_device(device, dist.local_rank)
     tc = cfg.train
+    if tc.deterministic:  # cuBLAS needs this workspace setting for deterministic matmuls
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not tc.deterministic
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
