@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"brats-cnn: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # an output folder under a file, a full disk, no permission...
+        if _state["debug"]:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"brats-cnn: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("brats-cnn: interrupted", file=sys.stderr)
         return 130

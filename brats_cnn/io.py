@@ -232,7 +232,8 @@ def _nifti_ndim(path: Path) -> int:
 
     _check_file(path)
     try:
-        return len(nib.load(path).shape)
+        with _quiet_nibabel():
+            return len(nib.load(path).shape)
     except Exception as exc:  # nibabel raises many types on bad headers
         raise InputError(f"cannot read NIfTI header ({_describe(exc)})", path) from exc
 
@@ -270,8 +271,11 @@ def find_case(path: str | Path, *, channel_map: Mapping[str, str | int] | Sequen
         for pattern, names, layout, example in _NAMED_LAYOUTS:
             match = pattern.match(name)
             if match:
-                found = _match_files(_files(path.parent), pattern)
-                return _named_case(match["id"], found[match["id"]], names, layout, path.parent, example)
+                siblings = _files(path.parent)
+                found = _match_files(siblings, pattern)
+                ref = _named_case(match["id"], found[match["id"]], names, layout, path.parent, example)
+                _warn_unrelated(path.parent, siblings, found)
+                return ref
         match = _NNUNET_RE.match(name)
         if match:
             found = _match_files(_files(path.parent), _NNUNET_RE)
@@ -286,7 +290,9 @@ def find_case(path: str | Path, *, channel_map: Mapping[str, str | int] | Sequen
         found = _match_files(files, pattern)
         if found:
             case_id, tagged = _single_case(found, path, layout)
-            return _named_case(case_id, tagged, names, layout, path, example)
+            ref = _named_case(case_id, tagged, names, layout, path, example)
+            _warn_unrelated(path, files, found)
+            return ref
     found = _match_files(files, _NNUNET_RE)
     if found:
         case_id, tagged = _single_case(found, path, "nnunet")
@@ -301,6 +307,15 @@ _NAMED_LAYOUTS = (
     (_BRATS2017_RE, BRATS2017_NAMES, "brats2017", "{id}_{tag}.nii.gz"),
     (_BRATS2023_RE, BRATS2023_NAMES, "brats2023", "{id}-{tag}.nii.gz"),
 )
+
+
+def _warn_unrelated(folder: Path, files: Sequence[Path], found: dict[str, dict[str, Path]]) -> None:
+    """Log the files of a case folder that belong to no case (notes, backups...); they are ignored."""
+    used = {p for tagged in found.values() for p in tagged.values()}
+    unrelated = [p.name for p in files if p not in used]
+    if unrelated:
+        log.warning("%s: ignoring %d file(s) that are not part of the case: %s", folder, len(unrelated),
+                    ", ".join(unrelated[:5]) + (", ..." if len(unrelated) > 5 else ""))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -422,6 +437,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
+def _quiet_nibabel():
+    """Silence nibabel's own stderr handler while parsing a header.
+
+    nibabel prints header checks ("sizeof_hdr should be 348", "data code ... not recognized") raw
+    to stderr through a handler of its own; the records still reach the ``logging`` setup of the
+    application (one line each), and a header that cannot be used becomes our InputError.
+    """
+    from nibabel.imageglobals import LoggingOutputSuppressor
+
+    return LoggingOutputSuppressor()
+
+
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise InputError("file not found", path)
@@ -458,12 +485,14 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
         except OSError as exc:
             raise InputError(f"cannot read file ({exc.strerror})", path) from exc
         try:
-            img = nib.Nifti1Image.from_bytes(raw)
+            with _quiet_nibabel():
+                img = nib.Nifti1Image.from_bytes(raw)
         except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
             raise InputError(f"not a valid NIfTI-1 image ({_describe(exc)})", path) from exc
     else:
         try:
-            img = nib.load(path, mmap=False)
+            with _quiet_nibabel():
+                img = nib.load(path, mmap=False)
         except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
             raise InputError(f"not a valid NIfTI image ({_describe(exc)})", path) from exc
     try:
