@@ -1,0 +1,621 @@
+"""Sliding-window inference (SPEC stage 8) in two modes, and the ``segment`` command.
+
+* **exact** (:func:`predict_exact`): every brain voxel is classified from its own 33x33 axial
+  patch, exactly as in training; patches that cross the volume border are filled with the
+  normalised background value. Patches are gathered in batches from a strided view of the padded
+  volume (no copy of all patches, no Python loop per voxel). About 357.5 MFLOP per voxel for
+  the HGG network: seconds on a data-centre GPU, hours on a CPU.
+* **fast** (:func:`predict_fast`): the same weights run fully convolutionally over whole slices:
+  each 3x3 stride-2 max-pool becomes a stride-1 pool and every layer after it is dilated by the
+  product of the removed strides (2, then 4), so every voxel gets its own output at full
+  resolution; the first FC layer is evaluated at brain voxels only, on the dilated 7x7x128
+  neighbourhood of each. This equals exact mode except that the zero "same" padding that the
+  convolutions see at the edge of each 33x33 training patch is replaced by the real image around
+  it (see docs/segmentation.md for the measured agreement).
+
+Probabilities are ``(C, X, Y, Z)`` float32 in class-index order; voxels outside the brain mask
+are background (probability 1 for class 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from brats_cnn.errors import InputError
+
+if TYPE_CHECKING:  # heavy imports stay lazy
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Bytes of GPU memory one exact-mode patch may need, as a multiple of its largest activation:
+# input + output of the widest layer plus cuDNN workspace (measured headroom; choice).
+ACTIVATION_OVERHEAD = 4.0
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
+    if image.ndim != 4 or mask.shape != image.shape[1:]:
+        raise InputError(f"expected image (C, X, Y, Z) and mask (X, Y, Z) of the same grid, "
+                         f"got image {image.shape} and mask {mask.shape}")
+
+
+def background_probabilities(num_classes: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """``(num_classes, *shape)`` float32 probabilities that are 1 for class 0 everywhere."""
+    probs = np.zeros((num_classes, *shape), dtype=np.float32)
+    probs[0] = 1.0
+    return probs
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: "torch.device", amp: bool, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``amp``; on the CPU only when ``cpu_bf16`` and bf16 is native."""
+    import torch
+
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _inference_copy(network: "nn.Module", device: "torch.device") -> "nn.Module":
+    """A copy of ``network`` on ``device`` in eval mode (the caller's module is left alone)."""
+    return copy.deepcopy(network).to(device).eval()
+
+
+def _max_activation_elements(network: "nn.Module") -> int:
+    """Largest per-patch activation (elements) of the network's feature stack."""
+    import torch
+
+    largest = 0
+    size = network.patch_size
+    channels = 0
+    for layer in network.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            channels = layer.out_channels
+        elif isinstance(layer, torch.nn.MaxPool2d):
+            size = (size - layer.kernel_size) // layer.stride + 1
+        largest = max(largest, channels * size * size)
+    return largest
+
+
+def exact_batch_size(network: "nn.Module", device: "torch.device", requested: int,
+                     memory_fraction: float = 0.5) -> int:
+    """Patches per forward pass: ``requested``, lowered on CUDA to what fits in free memory.
+
+    Uses ``memory_fraction`` of the free memory reported by ``torch.cuda.mem_get_info`` and
+    :data:`ACTIVATION_OVERHEAD` times the largest float32 activation per patch.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return max(1, requested)
+    free, _total = torch.cuda.mem_get_info(device)
+    per_patch = ACTIVATION_OVERHEAD * 4 * _max_activation_elements(network)
+    return max(1, min(requested, int(free * memory_fraction / per_patch)))
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact mode
+
+
+def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, batch_size: int = 4096,
+                  device: "str | torch.device" = "cpu", amp: bool = True, background_value: float = 0.0,
+                  memory_fraction: float = 0.5, progress: bool = False) -> np.ndarray:
+    """Classify every brain voxel from its own axial patch (the paper's sliding window).
+
+    Args:
+        network: a :class:`~brats_cnn.model.PereiraCNN` (any device; a copy is moved to ``device``).
+        image: ``(4, X, Y, Z)`` float32 normalised image, channels in ``CHANNELS`` order.
+        mask: ``(X, Y, Z)`` bool brain mask; only these voxels are classified.
+        batch_size: patches per forward pass (on CUDA lowered to fit ``memory_fraction`` of the
+            free memory).
+        device: torch device for the network and the padded volume.
+        amp: bf16 autocast on CUDA (no effect on CPU). Documented tolerance: probabilities within
+            0.02 of float32 and >= 99.9% identical argmax (see docs/segmentation.md).
+        background_value: the value of voxels outside the volume in a border patch (the
+            normalised background, ``config.preprocess.background_value``).
+        progress: show a tqdm bar over voxels (exact mode on a CPU takes hours).
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 softmax probabilities; outside ``mask`` class 0 has probability 1.
+    """
+    import torch
+
+    _check_inputs(image, mask)
+    device = torch.device(device)
+    net = _inference_copy(network, device)
+    size = net.patch_size
+    half = size // 2
+    probs = background_probabilities(net.num_classes, mask.shape)
+    # slice-major voxel order keeps consecutive patches in the same few slices (cache locality)
+    zs, xs, ys = np.nonzero(np.moveaxis(np.asarray(mask, dtype=bool), 2, 0))
+    count = len(zs)
+    if count == 0:
+        return probs
+    volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image.astype(np.float32, copy=False), 3, 0)))
+    volume = torch.nn.functional.pad(volume, (half, half, half, half), value=background_value).to(device)
+    windows = volume.unfold(2, size, 1).unfold(3, size, 1)  # (Z, 4, X, Y, size, size) view, no copy
+    index = [torch.from_numpy(a).to(device) for a in (zs, xs, ys)]
+    chunk = exact_batch_size(net, device, batch_size, memory_fraction)
+    voxel_probs = np.empty((net.num_classes, count), dtype=np.float32)
+    with torch.inference_mode(), _progress(count, "exact", "vox", progress) as bar:
+        for start in range(0, count, chunk):
+            stop = min(start + chunk, count)
+            patches = windows[index[0][start:stop], :, index[1][start:stop], index[2][start:stop]]
+            with autocast(device, amp):
+                logits = net(patches.contiguous())
+            voxel_probs[:, start:stop] = torch.softmax(logits.float(), dim=1).T.cpu().numpy()
+            bar.update(stop - start)
+    probs[:, xs, ys, zs] = voxel_probs
+    return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# fast mode
+
+
+@dataclass
+class FullyConvolutional:
+    """The dense (shift-free, full-resolution) form of a patch network.
+
+    Attributes:
+        features: convolutions with dilation, stride-1 pools; ``(B, 4, H, W) -> (B, F, H, W)``
+            with "same" padding, so position ``b`` of the output is aligned with input ``b``.
+        classifier: the network's own FC layers, applied to a ``(N, F, n, n)`` neighbourhood.
+        head_size: ``n`` (7 for 33x33 patches), the feature-map size the first FC layer reads.
+        head_dilation: spacing of that neighbourhood in input voxels (4 after two stride-2 pools).
+        shift: the exact network's FC window for the voxel at ``c`` is centred at dense position
+            ``c + shift`` (-1 for the paper's networks: pooling 33 -> 16 -> 7 drops the last row).
+    """
+
+    features: "nn.Module"
+    classifier: "nn.Module"
+    head_size: int
+    head_dilation: int
+    shift: int
+
+    @property
+    def head_reach(self) -> int:
+        """Distance from the centre to the edge of the FC neighbourhood, in voxels."""
+        return self.head_dilation * (self.head_size - 1) // 2
+
+
+def to_fully_convolutional(network: "nn.Module") -> FullyConvolutional:
+    """Turn a trained patch network into its dense equivalent; the weights are shared copies.
+
+    Every ``MaxPool2d(k, stride s)`` becomes ``MaxPool2d(k, stride 1)`` and multiplies the dilation
+    of every later layer by ``s``; convolutions keep their weights with ``dilation = d`` and
+    ``padding = d``. The FC layers stay as they are and are applied by :func:`predict_fast` to the
+    dilated neighbourhood of each voxel.
+    """
+    from torch import nn
+
+    net = copy.deepcopy(network).eval()
+    layers: list[nn.Module] = []
+    dilation = 1
+    origin = 0  # patch coordinate of feature-map index 0, in input voxels
+    size = net.patch_size
+    for layer in net.features:
+        if isinstance(layer, nn.Conv2d):
+            (k, _) = layer.kernel_size
+            dense = nn.Conv2d(layer.in_channels, layer.out_channels, k, stride=1, dilation=dilation,
+                              padding=dilation * (k // 2), bias=layer.bias is not None)
+            dense.load_state_dict(layer.state_dict())
+            layers.append(dense)
+        elif isinstance(layer, nn.MaxPool2d):
+            k, s = layer.kernel_size, layer.stride
+            # MaxPool2d refuses padding > k // 2, so pad with -inf (never the max) explicitly
+            layers += [nn.ConstantPad2d(dilation * (k // 2), float("-inf")),
+                       nn.MaxPool2d(k, stride=1, dilation=dilation)]
+            origin += dilation * (k // 2)  # a valid k-window's centre is k//2 in from its start
+            size = (size - k) // s + 1
+            dilation *= s
+        else:
+            layers.append(layer)
+    if size % 2 == 0:
+        raise InputError(f"fast mode needs an odd final feature map, got {size}x{size}")
+    centre = origin + dilation * (size - 1) // 2
+    return FullyConvolutional(nn.Sequential(*layers).eval(), net.classifier.eval(), size, dilation,
+                              centre - net.patch_size // 2)
+
+
+def _slice_groups(mask: np.ndarray, slices_per_batch: int) -> Iterator[tuple[np.ndarray, slice, slice]]:
+    """Groups of brain slices with the union of their brain bounding boxes (X and Y slices)."""
+    in_plane = mask.any(axis=(0, 1))
+    brain_slices = np.flatnonzero(in_plane)
+    for start in range(0, len(brain_slices), slices_per_batch):
+        group = brain_slices[start:start + slices_per_batch]
+        sub = mask[:, :, group]
+        xs = np.flatnonzero(sub.any(axis=(1, 2)))
+        ys = np.flatnonzero(sub.any(axis=(0, 2)))
+        yield group, slice(xs[0], xs[-1] + 1), slice(ys[0], ys[-1] + 1)
+
+
+def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, batch_size: int = 4096,
+                 device: "str | torch.device" = "cpu", amp: bool = True, background_value: float = 0.0,
+                 slices_per_batch: int = 4, cpu_bf16: bool = False, progress: bool = False) -> np.ndarray:
+    """Fully convolutional approximation of :func:`predict_exact` (same signature and output).
+
+    Per group of ``slices_per_batch`` brain slices, the union brain bounding box plus a margin of
+    half a patch (16 voxels, background-padded beyond the volume) runs through the dense feature
+    stack; the FC layers then classify the brain voxels in chunks of ``batch_size``.
+
+    Args:
+        network, image, mask, device, amp, background_value, progress: as :func:`predict_exact`.
+        batch_size: voxels per pass through the FC layers.
+        slices_per_batch: axial slices per pass through the convolutions.
+        cpu_bf16: bf16 autocast on a CPU with native bf16 (about 3x faster; agreement with float32
+            measured in docs/segmentation.md).
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 probabilities; outside ``mask`` class 0 has probability 1.
+    """
+    import torch
+
+    _check_inputs(image, mask)
+    mask = np.asarray(mask, dtype=bool)
+    device = torch.device(device)
+    dense = to_fully_convolutional(network)
+    features = dense.features.to(device)
+    classifier = dense.classifier.to(device)
+    half = network.patch_size // 2
+    reach, step, width = dense.head_reach, dense.head_dilation, 2 * dense.head_reach + 1
+    lead = half + dense.shift - reach  # first FC-window start inside the crop
+    if lead < 0 or half - dense.shift - reach < 0:
+        raise InputError("fast mode needs the FC neighbourhood to fit inside the patch margin")
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    features = features.to(memory_format=memory_format)
+    num_classes = network.num_classes
+    probs = background_probabilities(num_classes, mask.shape)
+    volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image.astype(np.float32, copy=False), 3, 0)))
+    volume = torch.nn.functional.pad(volume, (half, half, half, half), value=background_value)  # (Z, 4, X+2h, Y+2h)
+    total = int(mask.sum())
+    with torch.inference_mode(), _progress(total, "fast", "vox", progress) as bar:
+        for group, xr, yr in _slice_groups(mask, slices_per_batch):
+            # padded index x + half is voxel x, so the crop [x0, x1 + 2 half) spans the box +- half
+            crop = volume[group, :, xr.start:xr.stop + 2 * half, yr.start:yr.stop + 2 * half]
+            crop = crop.to(device).contiguous(memory_format=memory_format)
+            with autocast(device, amp, cpu_bf16):
+                fmap = features(crop)
+            # (B, F, nx, ny, width, width) view: the dilated FC window of every box voxel
+            windows = fmap.unfold(2, width, 1).unfold(3, width, 1)[..., ::step, ::step]
+            windows = windows[:, :, lead:lead + xr.stop - xr.start, lead:lead + yr.stop - yr.start]
+            bs, bx, by = np.nonzero(np.moveaxis(mask[xr, yr][:, :, group], 2, 0))
+            index = [torch.from_numpy(a).to(device) for a in (bs, bx, by)]
+            out = np.empty((num_classes, len(bs)), dtype=np.float32)
+            for start in range(0, len(bs), batch_size):
+                stop = min(start + batch_size, len(bs))
+                neighbourhoods = windows[index[0][start:stop], :, index[1][start:stop], index[2][start:stop]]
+                with autocast(device, amp, cpu_bf16):
+                    logits = classifier(neighbourhoods.contiguous())
+                out[:, start:stop] = torch.softmax(logits.float(), dim=1).T.cpu().numpy()
+            probs[:, bx + xr.start, by + yr.start, group[bs]] = out
+            bar.update(len(bs))
+    return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# the `segment` command
+
+MODES: tuple[str, ...] = ("auto", "exact", "fast")
+WEIGHTS_DIR_NAME = "weights"
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What :func:`run_segment` did: written label maps, skipped outputs and failed cases."""
+
+    outputs: list
+    skipped: list
+    failures: dict
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Output files of one case."""
+
+    labels: Any
+    probabilities: Any
+    sidecar: Any
+
+
+def bundled_weights(grade: str) -> Any:
+    """Path of the bundled checkpoint of a grade: ``brats_cnn/weights/<grade>.pt``."""
+    from pathlib import Path
+
+    return Path(__file__).parent / WEIGHTS_DIR_NAME / f"{grade.lower()}.pt"
+
+
+def _checkpoint_path(model: Any, grade: str | None) -> Any:
+    from pathlib import Path
+
+    from brats_cnn.errors import CheckpointError, ConfigError
+
+    if model is not None and grade is not None:
+        raise ConfigError("give either --model or --grade, not both")
+    if model is not None:
+        return Path(model)
+    if grade is None:
+        raise ConfigError("give a checkpoint with --model, or --grade hgg|lgg for the bundled weights")
+    if grade.lower() not in ("hgg", "lgg"):
+        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
+    path = bundled_weights(grade)
+    if not path.is_file():
+        raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
+                              f"(brats-cnn train) and pass it with --model", path)
+    return path
+
+
+def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
+    """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; ``cuda`` means ``cuda:local_rank``."""
+    import torch
+
+    from brats_cnn.errors import ConfigError
+
+    name = str(name).lower()
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got '{name}'")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but CUDA is not available")
+    return torch.device(name if ":" in name else f"cuda:{local_rank}")
+
+
+def resolve_mode(mode: str, device: "torch.device") -> str:
+    """``exact`` or ``fast``; ``auto`` is exact on CUDA and fast elsewhere."""
+    from brats_cnn.errors import ConfigError
+
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if mode == "auto":
+        return "exact" if device.type == "cuda" else "fast"
+    return mode
+
+
+def _distributed_rank() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from torchrun's environment; ``(0, 0, 1)`` otherwise."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _find_cases(inputs: Any) -> list:
+    """Case references of every input (a case file/folder, or a dataset folder = many cases)."""
+    from pathlib import Path
+
+    from brats_cnn.io import find_case, list_cases
+
+    refs = []
+    for item in inputs:
+        path = Path(item)
+        try:
+            refs.append(find_case(path))
+        except InputError:
+            if not path.is_dir():
+                raise
+            try:
+                found = list_cases(path)
+            except InputError:
+                found = []
+            if not found:
+                raise
+            refs.extend(found)
+    return refs
+
+
+def _targets(refs: list, out: Any) -> list[_Target]:
+    """Output paths per case: ``--out x.nii.gz`` for one case, else ``<out>/<case_id>.nii.gz``."""
+    from pathlib import Path
+
+    from brats_cnn.errors import ConfigError
+
+    out = Path(out)
+    as_file = out.name.endswith((".nii.gz", ".nii"))
+    if as_file and len(refs) != 1:
+        raise ConfigError(f"--out names one file but {len(refs)} cases were given; give a folder", out)
+    ids = [ref.case_id for ref in refs]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise InputError(f"case id '{duplicated[0]}' appears more than once in the inputs")
+    targets = []
+    for ref in refs:
+        labels = out if as_file else out / f"{ref.case_id}.nii.gz"
+        stem = labels.name[:-len(".nii.gz")] if labels.name.endswith(".nii.gz") else labels.stem
+        targets.append(_Target(labels, labels.with_name(f"{stem}_probabilities.nii.gz"),
+                               labels.with_name(f"{stem}.json")))
+    return targets
+
+
+def _reorder_channels(image: np.ndarray, channel_order: tuple[str, ...]) -> np.ndarray:
+    """io's ``CHANNELS`` order -> the checkpoint's channel order."""
+    from brats_cnn import CHANNELS
+
+    if tuple(channel_order) == tuple(CHANNELS):
+        return image
+    missing = [c for c in channel_order if c not in CHANNELS]
+    if missing:
+        raise InputError(f"the checkpoint expects sequence '{missing[0]}', which this project does not read")
+    return image[[CHANNELS.index(c) for c in channel_order]]
+
+
+def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
+            config: Any, progress: bool = False) -> np.ndarray:
+    """Run :func:`predict_exact` or :func:`predict_fast` with the settings of a full ``Config``."""
+    common = dict(batch_size=config.segment.batch_size, device=device, amp=config.segment.amp,
+                  background_value=config.preprocess.background_value, progress=progress)
+    if mode == "exact":
+        return predict_exact(network, image, mask, memory_fraction=config.segment.memory_fraction, **common)
+    return predict_fast(network, image, mask, slices_per_batch=config.segment.slices_per_batch,
+                        cpu_bf16=config.segment.cpu_bf16, **common)
+
+
+def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path: Any, config: Any, mode: str,
+                 device: "torch.device", convention: str, postprocess: bool, save_probabilities: bool,
+                 progress: bool) -> dict:
+    """Load, normalise, predict, post-process and write one case; returns the sidecar dict."""
+    import time
+
+    from brats_cnn import __version__
+    from brats_cnn.fsutil import write_json_atomic
+    from brats_cnn.io import load_case, save_label_map, save_volume
+    from brats_cnn.labels import convert_labels, from_class_indices
+    from brats_cnn.normalise import normalise_case
+    from brats_cnn.postprocess import remove_small_components
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    case = load_case(ref, load_label=False)
+    lap("load")
+    image, mask = normalise_case(case, checkpoint.normaliser, config.preprocess)
+    image = _reorder_channels(image, checkpoint.channel_order)
+    lap("normalise")
+    probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)
+    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    lap("predict")
+    removed = 0
+    if postprocess:
+        kept = remove_small_components(classes, config.postprocess.min_component_voxels,
+                                       config.postprocess.connectivity)
+        removed = int(np.count_nonzero(classes) - np.count_nonzero(kept))
+        classes = kept
+    lap("postprocess")
+    labels = from_class_indices(classes, checkpoint.label_convention)
+    if convention != checkpoint.label_convention:
+        labels = convert_labels(labels, checkpoint.label_convention, convention)
+    save_label_map(labels, case, target.labels)
+    if save_probabilities:
+        # NIfTI-1 has no float16 datatype code (nibabel refuses it), so probabilities are float32
+        save_volume(np.moveaxis(probabilities, 0, -1), case, target.probabilities, dtype=np.float32)
+    lap("write")
+    sidecar = {
+        "case_id": ref.case_id,
+        "inputs": [str(p) for p in ref.image_paths],
+        "segmentation": str(target.labels),
+        "probabilities": str(target.probabilities) if save_probabilities else None,
+        "model": str(checkpoint_path),
+        "grade": checkpoint.grade,
+        "mode": mode,
+        "device": str(device),
+        "amp": bool(config.segment.amp and device.type == "cuda"),
+        "cpu_bf16": bool(mode == "fast" and config.segment.cpu_bf16 and device.type == "cpu"
+                         and cpu_has_native_bf16()),
+        "label_convention": convention,
+        "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
+                        "connectivity": config.postprocess.connectivity, "removed_voxels": removed},
+        "brain_voxels": int(mask.sum()),
+        "timings_s": timings,
+        "brats_cnn_version": __version__,
+    }
+    write_json_atomic(target.sidecar, sidecar)
+    return sidecar
+
+
+def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: Any = "segmentations",
+                mode: str | None = None, device: str = "auto", save_probabilities: bool = False,
+                label_convention: str | None = None, overwrite: bool = False, postprocess: bool = True,
+                overrides: Any = ()) -> SegmentResult:
+    """The ``brats-cnn segment`` command: segment one case or a whole dataset with a checkpoint.
+
+    Args:
+        inputs: paths io can read: a 4-D ``case.nii.gz``, a case folder, one of a case's files, or a
+            dataset folder (every case in it).
+        model: checkpoint file; or ``grade`` (``hgg``/``lgg``) for ``brats_cnn/weights/<grade>.pt``.
+        out: ``x.nii.gz`` for a single case, else a folder receiving ``<case_id>.nii.gz``,
+            ``<case_id>.json`` and (``save_probabilities``) ``<case_id>_probabilities.nii.gz``.
+        mode: ``exact``, ``fast`` or ``auto`` (default: the config's, ``auto`` = exact on CUDA).
+        device: ``auto``, ``cpu``, ``cuda``; under torchrun rank ``r`` uses ``cuda:LOCAL_RANK`` and
+            takes cases ``r, r + WORLD_SIZE, ...``.
+        label_convention: convention of the written labels (default: the checkpoint's).
+        overwrite: recompute cases whose label map exists (default: skip them).
+        postprocess: remove components smaller than the checkpoint config's ``t_vol``.
+        overrides: ``--set key=value`` applied on top of the checkpoint's config.
+
+    Raises:
+        BratsCnnError: bad model/options before any work; or, after trying every case, one error
+            naming the cases that failed.
+    """
+    from pathlib import Path
+
+    from brats_cnn.config import config_to_dict, load_config
+    from brats_cnn.errors import BratsCnnError
+    from brats_cnn.labels import conversion_table, get_convention
+    from brats_cnn.model import load_checkpoint
+
+    checkpoint_path = _checkpoint_path(model, grade)
+    rank, local_rank, world = _distributed_rank()
+    torch_device = resolve_device(device, local_rank)
+    checkpoint = load_checkpoint(checkpoint_path, map_location=torch_device)
+    config = load_config(None, list(overrides or ()), base=config_to_dict(checkpoint.config))
+    chosen_mode = resolve_mode(mode or config.segment.mode, torch_device)
+    convention = get_convention(label_convention or checkpoint.label_convention).name
+    conversion_table(checkpoint.label_convention, convention)  # fail before any work if undefined
+    refs = _find_cases(inputs if isinstance(inputs, (list, tuple)) else [inputs])
+    if not refs:
+        raise InputError("no cases found in the inputs")
+    pairs = list(zip(refs, _targets(refs, out)))[rank::world]
+    log.info("segmenting %d case(s) in %s mode on %s%s", len(pairs), chosen_mode, torch_device,
+             f" (rank {rank} of {world})" if world > 1 else "")
+
+    outputs, skipped, failures = [], [], {}
+    show_cases = len(pairs) > 1
+    from tqdm import tqdm
+
+    for ref, target in tqdm(pairs, desc="cases", unit="case", disable=not show_cases, dynamic_ncols=True):
+        if target.labels.exists() and not overwrite:
+            skipped.append(target.labels)
+            continue
+        try:
+            segment_case(ref, target, checkpoint=checkpoint, checkpoint_path=checkpoint_path, config=config,
+                         mode=chosen_mode, device=torch_device, convention=convention, postprocess=postprocess,
+                         save_probabilities=save_probabilities, progress=chosen_mode == "exact" or not show_cases)
+            outputs.append(target.labels)
+        except (BratsCnnError, OSError, ValueError, RuntimeError) as exc:  # a bad case must not stop a batch
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("%s: failed: %s", ref.case_id, message)
+            log.debug("traceback of %s", ref.case_id, exc_info=True)
+            failures[ref.case_id] = message
+    if skipped:
+        log.info("skipped %d case(s) whose output exists (use --overwrite to recompute)", len(skipped))
+    if failures:
+        listed = "; ".join(f"{case_id} ({message})" for case_id, message in failures.items())
+        raise BratsCnnError(f"{len(failures)} of {len(pairs)} case(s) failed: {listed}", Path(out))
+    return SegmentResult(outputs, skipped, failures)

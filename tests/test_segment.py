@@ -1,0 +1,220 @@
+"""Tests for brats_cnn.segment: exact vs a per-voxel reference, fast vs exact, and the command."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError
+from brats_cnn.model import PereiraCNN
+from brats_cnn.segment import (predict_exact, predict_fast, resolve_mode, run_segment,
+                               to_fully_convolutional)
+
+BACKGROUND = 0.5  # a non-zero background value shows that border patches are padded with it
+
+
+def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0) -> PereiraCNN:
+    torch.manual_seed(seed)
+    net = PereiraCNN(architecture, classes).eval()
+    with torch.no_grad():  # non-zero biases so that every layer matters
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def _centre_tap_network(architecture: str) -> PereiraCNN:
+    """Convolutions with only the centre tap: the patch's zero padding is never read."""
+    net = _network(architecture)
+    with torch.no_grad():
+        for module in net.features:
+            if isinstance(module, torch.nn.Conv2d):
+                centre = module.weight[:, :, 1, 1].clone() * 3
+                module.weight.zero_()
+                module.weight[:, :, 1, 1] = centre
+    return net
+
+
+def _volume(shape=(4, 12, 11, 2), seed=0, brain=0.5):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=shape).astype(np.float32)
+    mask = rng.random(shape[1:]) < brain
+    image[:, ~mask] = BACKGROUND
+    return image, mask
+
+
+def _naive_reference(net: PereiraCNN, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One forward pass per brain voxel on its own background-padded 33x33 patch."""
+    padded = np.pad(image, ((0, 0), (16, 16), (16, 16), (0, 0)), constant_values=BACKGROUND)
+    probs = np.zeros((net.num_classes, *mask.shape), dtype=np.float32)
+    probs[0] = 1.0
+    voxels = list(zip(*np.nonzero(mask)))
+    patches = np.stack([padded[:, x:x + 33, y:y + 33, z] for x, y, z in voxels])  # one patch per voxel
+    with torch.no_grad():
+        out = torch.softmax(net(torch.from_numpy(patches)), dim=1).numpy()
+    for (x, y, z), p in zip(voxels, out):
+        probs[:, x, y, z] = p
+    return probs
+
+
+def test_exact_equals_naive_per_voxel_reference():
+    net = _network()
+    image, mask = _volume()
+    expected = _naive_reference(net, image, mask)
+    got = predict_exact(net, image, mask, batch_size=97, device="cpu", amp=True, background_value=BACKGROUND)
+    assert got.shape == (4, 12, 11, 2) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(got.argmax(0), expected.argmax(0))
+    assert (got[0][~mask] == 1).all() and (got[1:][:, ~mask] == 0).all()
+
+
+@pytest.mark.parametrize("architecture", ["hgg", "lgg"])
+def test_fast_equals_exact_when_patch_padding_is_never_read(architecture):
+    # With centre-tap convolutions the only difference between the modes (the zero padding at
+    # the edge of each patch) disappears, so this checks the weight reuse, dilations and alignment.
+    net = _centre_tap_network(architecture)
+    image, mask = _volume((4, 10, 9, 3), seed=1)
+    exact = predict_exact(net, image, mask, batch_size=256, device="cpu", amp=False, background_value=BACKGROUND)
+    fast = predict_fast(net, image, mask, batch_size=100, device="cpu", amp=False, background_value=BACKGROUND,
+                        slices_per_batch=2)
+    np.testing.assert_allclose(fast, exact, atol=1e-5)
+
+
+def test_fast_mode_layout_and_background():
+    net = _network("lgg", classes=5)
+    image, mask = _volume((4, 18, 21, 4), seed=2, brain=0.7)
+    mask[:, :, 2] = False  # a slice without brain is skipped
+    probs = predict_fast(net, image, mask, batch_size=64, device="cpu", amp=False, background_value=BACKGROUND)
+    assert probs.shape == (5, 18, 21, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    assert (probs[0][~mask] == 1).all()
+    assert np.all(probs[0][mask] < 1)
+
+
+def test_to_fully_convolutional_alignment_and_arguments_untouched():
+    net = _network()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dense = to_fully_convolutional(net)
+    assert (dense.shift, dense.head_size, dense.head_dilation, dense.head_reach) == (-1, 7, 4, 12)
+    image, mask = _volume((4, 8, 8, 1), seed=3)
+    image_before = image.copy()
+    predict_exact(net, image, mask, batch_size=16, device="cpu", amp=False)
+    predict_fast(net, image, mask, batch_size=16, device="cpu", amp=False)
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    np.testing.assert_array_equal(image, image_before)
+
+
+def test_empty_mask_is_all_background():
+    net = _network()
+    image, _ = _volume((4, 6, 6, 2))
+    mask = np.zeros((6, 6, 2), dtype=bool)
+    for predictor in (predict_exact, predict_fast):
+        probs = predictor(net, image, mask, batch_size=8, device="cpu", amp=False)
+        assert (probs[0] == 1).all() and (probs[1:] == 0).all()
+
+
+def test_resolve_mode():
+    assert resolve_mode("auto", torch.device("cpu")) == "fast"
+    assert resolve_mode("exact", torch.device("cpu")) == "exact"
+    with pytest.raises(ConfigError, match="--mode"):
+        resolve_mode("slow", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command, on phantoms with a small checkpoint
+
+PHANTOM_SHAPE = (36, 36, 6)
+
+
+@pytest.fixture(scope="module")
+def phantom_setup(tmp_path_factory):
+    from brats_cnn.config import load_config
+    from brats_cnn.model import build_network, save_checkpoint
+    from brats_cnn.normalise import fit_normaliser
+    from brats_cnn.phantom import make_phantom, write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("segment")
+    config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5"])
+    refs = write_phantom_dataset(root / "data", 3, seed=5, shape=PHANTOM_SHAPE)
+    state = fit_normaliser([make_phantom(PHANTOM_SHAPE, seed=5)], config)
+    torch.manual_seed(0)
+    network = build_network(config.model, 4)
+    model = save_checkpoint(root / "model.pt", network=network, config=config, normaliser=state,
+                            label_convention="brats2017")
+    return root, refs, model
+
+
+def test_run_segment_one_case_writes_labels_sidecar_and_probabilities(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
+    case_folder = refs[0].image_paths[0].parent
+    out = tmp_path / "seg.nii.gz"
+    result = run_segment([case_folder], model=model, out=out, mode="fast", device="cpu", save_probabilities=True,
+                         label_convention="brats2023")
+    assert result.outputs == [out] and not result.failures
+    written = nib.load(out)
+    reference = nib.load(refs[0].image_paths[0])
+    assert written.shape == PHANTOM_SHAPE and written.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(written.affine, reference.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3}
+    probabilities = nib.load(tmp_path / "seg_probabilities.nii.gz")
+    assert probabilities.shape == (*PHANTOM_SHAPE, 4) and probabilities.get_data_dtype() == np.float32
+    np.testing.assert_allclose(np.asarray(probabilities.dataobj, dtype=np.float32).sum(-1), 1.0, atol=5e-3)
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert sidecar["mode"] == "fast" and sidecar["device"] == "cpu" and sidecar["grade"] == "hgg"
+    assert sidecar["label_convention"] == "brats2023" and sidecar["model"] == str(model)
+    assert set(sidecar["timings_s"]) == {"load", "normalise", "predict", "postprocess", "write"}
+    assert sidecar["brats_cnn_version"]
+
+
+def test_run_segment_dataset_skips_existing_and_overwrites(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
+    first = run_segment([root / "data"], model=model, out=tmp_path, device="cpu", postprocess=False)
+    assert sorted(p.name for p in first.outputs) == sorted(f"{r.case_id}.nii.gz" for r in refs)
+    again = run_segment([root / "data"], model=model, out=tmp_path, device="cpu")
+    assert again.outputs == [] and len(again.skipped) == 3
+    forced = run_segment([refs[1].image_paths[2]], model=model, out=tmp_path, device="cpu", overwrite=True)
+    assert [p.name for p in forced.outputs] == [f"{refs[1].case_id}.nii.gz"]
+
+
+def test_run_segment_continues_past_a_bad_case_and_fails_at_the_end(phantom_setup, tmp_path):
+    import shutil
+
+    root, refs, model = phantom_setup
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    bad = data / refs[1].case_id / refs[1].image_paths[0].name
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(BratsCnnError, match=f"1 of 3 case\\(s\\) failed: {refs[1].case_id}"):
+        run_segment([data], model=model, out=tmp_path / "out", device="cpu")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(
+        f"{r.case_id}.nii.gz" for r in (refs[0], refs[2]))
+
+
+def test_run_segment_torchrun_rank_takes_every_other_case(phantom_setup, tmp_path, monkeypatch):
+    root, refs, model = phantom_setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = run_segment([root / "data"], model=model, out=tmp_path, device="cpu")
+    assert [p.name for p in result.outputs] == [f"{refs[1].case_id}.nii.gz"]
+
+
+def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
+    root, refs, model = phantom_setup
+    import brats_cnn.segment as segment
+
+    monkeypatch.setattr(segment, "WEIGHTS_DIR_NAME", "no_such_weights_dir")
+    with pytest.raises(CheckpointError, match="no_such_weights_dir/lgg.pt"):
+        run_segment([root / "data"], grade="lgg", out=tmp_path)
+    with pytest.raises(ConfigError, match="--model, or --grade"):
+        run_segment([root / "data"], out=tmp_path)
+    with pytest.raises(ConfigError, match="one file"):
+        run_segment([root / "data"], model=model, out=tmp_path / "x.nii.gz", device="cpu")
+    with pytest.raises(BratsCnnError, match="brats2013"):
+        run_segment([root / "data"], model=model, out=tmp_path, device="cpu", label_convention="brats2013")
