@@ -35,7 +35,7 @@ import numpy as np
 
 from brats_cnn import CHANNELS
 from brats_cnn.config import N4Config, NyulConfig, PreprocessConfig
-from brats_cnn.errors import InputError
+from brats_cnn.errors import ConfigError, InputError
 
 NORMALISER_VERSION = 1
 """Format version of :class:`NormaliserState`; bump it when the meaning of a field changes."""
@@ -162,14 +162,12 @@ class NyulStandard:
 
 
 def nyul_percentiles(nyul: NyulConfig) -> tuple[float, ...]:
-    """The landmark percentiles ``(pc1, *landmarks, pc2)``; raises ConfigError-like InputError if unordered."""
+    """The landmark percentiles ``(pc1, *landmarks, pc2)`` in percent; ConfigError if not increasing."""
     percentiles = (float(nyul.pc1), *(float(p) for p in nyul.landmarks), float(nyul.pc2))
     if not all(0.0 <= p <= 100.0 for p in percentiles) or np.any(np.diff(percentiles) <= 0):
-        from brats_cnn.errors import ConfigError
         raise ConfigError(f"preprocess.nyul: pc1 < landmarks < pc2 must increase strictly within "
                           f"[0, 100], got {list(percentiles)}", "preprocess.nyul")
     if not float(nyul.s1) < float(nyul.s2):
-        from brats_cnn.errors import ConfigError
         raise ConfigError(f"preprocess.nyul: s1 < s2 required, got s1={nyul.s1}, s2={nyul.s2}",
                           "preprocess.nyul")
     return percentiles
@@ -503,7 +501,7 @@ def case_statistics(case: Any, config: Any, channel_order: Sequence[str] = CHANN
     """
     pre = _as_preprocess_config(config)
     source = getattr(case, "source", None) or case.case_id
-    _check_case_image(case.image, channel_order, source)
+    check_case_image(case.image, channel_order, source)
     mask = brain_mask(case.image)
     corrected = correct_bias(case.image, mask, pre.n4, spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),
                              channel_order=channel_order, source=source)
@@ -516,13 +514,14 @@ def corrected_image_statistics(case_id: str, corrected: np.ndarray, mask: np.nda
     """:class:`CaseStatistics` of an already bias-corrected ``(C, X, Y, Z)`` image and its mask."""
     pre = _as_preprocess_config(config)
     percentiles = nyul_percentiles(pre.nyul)
-    _check_case_image(corrected, channel_order, source)
+    check_case_image(corrected, channel_order, source)
     moments = {name: sequence_moments(corrected[c], mask, percentiles, source=f"{source or case_id} ({name})")
                for c, name in enumerate(channel_order)}
     return CaseStatistics(case_id=str(case_id), moments=moments)
 
 
-def _check_case_image(image: np.ndarray, channel_order: Sequence[str], source: Any) -> None:
+def check_case_image(image: np.ndarray, channel_order: Sequence[str], source: Any) -> None:
+    """Raise InputError unless ``image`` is ``(len(channel_order), X, Y, Z)``."""
     if np.ndim(image) != 4 or np.shape(image)[0] != len(channel_order):
         raise InputError(f"expected a ({len(channel_order)}, X, Y, Z) image in order {list(channel_order)}, "
                          f"got shape {np.shape(image)}", source)
@@ -608,7 +607,7 @@ def standardise_image(image: np.ndarray, mask: np.ndarray, state: NormaliserStat
     Returns:
         ``(C, X, Y, Z)`` float32; non-brain voxels are ``background_value``.
     """
-    _check_case_image(image, state.channel_order, source)
+    check_case_image(image, state.channel_order, source)
     mask = np.asarray(mask, dtype=bool)
     out = np.full(np.shape(image), background_value, dtype=np.float32)
     for c, name in enumerate(state.channel_order):
@@ -635,7 +634,7 @@ def normalise_case(case: Any, state: NormaliserState, config: Any) -> tuple[np.n
     """
     pre = _as_preprocess_config(config)
     source = getattr(case, "source", None) or getattr(case, "case_id", None)
-    _check_case_image(case.image, state.channel_order, source)
+    check_case_image(case.image, state.channel_order, source)
     mask = brain_mask(case.image)
     corrected = correct_bias(case.image, mask, state.n4_config(),
                              spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),

@@ -194,7 +194,7 @@ def _fit_one(ref: Any, config: Any, work_dir: Path) -> Any:
 
     case = _load(ref, config, load_label=False)
     order = tuple(config.data.channel_order)
-    normalise._check_case_image(case.image, order, case.source)
+    normalise.check_case_image(case.image, order, case.source)
     mask = normalise.brain_mask(case.image)
     corrected = normalise.correct_bias(case.image, mask, config.preprocess.n4, spacing=case.spacing,
                                        channel_order=order, source=case.source)
@@ -214,7 +214,7 @@ def _write_one(ref: Any, state: Any, config: Any, case_dir: Path, key: str, n4_f
     started = time.perf_counter()
     case = _load(ref, config, load_label=True)
     order = state.channel_order
-    normalise._check_case_image(case.image, order, case.source)
+    normalise.check_case_image(case.image, order, case.source)
     mask = normalise.brain_mask(case.image)
     if n4_file is not None and n4_file.is_file():
         corrected = np.array(case.image, dtype=np.float32, copy=True)
