@@ -11,6 +11,7 @@ Run folder::
     <out>/config.yaml      resolved config
     <out>/cache/           preprocessed cache (only when --data is a raw dataset)
     <out>/metrics.csv      one row per epoch (also metrics.json)
+    <out>/steps.csv        training loss of every iteration (rank 0's batch slice under DDP)
     <out>/last.pt          checkpoint after every epoch (with resume state)
     <out>/best.pt          checkpoint of the best validation score so far
 
@@ -50,6 +51,7 @@ SPLIT_STREAM = 11   # random streams of this module (see sampling.make_rng)
 TORCH_STREAM = 12
 LOADER_STREAM = 13
 PROGRESS_INTERVAL = 20  # iterations between progress-bar updates (each one syncs the device)
+PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead (keeps a GPU fed)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                   *(f"dice_{region}" for region in REGIONS), "score", "epoch_seconds", "patches_per_second")
 
@@ -194,7 +196,7 @@ def make_loader(dataset: PatchBatches, config: Config, device: torch.device, see
     workers = config.train.num_workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        persistent_workers=False, prefetch_factor=PREFETCH_BATCHES if workers else None,
         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
 
 
@@ -262,6 +264,21 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     writer.writerows(history)
     write_text_atomic(out / "metrics.csv", buffer.getvalue())
     write_json_atomic(out / "metrics.json", history)
+
+
+def write_step_losses(out: Path, rows: list[tuple[int, float, float]]) -> None:
+    """Rewrite ``steps.csv`` (step, lr, loss) from all iterations so far (atomically)."""
+    text = "step,lr,loss\n" + "".join(f"{step},{lr:.8g},{loss:.6g}\n" for step, lr, loss in rows)
+    write_text_atomic(out / "steps.csv", text)
+
+
+def _read_step_losses(out: Path, last_step: int) -> list[tuple[int, float, float]]:
+    try:
+        lines = (out / "steps.csv").read_text().splitlines()[1:]
+    except OSError:
+        return []
+    rows = [(int(a), float(b), float(c)) for a, b, c in (line.split(",") for line in lines)]
+    return [row for row in rows if row[0] <= last_step]
 
 
 def _read_history(out: Path, epochs: int) -> list[dict]:
@@ -375,13 +392,14 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
     network = build_network(cfg.model, num_classes)
     optimiser = torch.optim.SGD(network.parameters(), lr=tc.lr_start, momentum=tc.momentum, nesterov=True,
                                 weight_decay=tc.weight_decay)
-    start_epoch, step, best_score, history = 0, 0, -math.inf, []
+    start_epoch, step, best_score, history, step_rows = 0, 0, -math.inf, [], []
     if resumed is not None:
         network.load_state_dict(resumed.network.state_dict())
         optimiser.load_state_dict(resumed.training_state["optimiser"])
         start_epoch, step = resumed.epoch, int(resumed.training_state["step"])
         best_score = float(resumed.training_state["best_score"])
         history = _read_history(out, start_epoch)
+        step_rows = _read_step_losses(out, step)
         log.info("resuming after epoch %d (step %d) from %s", start_epoch, step, last_path)
     network.to(device_)
     for state in optimiser.state.values():  # momentum buffers follow the weights
@@ -405,10 +423,11 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         model.train()
         loss_sum = torch.zeros((), device=device_, dtype=torch.float64)
         correct = torch.zeros((), device=device_, dtype=torch.int64)
-        seen = 0
+        seen, first_step = 0, step
+        step_losses = torch.zeros(len(loader), device=device_)  # read back once per epoch, not per step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not dist.is_main,
                    dynamic_ncols=True, leave=False)
-        for patches, labels in bar:
+        for index, (patches, labels) in enumerate(bar):
             lr = learning_rate(step, total_steps, tc.lr_start, tc.lr_end)
             for group in optimiser.param_groups:
                 group["lr"] = lr
@@ -421,6 +440,7 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
             loss.backward()
             optimiser.step()
             step += 1
+            step_losses[index] = loss.detach()
             loss_sum += loss.detach() * labels.numel()
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.numel()
@@ -452,6 +472,9 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
                    "epoch_seconds": round(seconds, 3), "patches_per_second": round(totals[2].item() / seconds, 1)}
             history.append(row)
             write_metrics(out, history)
+            step_rows += [(first_step + i + 1, learning_rate(first_step + i, total_steps, tc.lr_start, tc.lr_end),
+                           loss) for i, loss in enumerate(step_losses.tolist())]
+            write_step_losses(out, step_rows)
             improved = score > best_score
             best_score = max(best_score, score)
             training_state = {"optimiser": optimiser.state_dict(), "step": step, "best_score": best_score,

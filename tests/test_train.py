@@ -88,6 +88,11 @@ def test_train_from_raw_data_via_the_cli(raw_dataset, tmp_path):
     for row in rows:
         assert 0.0 <= float(row["val_accuracy"]) <= 1.0 and float(row["train_loss"]) > 0
         assert 0.0 <= float(row["dice_complete"]) <= 1.0
+    steps = list(csv.DictReader((out / "steps.csv").open()))
+    assert [int(r["step"]) for r in steps] == list(range(1, 9))
+    assert float(steps[0]["lr"]) == pytest.approx(0.003) and float(steps[-1]["lr"]) == pytest.approx(0.00003)
+    train_loss = np.mean([float(r["loss"]) for r in steps[4:]])  # equal batches: epoch mean
+    assert train_loss == pytest.approx(float(rows[-1]["train_loss"]), rel=1e-5)
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt.epoch == 2 and ckpt.grade == "hgg" and ckpt.network.architecture == "lgg"
     state = ckpt.training_state
@@ -131,6 +136,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cache, tmp_path, 
         assert torch.equal(a[key], b[key]), key
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert resumed.history[0]["train_loss"] == straight.history[0]["train_loss"]
+    assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
 
 
 def test_resume_without_checkpoint_and_grade_mismatch(cache, tmp_path):
