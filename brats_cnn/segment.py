@@ -138,8 +138,9 @@ def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, 
         batch_size: patches per forward pass (on CUDA lowered to fit ``memory_fraction`` of the
             free memory).
         device: torch device for the network and the padded volume.
-        amp: bf16 autocast on CUDA (no effect on CPU). Documented tolerance: probabilities within
-            0.02 of float32 and >= 99.9% identical argmax (see docs/segmentation.md).
+        amp: bf16 autocast on CUDA (no effect on CPU). bf16 keeps 8 significant bits:
+            probabilities differ from float32 by up to ~1e-2 and near-ties may flip
+            (docs/segmentation.md, "Precision").
         background_value: the value of voxels outside the volume in a border patch (the
             normalised background, ``config.preprocess.background_value``).
         progress: show a tqdm bar over voxels (exact mode on a CPU takes hours).

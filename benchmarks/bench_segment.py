@@ -1,0 +1,200 @@
+"""Benchmark of `brats-cnn segment`: speed of fast and exact mode, and their agreement.
+
+Measures on one real BraTS volume (240x240x155):
+* fast mode over the whole volume, float32 and (on CPUs with native bf16) bf16 autocast:
+  seconds, brain voxels/s, achieved GFLOP/s (FLOPs counted for the work actually done);
+* exact mode on a subset of voxels (a 64x64 box around the tumour centre on its central axial
+  slice, plus a random sample of brain voxels): seconds per voxel, extrapolated to the whole
+  brain -- exact mode on a CPU takes hours, so it is never run on a full volume here;
+* agreement of fast with exact on that subset: voxel agreement (%), and Dice between the two for
+  the complete/core/enhancing regions;
+* peak resident memory of the process (target <= 4 GiB) and the machine load (os.getloadavg).
+
+Prints a table and writes ``benchmarks/results/bench_segment.json`` and ``.png``.
+
+Usage:
+    .venv/bin/python benchmarks/bench_segment.py --model runs/train/best.pt [--case DIR]
+Without ``--model`` a randomly initialised HGG network is used (agreement numbers are then not
+meaningful for a trained model; the output says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CASE = REPO.parent / "shared" / "data" / "brats_sample" / "Brats18_CBICA_ABM_1"
+RESULTS = REPO / "benchmarks" / "results"
+SUBSET_SLICE_OFFSETS = (0,)  # axial slices of the exact-mode subset, around the tumour centre
+SUBSET_HALF_BOX = 32  # in-plane half size of the subset box around the tumour centre (CPU time)
+RANDOM_BRAIN_VOXELS = 1500  # extra exact-mode voxels sampled over the whole brain
+
+
+def conv_flops(network) -> tuple[float, float]:
+    """(FLOPs per output pixel of the dense feature stack, FLOPs per voxel of the FC layers)."""
+    import torch
+
+    features = sum(2 * m.weight.numel() for m in network.features if isinstance(m, torch.nn.Conv2d))
+    classifier = sum(2 * m.weight.numel() for m in network.classifier if isinstance(m, torch.nn.Linear))
+    return float(features), float(classifier)
+
+
+def fast_mode_flops(network, mask: np.ndarray, slices_per_batch: int) -> float:
+    """FLOPs predict_fast spends: dense features on every crop, FC layers at brain voxels."""
+    from brats_cnn.segment import _slice_groups
+
+    per_pixel, per_voxel = conv_flops(network)
+    half = network.patch_size // 2
+    pixels = sum(len(group) * (xr.stop - xr.start + 2 * half) * (yr.stop - yr.start + 2 * half)
+                 for group, xr, yr in _slice_groups(mask, slices_per_batch))
+    return pixels * per_pixel + int(mask.sum()) * per_voxel
+
+
+def exact_subset(mask: np.ndarray, tumour: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Brain voxels in a box around the tumour centre on a few slices, plus a random brain sample."""
+    subset = np.zeros_like(mask)
+    xs, ys, zs = np.nonzero(tumour if tumour.any() else mask)
+    cx, cy, centre = (int(np.median(a)) for a in (xs, ys, zs))
+    x0, x1 = max(cx - SUBSET_HALF_BOX, 0), cx + SUBSET_HALF_BOX
+    y0, y1 = max(cy - SUBSET_HALF_BOX, 0), cy + SUBSET_HALF_BOX
+    for offset in SUBSET_SLICE_OFFSETS:
+        z = int(np.clip(centre + offset, 0, mask.shape[2] - 1))
+        subset[x0:x1, y0:y1, z] = mask[x0:x1, y0:y1, z]
+    brain = np.flatnonzero(mask)
+    rng = np.random.default_rng(seed)
+    subset.flat[rng.choice(brain, size=min(RANDOM_BRAIN_VOXELS, brain.size), replace=False)] = True
+    return subset
+
+
+def agreement(fast: np.ndarray, exact: np.ndarray, where: np.ndarray, convention: str) -> dict:
+    """Voxel agreement (%) and fast-vs-exact Dice per region over the voxels ``where``."""
+    from brats_cnn.labels import from_class_indices, region_masks
+    from brats_cnn.metrics import dice
+
+    a = from_class_indices(fast.argmax(0), convention)
+    b = from_class_indices(exact.argmax(0), convention)
+    result = {"voxels": int(where.sum()), "voxel_agreement_pct": float(100 * (a[where] == b[where]).mean())}
+    ra, rb = region_masks(a, convention), region_masks(b, convention)
+    for region in ra:
+        result[f"dice_{region}"] = float(dice(rb[region] & where, ra[region] & where))
+    result["max_abs_probability_difference"] = float(np.abs(fast[:, where] - exact[:, where]).max())
+    return result
+
+
+def main() -> None:
+    import torch
+
+    from brats_cnn.config import default_config
+    from brats_cnn.io import load_case
+    from brats_cnn.model import FLOPS_PER_HGG_PATCH, PereiraCNN, load_checkpoint
+    from brats_cnn.normalise import brain_mask
+    from brats_cnn.segment import cpu_has_native_bf16, predict_exact, predict_fast
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: random HGG network)")
+    parser.add_argument("--case", type=Path, default=DEFAULT_CASE)
+    parser.add_argument("--skip-fp32", action="store_true", help="time fast mode in bf16 only")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_segment.json")
+    args = parser.parse_args()
+
+    threads = torch.get_num_threads()
+    case = load_case(args.case, load_label=False)
+    t0 = time.perf_counter()
+    if args.model is not None:
+        from brats_cnn.normalise import normalise_case
+
+        checkpoint = load_checkpoint(args.model)
+        network, config, convention = checkpoint.network, checkpoint.config, checkpoint.label_convention
+        image, mask = normalise_case(case, checkpoint.normaliser, config.preprocess)
+        model_note = f"checkpoint {args.model} (epoch {checkpoint.epoch})"
+    else:  # per-sequence z-score only: enough for timing, not for meaningful agreement
+        config, convention = default_config("hgg"), "brats2017"
+        torch.manual_seed(0)
+        network = PereiraCNN("hgg", 4).eval()
+        mask = brain_mask(case.image)
+        brain = case.image[:, mask]
+        image = np.zeros_like(case.image)
+        image[:, mask] = (brain - brain.mean(1, keepdims=True)) / brain.std(1, keepdims=True)
+        model_note = "randomly initialised HGG network (agreement not representative of a trained model)"
+    normalise_s = time.perf_counter() - t0
+    background = config.preprocess.background_value
+    spb, batch = config.segment.slices_per_batch, config.segment.batch_size
+    brain_voxels = int(mask.sum())
+    rows = []
+    results: dict = {"case": str(args.case), "shape": list(mask.shape), "brain_voxels": brain_voxels,
+                     "model": model_note, "torch_threads": threads, "normalise_s": normalise_s,
+                     "cpu_native_bf16": cpu_has_native_bf16(), "device": "cpu", "runs": {}}
+    flops = fast_mode_flops(network, mask, spb)
+
+    fast = {}
+    for name, bf16 in (("fast_fp32", False), ("fast_bf16", True)):
+        if (name == "fast_fp32" and args.skip_fp32) or (bf16 and not cpu_has_native_bf16()):
+            continue
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        fast[name] = predict_fast(network, image, mask, batch_size=batch, device="cpu", amp=True,
+                                  background_value=background, slices_per_batch=spb, cpu_bf16=bf16, progress=True)
+        seconds = time.perf_counter() - start
+        results["runs"][name] = {"seconds": seconds, "voxels_per_s": brain_voxels / seconds,
+                                 "gflops_per_s": flops / seconds / 1e9, "flops": flops,
+                                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        rows.append((name, seconds, brain_voxels / seconds, flops / seconds / 1e9, "measured, whole volume"))
+
+    reference = next(iter(fast.values()))
+    tumour = reference.argmax(0) > 0
+    subset = exact_subset(mask, tumour)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    exact = predict_exact(network, image, subset, batch_size=batch, device="cpu", amp=True,
+                          background_value=background, progress=True)
+    seconds = time.perf_counter() - start
+    per_voxel = seconds / subset.sum()
+    results["runs"]["exact_fp32"] = {
+        "subset_voxels": int(subset.sum()), "subset_seconds": seconds,
+        "seconds_extrapolated_to_brain": per_voxel * brain_voxels, "voxels_per_s": 1 / per_voxel,
+        "gflops_per_s": FLOPS_PER_HGG_PATCH / per_voxel / 1e9 if network.architecture == "hgg" else None,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    rows.append(("exact_fp32", per_voxel * brain_voxels, 1 / per_voxel,
+                 results["runs"]["exact_fp32"]["gflops_per_s"] or float("nan"),
+                 f"extrapolated from {int(subset.sum())} voxels"))
+    results["agreement_with_exact"] = {name: agreement(p, exact, subset, convention) for name, p in fast.items()}
+    results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    results["loadavg_end"] = os.getloadavg()
+
+    print(f"\ncase {args.case.name}: {brain_voxels} brain voxels; model: {model_note}; "
+          f"{threads} torch threads; load {os.getloadavg()[0]:.1f}")
+    print(f"{'mode':<12}{'s/volume':>12}{'voxels/s':>12}{'GFLOP/s':>10}  note")
+    for name, sec, vps, gf, note in rows:
+        print(f"{name:<12}{sec:>12.1f}{vps:>12.0f}{gf:>10.1f}  {note}")
+    for name, agree in results["agreement_with_exact"].items():
+        print(f"{name} vs exact on {agree['voxels']} voxels: agreement {agree['voxel_agreement_pct']:.2f}%, "
+              f"Dice complete/core/enh {agree['dice_complete']:.4f}/{agree['dice_core']:.4f}/"
+              f"{agree['dice_enhancing']:.4f}")
+    print(f"peak RSS {results['peak_rss_gib']:.2f} GiB")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["tab:blue"] * (len(rows) - 1) + ["tab:red"])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"seconds per volume (CPU, {threads} threads, load {results['loadavg_end'][0]:.1f})")
+    ax.set_title("brats-cnn segment: fast (measured) vs exact (extrapolated)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
