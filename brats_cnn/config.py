@@ -84,6 +84,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (choice)
     validate_dice: bool = True  # per-epoch Dice on validation cases if time allows (choice)
     deterministic: bool = False  # (choice) deterministic CUDA kernels (slower); CPU runs are always reproducible
+    dice_slices: int = 0  # (choice) validation Dice on this many evenly spaced brain slices per case; 0 = all
 
 
 @dataclass(frozen=True)

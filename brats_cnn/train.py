@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brats_cnn.config import Config, load_config, save_config
+from brats_cnn.config import Config, config_to_dict, load_config, save_config
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
@@ -222,11 +222,21 @@ def evaluate_patches(network: torch.nn.Module, loader: Any, device: torch.device
     return loss_sum.item() / count, correct.item() / count
 
 
+def dice_slice_indices(mask: np.ndarray, count: int) -> np.ndarray:
+    """``count`` evenly spaced axial indices over the slices of ``mask (Z, X, Y)`` holding brain (all if 0)."""
+    brain = np.flatnonzero(np.asarray(mask).any(axis=(1, 2)))
+    if count <= 0 or count >= brain.size:
+        return brain
+    return np.unique(brain[np.round(np.linspace(0, brain.size - 1, count)).astype(int)])
+
+
 def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config,
                     device: torch.device) -> dict[str, float] | None:
-    """Mean Dice of complete/core/enhancing over whole validation cases (no post-processing).
+    """Mean Dice of complete/core/enhancing over the validation cases (no post-processing).
 
-    Uses :func:`brats_cnn.segment.predict_fast`; returns None when that module is unavailable.
+    Uses :func:`brats_cnn.segment.predict_fast` on ``train.dice_slices`` evenly spaced brain slices
+    per case (all when 0); the networks are 2-D, so a slice's prediction does not depend on which
+    other slices are predicted. Returns None when the segment module is unavailable.
     """
     try:
         from brats_cnn.segment import predict_fast
@@ -242,12 +252,14 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
     was_training = plain.training
     for folder in folders:
         case = load_cached_case(folder)
-        image = np.transpose(case.image, (1, 2, 3, 0)).astype(np.float32)  # (Z,4,X,Y) -> (4,X,Y,Z)
-        mask = np.transpose(case.mask, (1, 2, 0))
+        slices = dice_slice_indices(case.mask, config.train.dice_slices)
+        image = np.transpose(case.image[slices], (1, 2, 3, 0)).astype(np.float32)  # (z,4,X,Y) -> (4,X,Y,z)
+        mask = np.transpose(case.mask[slices], (1, 2, 0))
         probabilities = predict_fast(plain, image, mask, device=device, amp=config.train.amp,
                                      background_value=config.preprocess.background_value)
         predicted = region_masks(from_class_indices(probabilities.argmax(0), convention), convention)
-        truth = region_masks(from_class_indices(np.transpose(case.label, (1, 2, 0)), convention), convention)
+        truth = region_masks(from_class_indices(np.transpose(case.label[slices], (1, 2, 0)), convention),
+                             convention)
         for region in REGIONS:
             scores[region].append(dice(truth[region], predicted[region]))
     plain.train(was_training)
@@ -337,7 +349,6 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         if not last_path.is_file():
             raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
         resumed = load_checkpoint(last_path)
-        from brats_cnn.config import config_to_dict
         cfg = load_config(None, overrides, base=config_to_dict(resumed.config))
     else:
         if last_path.is_file():

@@ -61,6 +61,14 @@ def test_split_holds_out_whole_cases_deterministically():
         split_cases(ids[:2], 2, seed=0)
 
 
+def test_dice_slices_are_evenly_spaced_over_the_brain():
+    mask = np.zeros((20, 3, 3), bool)
+    mask[4:15, 1, 1] = True
+    assert train.dice_slice_indices(mask, 0).tolist() == list(range(4, 15))
+    assert train.dice_slice_indices(mask, 3).tolist() == [4, 9, 14]
+    assert train.dice_slice_indices(mask, 50).tolist() == list(range(4, 15))
+
+
 def test_cuda_requested_without_cuda_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
@@ -75,7 +83,7 @@ def test_train_from_raw_data_via_the_cli(raw_dataset, tmp_path):
     from brats_cnn.cli import main
 
     out = tmp_path / "run"
-    sets = [a for s in TINY + ["train.validate_dice=true", "train.num_workers=1"] for a in ("--set", s)]
+    sets = [a for s in TINY + ["train.validate_dice=true", "train.dice_slices=6", "train.num_workers=1"] for a in ("--set", s)]
     code = main(["-q", "train", "--grade", "hgg", "--data", str(raw_dataset), "--out", str(out),
                  "--config", "smoke", "--device", "cpu", *sets])
     assert code == 0
