@@ -349,6 +349,8 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         if not last_path.is_file():
             raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
         resumed = load_checkpoint(last_path)
+        if resumed.grade != grade:
+            raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
         cfg = load_config(None, overrides, base=config_to_dict(resumed.config))
     else:
         if last_path.is_file():
@@ -364,7 +366,10 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not tc.deterministic
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the run folder ({exc.strerror})", out) from exc
         save_config(cfg, out / "config.yaml")
 
     # 2. data: cache, split, centres

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from brats_cnn import train
-from brats_cnn.errors import CheckpointError, ConfigError
+from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.model import load_checkpoint
 from brats_cnn.train import learning_rate, resolve_device, run_training, split_cases
 
@@ -135,6 +135,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cache, tmp_path, 
     assert load_checkpoint(tmp_path / "b" / "last.pt").epoch == 1
     with pytest.raises(ConfigError, match="already holds last.pt"):
         run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=TINY, device="cpu")
+    with pytest.raises(ConfigError, match="checkpoint is for grade 'hgg' but --grade lgg") as err:
+        run_training("lgg", cache, tmp_path / "b", device="cpu", resume=True)
+    assert "last.pt" in str(err.value)
     # resume with data-loader workers: same batches, same weights
     resumed = run_training("hgg", cache, tmp_path / "b", overrides=["train.num_workers=2"], device="cpu",
                            resume=True)
@@ -152,6 +155,10 @@ def test_resume_without_checkpoint_and_grade_mismatch(cache, tmp_path):
         run_training("hgg", cache, tmp_path, device="cpu", resume=True)
     with pytest.raises(ConfigError, match="is for grade 'hgg'"):
         run_training("lgg", cache, tmp_path, config="smoke", device="cpu")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot create the run folder"):
+        run_training("hgg", cache, blocker / "run", config="smoke", overrides=TINY, device="cpu")
 
 
 def _free_port() -> int:
