@@ -68,3 +68,18 @@ def test_each_subcommand_has_help(name):
     result = run_cli(name, "--help")
     assert result.returncode == 0
     assert "Usage" in result.stdout
+
+
+def test_atomic_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from brats_cnn.fsutil import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "out.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
