@@ -1,0 +1,256 @@
+"""Interrupted work: SIGKILL in the middle of ``train`` and of a batch ``segment``, then rerun.
+
+* ``train`` killed mid-epoch and rerun with ``--resume`` ends with exactly the weights of an
+  uninterrupted run (same seed, CPU; ``torch.equal`` on every tensor of the state dict).
+* A batch ``segment`` killed after its first case leaves only complete outputs under final names
+  (every ``.nii.gz`` there reads fully and is identical to an uninterrupted run's); a rerun
+  skips the finished cases and does the rest.
+
+SIGKILL gives the process no chance to clean up, so what is checked here is the atomic-write
+design (temp file + rename): a temp file may stay behind, hidden (``.<name>.*.tmp*``), but never a
+partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brats_cnn.model import load_checkpoint
+from brats_cnn.phantom import write_phantom_dataset
+
+# LGG network (cheapest), no validation cases, no N4; 2 epochs of 8 batches of 4 patches
+# (about 1 s per epoch on one free core; a batch of 4 LGG patches costs ~2.4 GFLOP forward+backward).
+EPOCHS = 2
+TINY_TRAIN = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=32",
+              "train.batch_size=4", "train.validate_dice=false", "data.validation_cases=0",
+              "train.num_workers=0", f"train.epochs={EPOCHS}"]
+SHAPE = (40, 40, 12)
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "brats_cnn.cli", "-q", *map(str, args)]
+
+
+def kill_when(proc: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 120.0,
+              allow_exit: bool = False) -> None:
+    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` first returns True.
+
+    With ``allow_exit`` a process that finishes successfully before the kill is accepted.
+    """
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            if allow_exit and proc.returncode == 0:
+                return
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (code {proc.returncode}) before it could be killed:\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting for the process")
+        time.sleep(0.005)
+    time.sleep(delay)
+    if allow_exit and proc.poll() == 0:
+        return
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def final_outputs(folder: Path) -> list[str]:
+    """Names of the label maps under final names (temp files ``.x.*.tmp.nii.gz`` are hidden)."""
+    return sorted(p.name for p in folder.glob("*.nii.gz") if not p.name.startswith("."))
+
+
+def hidden_temps(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def assert_no_partial_under_final_names(folder: Path) -> None:
+    """Any temp file left by SIGKILL is a hidden ``.name.*.tmp*``; never a final name."""
+    for temp in hidden_temps(folder):
+        assert temp.name.startswith("."), temp
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    from brats_cnn.config import load_config
+    from brats_cnn.preprocess import preprocess_dataset
+
+    raw = tmp_path_factory.mktemp("raw")
+    write_phantom_dataset(raw, 2, grades=["HGG", "HGG"], shape=SHAPE)
+    out = tmp_path_factory.mktemp("cache")
+    preprocess_dataset(raw, out, config=load_config("smoke", TINY_TRAIN), fit=True)
+    return out
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).network.state_dict()
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _train(cache: Path, out: Path, *extra: str) -> subprocess.Popen:
+    sets = [x for s in TINY_TRAIN for x in ("--set", s)]
+    return subprocess.Popen(cli("train", "--grade", "hgg", "--data", cache, "--out", out, "--config", "smoke",
+                                "--device", "cpu", *sets, *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _resume(cache: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cli("train", "--grade", "hgg", "--data", cache, "--out", out, "--device", "cpu",
+                              "--resume"), capture_output=True, text=True, timeout=300)
+
+
+def _epoch_of(path: Path) -> int:
+    return load_checkpoint(path).epoch
+
+
+def test_train_killed_mid_epoch_resumes_to_the_same_weights(cache, tmp_path):
+    from brats_cnn.train import run_training
+
+    # the uninterrupted run in this process (same code, same thread count, same seed)
+    straight = run_training("hgg", cache, tmp_path / "straight", config="smoke", overrides=TINY_TRAIN,
+                            device="cpu")
+    epoch_seconds = min(row["epoch_seconds"] for row in straight.history)
+
+    run = tmp_path / "killed"
+    proc = _train(cache, run)
+    # last.pt appears at the end of epoch 1; half an epoch later the run is inside epoch 2
+    kill_when(proc, lambda: (run / "last.pt").is_file(), delay=epoch_seconds / 2)
+    assert_no_partial_under_final_names(run)
+    killed_at = _epoch_of(run / "last.pt")
+    assert 1 <= killed_at < EPOCHS, "the kill came after the last epoch"
+    result = _resume(cache, run)
+    assert result.returncode == 0, result.stderr
+    assert _epoch_of(run / "last.pt") == EPOCHS
+    _assert_same_weights(_state(tmp_path / "straight" / "last.pt"), _state(run / "last.pt"))
+    resumed_history = json.loads((run / "metrics.json").read_text())
+    assert [r["train_loss"] for r in resumed_history] == [r["train_loss"] for r in straight.history]
+
+
+@pytest.mark.slow
+def test_train_killed_twice_at_random_points_still_matches(cache, tmp_path):
+    """Two kills (during epoch 1 and later during a resumed run) at seeded random delays."""
+    straight = tmp_path / "straight"
+    proc = _train(cache, straight)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    epoch_seconds = min(row["epoch_seconds"] for row in json.loads((straight / "metrics.json").read_text()))
+    rng = np.random.default_rng(1)
+    run = tmp_path / "killed"
+    proc = _train(cache, run)
+    kill_when(proc, lambda: (run / "last.pt").is_file(), delay=float(rng.uniform(0, 1)) * epoch_seconds)
+    if _epoch_of(run / "last.pt") < EPOCHS:
+        stamp = _mtime(run / "last.pt")
+        proc = subprocess.Popen(cli("train", "--grade", "hgg", "--data", cache, "--out", run, "--device", "cpu",
+                                    "--resume"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # the resumed run rewrites last.pt after its first epoch; kill somewhere in the next one
+        kill_when(proc, lambda: _mtime(run / "last.pt") > stamp, delay=float(rng.uniform(0, 1)) * epoch_seconds,
+                  allow_exit=True)
+    assert_no_partial_under_final_names(run)
+    if _epoch_of(run / "last.pt") < EPOCHS:
+        result = _resume(cache, run)
+        assert result.returncode == 0, result.stderr
+    _assert_same_weights(_state(straight / "last.pt"), _state(run / "last.pt"))
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# segment
+
+
+@pytest.fixture(scope="module")
+def model_and_cases(tmp_path_factory) -> tuple[Path, Path]:
+    """A random-weight checkpoint (normaliser fitted on the phantoms) and 4 phantom cases."""
+    from brats_cnn.config import load_config
+    from brats_cnn.io import list_cases, load_case
+    from brats_cnn.model import build_network, save_checkpoint
+    from brats_cnn.normalise import fit_normaliser
+
+    root = tmp_path_factory.mktemp("segment")
+    data = root / "cases"
+    write_phantom_dataset(data, 4, shape=SHAPE, grades=["HGG"] * 4)
+    config = load_config("smoke", ["preprocess.n4.sequences=[]", "model.architecture=lgg",
+                                   "postprocess.min_component_voxels=1"])
+    normaliser = fit_normaliser([load_case(ref) for ref in list_cases(data)[:2]], config)
+    torch.manual_seed(0)
+    network = build_network(config.model, 4)
+    model = save_checkpoint(root / "model.pt", network=network, config=config, normaliser=normaliser,
+                            label_convention="brats2017")
+    return model, data
+
+
+def _segment(model: Path, data: Path, out: Path) -> list[str]:
+    return cli("segment", data, "--model", model, "--out", out, "--device", "cpu", "--mode", "fast")
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_cases, tmp_path_factory) -> Path:
+    """The uninterrupted batch segmentation of the 4 cases."""
+    model, data = model_and_cases
+    out = tmp_path_factory.mktemp("reference")
+    result = subprocess.run(_segment(model, data, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(final_outputs(out)) == 4
+    return out
+
+
+def test_segment_batch_killed_leaves_only_complete_outputs_and_a_rerun_finishes(model_and_cases, reference,
+                                                                                tmp_path):
+    model, data = model_and_cases
+    expected = final_outputs(reference)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_segment(model, data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kill_when(proc, lambda: bool(final_outputs(out)))
+    assert_no_partial_under_final_names(out)
+    done = final_outputs(out)
+    assert 1 <= len(done) < 4, done
+    for name in done:  # complete: reads fully and equals the uninterrupted output
+        assert np.array_equal(np.asarray(nib.load(out / name).dataobj), np.asarray(nib.load(reference / name).dataobj))
+    before = {name: (out / name).stat().st_mtime_ns for name in done}
+
+    result = subprocess.run(_segment(model, data, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert final_outputs(out) == expected
+    for name in expected:
+        assert np.array_equal(np.asarray(nib.load(out / name).dataobj), np.asarray(nib.load(reference / name).dataobj))
+    for name, mtime in before.items():  # finished cases were skipped, not redone
+        assert (out / name).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.xfail(strict=True, reason="segment.run_segment skips a case when its label map exists, even "
+                                       "if the kill came before its sidecar <ID>.json was written")
+def test_segment_rerun_completes_a_case_killed_between_label_map_and_sidecar(model_and_cases, reference, tmp_path):
+    """The label map is written before the sidecar; a kill in between must not leave the case half done."""
+    import shutil
+
+    from brats_cnn.segment import run_segment
+
+    model, data = model_and_cases
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "Phantom_002.json").unlink()  # the state after a SIGKILL between the two writes
+    run_segment([data], model=model, out=out, device="cpu", mode="fast")
+    assert (out / "Phantom_002.json").is_file()
