@@ -475,6 +475,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
     from nibabel.wrapstruct import WrapStructError
 
     _check_file(path)
+    raw = None
     if path.name.lower().endswith(".gz"):
         try:
             raw = gzip.decompress(path.read_bytes())
@@ -495,9 +496,17 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
                 img = nib.load(path, mmap=False)
         except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
             raise InputError(f"not a valid NIfTI image ({_describe(exc)})", path) from exc
+    # a corrupt dim field can declare terabytes: compare with the bytes present before reading
+    header = img.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    needed = int(header.get_data_offset()) + int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+    present = len(raw) if raw is not None else path.stat().st_size
+    if needed > present:
+        raise InputError(f"image data are truncated or unreadable (the header declares shape {shape} of "
+                         f"{header.get_data_dtype()}, {needed} bytes, but the file holds {present})", path)
     try:
         data = np.asarray(img.dataobj)
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, MemoryError, OverflowError) as exc:
         raise InputError(f"image data are truncated or unreadable ({_describe(exc)})", path) from exc
     return data, img
 
