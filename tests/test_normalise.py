@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from brats_cnn.config import N4Config, NyulConfig, PreprocessConfig
 from brats_cnn.errors import BratsCnnError, InputError
 from brats_cnn.normalise import (
-    NORMALISER_VERSION, NormaliserState, apply_nyul, brain_mask, case_statistics, fit_normaliser, fit_nyul,
-    image_landmarks, load_normaliser, n4_correct, normalise_case, piecewise_linear, save_normaliser,
+    NORMALISER_VERSION, NormaliserState, apply_nyul, brain_mask, case_statistics, correct_bias, fit_normaliser,
+    fit_nyul, image_landmarks, load_normaliser, n4_correct, normalise_case, piecewise_linear, save_normaliser,
     sequence_moments, state_from_statistics, zscore)
 from brats_cnn.phantom import WHITE_MATTER, bias_field, make_phantom, phantom_tissues
 
@@ -285,3 +285,14 @@ def test_nyul_matches_torchio_histogram_standardization_on_real_cases(sample_dir
     difference = np.abs(ours_out[brain] - theirs_out[brain])
     assert difference.max() < 1e-2  # on a 0-100 scale
     assert np.median(difference) < 1e-3
+
+
+def test_correct_bias_touches_only_the_configured_sequences():
+    case = make_phantom(SHAPE, seed=5)
+    mask = brain_mask(case.image)
+    out = correct_bias(case.image, mask, N4Config(sequences=("t1c",), iterations=(10,), shrink_factor=2))
+    assert out.dtype == np.float32 and out is not case.image
+    np.testing.assert_array_equal(out[[0, 2, 3]], case.image[[0, 2, 3]])
+    assert not np.allclose(out[1], case.image[1])
+    with pytest.raises(InputError, match="unknown sequences"):
+        correct_bias(case.image, mask, N4Config(sequences=("t1gd",)))
