@@ -585,7 +585,8 @@ def test_output_folder_that_cannot_be_created_segment(checkpoints, pristine, tmp
 @pytest.mark.parametrize("command", ["segment", "train"])
 def test_quiet_commands_print_no_progress_bars(command, checkpoints, pristine, tmp_path):
     if command == "segment":
-        args = ["segment", pristine, "--model", checkpoints["good"], "--out", tmp_path / "seg", *SEGMENT]
+        args = ["segment", pristine / "Phantom_000", "--model", checkpoints["good"], "--out", tmp_path / "seg",
+                *SEGMENT]
     else:
         args = ["train", "--grade", "hgg", "--data", pristine, "--out", tmp_path / "run", "--device", "cpu",
                 "--config", "smoke", "--set", "preprocess.n4.sequences=[]", "--set", "model.architecture=lgg",
