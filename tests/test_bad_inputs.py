@@ -259,6 +259,16 @@ def test_preprocess_refuses_bad_input(kind, dataset, tmp_path):
     assert not (out / "BRATS_001" / "meta.json").exists()
 
 
+def test_preprocess_with_parallel_workers_reports_the_bad_file(dataset, tmp_path):
+    """The error raised in a worker process reaches the CLI as the same one line."""
+    bad_path, phrases = _nan_voxel(dataset)
+    out = tmp_path / "cache"
+    result = run_cli("preprocess", "--data", dataset, "--out", out, "--fit", "--config", "smoke",
+                     "--set", "preprocess.n4.sequences=[]", "--workers", "2")
+    assert_one_line_error(result, bad_path, *phrases)
+    assert leftovers(out) == []
+
+
 def test_unrelated_files_are_ignored_with_a_warning(dataset, tmp_path):
     """Notes, READMEs and foreign folders beside the cases do not stop preprocessing."""
     (dataset / BAD / "notes.txt").write_text("scanned twice\n")
@@ -445,6 +455,9 @@ def checkpoints(pristine, tmp_path_factory) -> dict[str, Path]:
     torch.save(newer, folder / "newer.pt")
     paths["newer"] = folder / "newer.pt"
 
+    torch.save(network.state_dict(), folder / "state_dict.pt")  # weights only: a common mix-up
+    paths["state_dict"] = folder / "state_dict.pt"
+
     raw = good.read_bytes()
     (folder / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     paths["truncated"] = folder / "truncated.pt"
@@ -532,6 +545,7 @@ SEGMENT = ["--device", "cpu", "--mode", "fast"]
     ("evil", ("refused to load", "objects other than tensors and plain data")),
     ("newer", ("checkpoint format version 2 is not supported", "expected 1")),
     ("truncated", ("corrupt or truncated checkpoint",)),
+    ("state_dict", ("not a brats-cnn checkpoint (no 'format' marker)",)),
 ])
 def test_segment_refuses_a_bad_checkpoint(kind, phrases, checkpoints, pristine, tmp_path):
     out = tmp_path / "seg"
