@@ -37,7 +37,7 @@ from brats_cnn.metrics import HD95_DEFINITIONS, region_metrics
 log = logging.getLogger(__name__)
 
 _LABEL_FILE_RE = re.compile(r"^(?P<id>.+?)(?:[_-]seg)?\.(?:nii\.gz|nii|mha)$", re.IGNORECASE)
-_IMAGE_TAG_RE = re.compile(r"[_-](?:t1|t1ce|t2|flair|t1n|t1c|t2w|t2f|\d{4})\.(?:nii\.gz|nii)$", re.IGNORECASE)
+_IMAGE_TAG_RE = re.compile(r"[_-](?:t1|t1ce|t2|flair|t1n|t1c|t2w|t2f|000[0-3])\.(?:nii\.gz|nii)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,12 @@ def test_real_sample_perfect_prediction(sample_dir, tmp_path):
     for region in ("complete", "core", "enhancing"):
         assert summary["statistics"]["all"][region]["dsc"]["mean"] == 1.0
         assert summary["statistics"]["all"][region]["hd95"]["mean"] == 0.0
+
+
+def test_case_ids_ending_in_four_digits_are_predictions_not_channel_files(tmp_path):
+    # "Phantom_1000.nii.gz" is a prediction; only _0000.._0003 are nnU-Net image channels.
+    _save(_labels(), tmp_path / "pred" / "Phantom_1000.nii.gz")
+    _save(_labels(), tmp_path / "pred" / "Case_0002.nii.gz")
+    found, failures = evaluate.find_predictions(tmp_path / "pred")
+    assert sorted(found) == ["Phantom_1000"]
+    assert failures == []
