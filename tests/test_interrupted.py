@@ -254,3 +254,25 @@ def test_segment_rerun_completes_a_case_killed_between_label_map_and_sidecar(mod
     (out / "Phantom_002.json").unlink()  # the state after a SIGKILL between the two writes
     run_segment([data], model=model, out=out, device="cpu", mode="fast")
     assert (out / "Phantom_002.json").is_file()
+
+
+def test_stale_temp_files_from_a_killed_run_are_never_read(model_and_cases, reference, tmp_path):
+    """Hidden ``.name.*.tmp.nii.gz`` left by SIGKILL are not taken for sequences or predictions."""
+    import shutil
+
+    from brats_cnn.evaluate import find_predictions
+    from brats_cnn.io import find_case, list_cases
+
+    _, data = model_and_cases
+    cases = tmp_path / "cases"
+    shutil.copytree(data, cases)
+    stale = cases / "Phantom_000" / ".Phantom_000_t1.x1y2z3.tmp.nii.gz"
+    stale.write_bytes(b"\x1f\x8b half a gzip")
+    assert find_case(cases / "Phantom_000").image_paths[0].name == "Phantom_000_t1.nii.gz"
+    assert [r.case_id for r in list_cases(cases)] == [f"Phantom_{i:03d}" for i in range(4)]
+    preds = tmp_path / "preds"
+    shutil.copytree(reference, preds)
+    (preds / ".Phantom_001.k9j8.tmp.nii.gz").write_bytes(b"\x1f\x8b half a gzip")
+    found, failures = find_predictions(preds)
+    assert sorted(found) == [f"Phantom_{i:03d}" for i in range(4)] and failures == []
+    assert found["Phantom_001"].name == "Phantom_001.nii.gz"
