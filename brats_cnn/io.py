@@ -240,8 +240,10 @@ def _nifti_ndim(path: Path) -> int:
 
 def _single_case(found: dict[str, dict[str, Path]], folder: Path, layout: str) -> tuple[str, dict[str, Path]]:
     if len(found) > 1:
-        raise InputError(f"folder holds {len(found)} {layout} cases ({', '.join(sorted(found)[:3])}, ...); "
-                         "use list_cases for a dataset folder", folder)
+        names = sorted(found)
+        raise InputError(f"folder holds {len(found)} {layout} cases ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}); a case folder holds the files of one case: "
+                         "rename or remove the others, or give the dataset folder", folder)
     return next(iter(found.items()))
 
 

@@ -227,7 +227,13 @@ def _label_shape(root: Path) -> tuple[Path, tuple[str, ...]]:
     return path, ("label map shape (39, 40, 12) differs from (40, 40, 12)",)
 
 
+def _two_cases_in_one_folder(root: Path) -> tuple[Path, tuple[str, ...]]:
+    shutil.copy(case_file(root, "t1"), root / BAD / "backup_t1.nii.gz")  # looks like case "backup"
+    return root / BAD, (f"folder holds 2 brats2017 cases ({BAD}, backup)", "rename or remove the others")
+
+
 PREPROCESS_CASES = {
+    "files-of-two-cases-in-one-folder": _two_cases_in_one_folder,
     "missing-sequence": _missing_sequence,
     "shape-mismatch": _shape_mismatch,
     "affine-mismatch": _affine_mismatch,
