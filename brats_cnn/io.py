@@ -30,9 +30,10 @@ import gzip
 import logging
 import re
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -232,7 +233,7 @@ def _nifti_ndim(path: Path) -> int:
 
     _check_file(path)
     try:
-        with _quiet_nibabel():
+        with _nibabel_messages(path):
             return len(nib.load(path).shape)
     except Exception as exc:  # nibabel raises many types on bad headers
         raise InputError(f"cannot read NIfTI header ({_describe(exc)})", path) from exc
@@ -439,16 +440,28 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
-def _quiet_nibabel():
-    """Silence nibabel's own stderr handler while parsing a header.
+@contextmanager
+def _nibabel_messages(path: Path) -> Iterator[None]:
+    """Re-log nibabel's header messages as one line each, naming the file.
 
-    nibabel prints header checks ("sizeof_hdr should be 348", "data code ... not recognized") raw
-    to stderr through a handler of its own; the records still reach the ``logging`` setup of the
-    application (one line each), and a header that cannot be used becomes our InputError.
+    nibabel reports header checks ("sizeof_hdr should be 348", "data code ... not recognized")
+    through a logger of its own that prints them raw to stderr, without the file name. Inside this
+    block they are collected and then logged as warnings of this module; a header that cannot be
+    used still becomes our InputError.
     """
-    from nibabel.imageglobals import LoggingOutputSuppressor
+    from nibabel.imageglobals import logger as nibabel_logger
 
-    return LoggingOutputSuppressor()
+    records: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = records.append  # type: ignore[method-assign]
+    handlers, propagate = nibabel_logger.handlers[:], nibabel_logger.propagate
+    nibabel_logger.handlers, nibabel_logger.propagate = [collector], False
+    try:
+        yield
+    finally:
+        nibabel_logger.handlers, nibabel_logger.propagate = handlers, propagate
+        for record in records:
+            log.warning("%s: nibabel: %s", path, " ".join(record.getMessage().split()))
 
 
 def _check_file(path: Path) -> None:
@@ -488,13 +501,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
         except OSError as exc:
             raise InputError(f"cannot read file ({exc.strerror})", path) from exc
         try:
-            with _quiet_nibabel():
+            with _nibabel_messages(path):
                 img = nib.Nifti1Image.from_bytes(raw)
         except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
             raise InputError(f"not a valid NIfTI-1 image ({_describe(exc)})", path) from exc
     else:
         try:
-            with _quiet_nibabel():
+            with _nibabel_messages(path):
                 img = nib.load(path, mmap=False)
         except (ImageFileError, HeaderDataError, WrapStructError, ValueError, EOFError, OSError) as exc:
             raise InputError(f"not a valid NIfTI image ({_describe(exc)})", path) from exc
