@@ -157,7 +157,7 @@ def plot(results: dict, path: Path) -> None:
         fig.colorbar(image, ax=axes[1], label="|shrunk - full| / full, each scaled by its brain median")
         n4 = results.get("n4_full_vs_shrunk", {})
         median = n4.get("scale_matched_relative_difference_median", n4.get("relative_difference_median", 0))
-        axes[1].set_title(f"N4 shrink 4 vs full res, T1, axial slice (median {median:.2%})", fontsize=9)
+        axes[1].set_title(f"N4 shrink 4 vs full res (T1)\nscale-matched, median {median:.2%}", fontsize=9)
         axes[1].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
