@@ -1,0 +1,45 @@
+"""The bundled HGG/LGG checkpoints (brats_cnn/weights/) load and segment through `--grade`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_cnn.model import count_parameters, load_checkpoint
+from brats_cnn.phantom import write_phantom_dataset
+from brats_cnn.segment import bundled_weights
+
+# 4 outputs: the brats2017 convention (0, 1, 2, 4) the bundled models were trained in.
+EXPECTED = {"hgg": ("hgg", 2_117_956, 0.1), "lgg": ("lgg", 1_933_444, 0.5)}
+
+
+@pytest.mark.parametrize("grade", ["hgg", "lgg"])
+def test_bundled_checkpoint_is_the_papers_network_with_its_normaliser(grade):
+    checkpoint = load_checkpoint(bundled_weights(grade))
+    architecture, parameters, dropout = EXPECTED[grade]
+    assert checkpoint.grade == grade
+    assert checkpoint.network.architecture == architecture
+    assert count_parameters(checkpoint.network) == parameters
+    assert checkpoint.config.model.dropout == dropout
+    assert checkpoint.label_convention == "brats2017"
+    assert checkpoint.channel_order == ("t1", "t1c", "t2", "flair")
+    assert checkpoint.training_state is None  # shipped weights carry no optimiser state
+    assert checkpoint.normaliser.channel_order == ("t1", "t1c", "t2", "flair")
+
+
+def test_segment_with_grade_uses_the_bundled_model(tmp_path):
+    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["HGG"])
+    out = tmp_path / "seg.nii.gz"
+    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "-q", "segment",
+                             str(refs[0].image_paths[0]), "--grade", "hgg", "--out", str(out),
+                             "--mode", "fast", "--no-postprocess"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    labels = np.asarray(nib.load(out).dataobj)
+    assert labels.shape == (40, 40, 10)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+    source = nib.load(refs[0].image_paths[0])
+    np.testing.assert_allclose(nib.load(out).affine, source.affine)
