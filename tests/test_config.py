@@ -60,9 +60,10 @@ def test_smoke_config_is_small():
 
 
 def test_unknown_key():
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(C.TrainConfig)))
+    assert "epochs" in known and "lr_start" in known
     assert _error(C.config_from_dict, {"train": {"epoch": 3}}, "x.yaml") == (
-        "x.yaml: unknown config key 'train.epoch' (known keys in this section: amp, batch_size, compile, "
-        "epochs, lr_end, lr_start, momentum, num_workers, seed, validate_dice, weight_decay)")
+        f"x.yaml: unknown config key 'train.epoch' (known keys in this section: {known})")
     assert _error(C.config_from_dict, {"trian": {}}).startswith("<config>: unknown config key 'trian'")
 
 
