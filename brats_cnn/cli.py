@@ -93,7 +93,7 @@ def train(
 def segment(
     inputs: List[Path] = typer.Argument(..., help="Case(s): a 4-D case.nii.gz, a case folder, one of a case's files, or a dataset folder."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint file."),
-    grade: Optional[str] = typer.Option(None, "--grade", help="hgg or lgg: use the bundled model of that grade."),
+    grade: Optional[str] = typer.Option(None, "--grade", help="hgg or lgg: use the bundled model of that grade (with --model: the grade the checkpoint must have)."),
     out: Path = typer.Option(Path("segmentations"), "--out", "-o", help="Output file (one case) or folder."),
     mode: Optional[str] = typer.Option(None, "--mode", help="exact, fast or auto (exact on CUDA, fast on CPU)."),
     device: str = DeviceOpt,

@@ -115,6 +115,13 @@ def exact_batch_size(network: "nn.Module", device: "torch.device", requested: in
     return max(1, min(requested, int(free * memory_fraction / per_patch)))
 
 
+def _progress_wanted() -> bool:
+    """Progress bars only on a terminal and with INFO logs on (not under ``-q``, not into log files)."""
+    import sys
+
+    return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+
+
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -360,10 +367,10 @@ def _checkpoint_path(model: Any, grade: str | None) -> Any:
 
     from brats_cnn.errors import CheckpointError, ConfigError
 
-    if model is not None and grade is not None:
-        raise ConfigError("give either --model or --grade, not both")
+    if grade is not None and grade.lower() not in ("hgg", "lgg"):
+        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
     if model is not None:
-        return Path(model)
+        return Path(model)  # with --grade as well, run_segment checks the checkpoint's grade
     if grade is None:
         raise ConfigError("give a checkpoint with --model, or --grade hgg|lgg for the bundled weights")
     if grade.lower() not in ("hgg", "lgg"):
@@ -577,7 +584,7 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     from pathlib import Path
 
     from brats_cnn.config import config_to_dict, load_config
-    from brats_cnn.errors import BratsCnnError
+    from brats_cnn.errors import BratsCnnError, ConfigError
     from brats_cnn.labels import conversion_table, get_convention
     from brats_cnn.model import load_checkpoint
 
@@ -585,6 +592,9 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     rank, local_rank, world = _distributed_rank()
     torch_device = resolve_device(device, local_rank)
     checkpoint = load_checkpoint(checkpoint_path, map_location=torch_device)
+    if model is not None and grade is not None and checkpoint.grade != grade.lower():
+        raise ConfigError(f"checkpoint is for grade '{checkpoint.grade}' but --grade {grade.lower()} was given",
+                          checkpoint_path)
     config = load_config(None, list(overrides or ()), base=config_to_dict(checkpoint.config))
     chosen_mode = resolve_mode(mode or config.segment.mode, torch_device)
     convention = get_convention(label_convention or checkpoint.label_convention).name
@@ -593,6 +603,11 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     if not refs:
         raise InputError("no cases found in the inputs")
     pairs = list(zip(refs, _targets(refs, out)))[rank::world]
+    for folder in sorted({target.labels.parent for _, target in pairs}):  # fail before any work
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create output folder ({exc.strerror})", folder) from exc
     log.info("segmenting %d case(s) in %s mode on %s%s", len(pairs), chosen_mode, torch_device,
              f" (rank {rank} of {world})" if world > 1 else "")
 
@@ -600,14 +615,17 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     show_cases = len(pairs) > 1
     from tqdm import tqdm
 
-    for ref, target in tqdm(pairs, desc="cases", unit="case", disable=not show_cases, dynamic_ncols=True):
-        if target.labels.exists() and not overwrite:
+    for ref, target in tqdm(pairs, desc="cases", unit="case", disable=not (show_cases and _progress_wanted()),
+                            dynamic_ncols=True):
+        # the sidecar is written last: a case killed between the two writes is done again
+        if target.labels.exists() and target.sidecar.exists() and not overwrite:
             skipped.append(target.labels)
             continue
         try:
             segment_case(ref, target, checkpoint=checkpoint, checkpoint_path=checkpoint_path, config=config,
                          mode=chosen_mode, device=torch_device, convention=convention, postprocess=postprocess,
-                         save_probabilities=save_probabilities, progress=chosen_mode == "exact" or not show_cases)
+                         save_probabilities=save_probabilities,
+                         progress=(chosen_mode == "exact" or not show_cases) and _progress_wanted())
             outputs.append(target.labels)
         except (BratsCnnError, OSError, ValueError, RuntimeError) as exc:  # a bad case must not stop a batch
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -28,6 +28,7 @@ import io
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,11 @@ METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_lo
 
 
 # ---- small pure helpers --------------------------------------------------------------------------
+
+def _progress_wanted() -> bool:
+    """Progress bars only on a terminal and with INFO logs on (not under ``-q``, not into log files)."""
+    return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+
 
 def learning_rate(step: int, total_steps: int, start: float, end: float) -> float:
     """Linear decay per iteration: ``start`` at step 0, ``end`` at the last step ``total_steps - 1``."""
@@ -441,8 +447,8 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         correct = torch.zeros((), device=device_, dtype=torch.int64)
         seen, first_step = 0, step
         step_losses = torch.zeros(len(loader), device=device_)  # read back once per epoch, not per step
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not dist.is_main,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch",
+                   disable=not (dist.is_main and _progress_wanted()), dynamic_ncols=True, leave=False)
         for index, (patches, labels) in enumerate(bar):
             lr = learning_rate(step, total_steps, tc.lr_start, tc.lr_end)
             for group in optimiser.param_groups:

@@ -561,16 +561,18 @@ def test_segment_refuses_a_bad_checkpoint(kind, phrases, checkpoints, pristine, 
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="segment._checkpoint_path refuses --grade together with --model "
-                                       "outright ('give either --model or --grade, not both'), naming no file, "
-                                       "instead of checking the checkpoint's grade")
 def test_segment_with_a_checkpoint_of_the_other_grade(checkpoints, pristine, tmp_path):
     """--grade lgg with an HGG checkpoint is a mismatch: refused, naming the checkpoint."""
     out = tmp_path / "seg"
     result = run_cli("segment", pristine / "Phantom_000", "--model", checkpoints["good"], "--grade", "lgg",
                      "--out", out, *SEGMENT)
-    assert_one_line_error(result, checkpoints["good"], "hgg", "lgg")
+    assert_one_line_error(result, checkpoints["good"], "checkpoint is for grade 'hgg' but --grade lgg was given")
     assert not out.exists()
+    # the matching grade is accepted
+    result = run_cli("segment", pristine / "Phantom_000", "--model", checkpoints["good"], "--grade", "hgg",
+                     "--out", out, *SEGMENT)
+    assert result.returncode == 0, result.stderr
+    assert (out / "Phantom_000.nii.gz").is_file()
 
 
 def test_segment_a_bad_case_among_good_ones(checkpoints, dataset, tmp_path):
@@ -600,8 +602,6 @@ def test_output_folder_that_cannot_be_created_segment(checkpoints, pristine, tmp
     assert "Not a directory" in line or "cannot create" in line
 
 
-@pytest.mark.xfail(strict=True, reason="segment.run_segment/predict_* and train.run_training draw tqdm bars "
-                                       "on stderr under -q and when stderr is not a terminal")
 @pytest.mark.parametrize("command", ["segment", "train"])
 def test_quiet_commands_print_no_progress_bars(command, checkpoints, pristine, tmp_path):
     if command == "segment":

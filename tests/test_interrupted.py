@@ -249,8 +249,6 @@ def test_segment_batch_killed_leaves_only_complete_outputs_and_a_rerun_finishes(
         assert (out / name).stat().st_mtime_ns == mtime
 
 
-@pytest.mark.xfail(strict=True, reason="segment.run_segment skips a case when its label map exists, even "
-                                       "if the kill came before its sidecar <ID>.json was written")
 def test_segment_rerun_completes_a_case_killed_between_label_map_and_sidecar(model_and_cases, reference, tmp_path):
     """The label map is written before the sidecar; a kill in between must not leave the case half done."""
     import shutil
