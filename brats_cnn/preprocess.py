@@ -354,7 +354,10 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
     workers = config.preprocess.workers if workers is None else int(workers)
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}", out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the cache folder ({exc.strerror})", out) from exc
     work_dir = out / WORK_DIR
     summary = _read_summary(out)
 

@@ -319,7 +319,7 @@ def test_output_folder_that_cannot_be_created_preprocess(dataset, tmp_path):
     out = blocker / "cache"
     result = run_cli("preprocess", "--data", dataset, "--out", out, "--fit", *FAST_PREPROCESS)
     line = assert_one_line_error(result, out)
-    assert "Not a directory" in line or "cannot create" in line
+    assert "cannot create" in line and "Not a directory" in line
     assert blocker.read_text() == "I am a file, not a folder\n"
 
 
@@ -417,7 +417,7 @@ def test_output_folder_that_cannot_be_created_evaluate(gt_and_pred, tmp_path):
     out = blocker / "eval"
     result = run_cli("evaluate", "--pred", pred, "--gt", gt, "--out", out)
     line = assert_one_line_error(result, out)
-    assert "Not a directory" in line or "cannot create" in line
+    assert "cannot create" in line and "Not a directory" in line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ def test_output_folder_that_cannot_be_created_train(pristine, tmp_path):
     result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--device", "cpu",
                      "--config", "smoke")
     line = assert_one_line_error(result, out)
-    assert "Not a directory" in line or "cannot create" in line
+    assert "cannot create" in line and "Not a directory" in line
 
 
 SEGMENT = ["--device", "cpu", "--mode", "fast"]
@@ -599,7 +599,7 @@ def test_output_folder_that_cannot_be_created_segment(checkpoints, pristine, tmp
     out = blocker / "seg"
     result = run_cli("segment", pristine / "Phantom_000", "--model", checkpoints["good"], "--out", out, *SEGMENT)
     line = assert_one_line_error(result, out)
-    assert "Not a directory" in line or "cannot create" in line
+    assert "cannot create" in line and "Not a directory" in line
 
 
 @pytest.mark.parametrize("command", ["segment", "train"])
