@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                            out=args.out / "report")
     timings["total_s"] = time.perf_counter() - start
     (args.out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    print(json.dumps(summary["statistics"]["all"], indent=1)[:2000])
+    statistics = summary["statistics"]["all"]
+    print(f"{'region':<10} {'DSC':>6} {'PPV':>6} {'sens.':>6} {'HD95':>7}  (means over {summary['n_cases_scored']} cases)")
+    for region, metrics in statistics.items():
+        print(f"{region:<10} " + " ".join(f"{metrics[m]['mean']:>6.3f}" for m in ("dsc", "ppv", "sensitivity"))
+              + f" {metrics['hd95']['mean']:>7.2f}")
     print(f"report: {args.out / 'report' / 'report.html'}")
     return 0
 
