@@ -238,7 +238,9 @@ def test_segment_batch_killed_leaves_only_complete_outputs_and_a_rerun_finishes(
     assert 1 <= len(done) < 4, done
     for name in done:  # complete: reads fully and equals the uninterrupted output
         assert np.array_equal(np.asarray(nib.load(out / name).dataobj), np.asarray(nib.load(reference / name).dataobj))
-    before = {name: (out / name).stat().st_mtime_ns for name in done}
+    # finished = label map and sidecar (written last); a kill between the two leaves a case to redo
+    finished = [name for name in done if (out / name.replace(".nii.gz", ".json")).is_file()]
+    before = {name: (out / name).stat().st_mtime_ns for name in finished}
 
     result = subprocess.run(_segment(model, data, out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -247,6 +249,7 @@ def test_segment_batch_killed_leaves_only_complete_outputs_and_a_rerun_finishes(
         assert np.array_equal(np.asarray(nib.load(out / name).dataobj), np.asarray(nib.load(reference / name).dataobj))
     for name, mtime in before.items():  # finished cases were skipped, not redone
         assert (out / name).stat().st_mtime_ns == mtime
+    assert all((out / name.replace(".nii.gz", ".json")).is_file() for name in expected)
 
 
 def test_segment_rerun_completes_a_case_killed_between_label_map_and_sidecar(model_and_cases, reference, tmp_path):
