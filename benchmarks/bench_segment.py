@@ -95,7 +95,8 @@ def main() -> None:
     from brats_cnn.io import load_case
     from brats_cnn.model import FLOPS_PER_HGG_PATCH, PereiraCNN, load_checkpoint
     from brats_cnn.normalise import brain_mask
-    from brats_cnn.segment import cpu_has_native_bf16, predict_exact, predict_fast
+    from brats_cnn.device import cpu_has_native_bf16
+    from brats_cnn.segment import predict_exact, predict_fast
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: random HGG network)")

@@ -151,7 +151,8 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
         The results dict (also what the JSON holds).
     """
     from brats_cnn.labels import get_convention
-    from brats_cnn.train import autocast, make_loader, resolve_device
+    from brats_cnn.device import autocast, resolve_device
+    from brats_cnn.train import make_loader
 
     grade = grade.lower()
     if grade not in ("hgg", "lgg"):

@@ -19,7 +19,6 @@ are background (probability 1 for class 0).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from brats_cnn.device import autocast, cpu_has_native_bf16, resolve_device
 from brats_cnn.errors import InputError
 
 if TYPE_CHECKING:  # heavy imports stay lazy
@@ -55,27 +55,6 @@ def background_probabilities(num_classes: int, shape: tuple[int, int, int]) -> n
     probs = np.zeros((num_classes, *shape), dtype=np.float32)
     probs[0] = 1.0
     return probs
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast(device: "torch.device", amp: bool, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp``; on the CPU only when ``cpu_bf16`` and bf16 is native."""
-    import torch
-
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    if cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _inference_copy(network: "nn.Module", device: "torch.device") -> "nn.Module":
@@ -380,22 +359,6 @@ def _checkpoint_path(model: Any, grade: str | None) -> Any:
         raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
                               f"(brats-cnn train) and pass it with --model", path)
     return path
-
-
-def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
-    """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; ``cuda`` means ``cuda:local_rank``."""
-    import torch
-
-    from brats_cnn.errors import ConfigError
-
-    name = str(name).lower()
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got '{name}'")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but CUDA is not available")
-    return torch.device(name if ":" in name else f"cuda:{local_rank}")
 
 
 def resolve_mode(mode: str, device: "torch.device") -> str:

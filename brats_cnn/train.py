@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from brats_cnn.config import Config, config_to_dict, load_config, save_config
+from brats_cnn.device import autocast, resolve_device
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
@@ -86,18 +87,6 @@ def torch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(make_rng(seed, TORCH_STREAM, epoch, rank).integers(2**62))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA if available), ``cpu`` or ``cuda`` (error if CUDA is unavailable)."""
-    name = name.lower()
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got '{name}'")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but CUDA is not available (torch {torch.__version__})")
-    return torch.device(name if ":" in name else f"cuda:{local_rank}")
-
-
 @dataclass(frozen=True)
 class Distributed:
     """Process group facts; ``world_size == 1`` when not launched by torchrun."""
@@ -127,11 +116,6 @@ def init_distributed(device_name: str) -> Distributed:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Distributed(rank, local_rank, world_size)
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when ``amp``; a no-op context on the CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 # ---- data ----------------------------------------------------------------------------------------

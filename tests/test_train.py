@@ -15,7 +15,8 @@ import torch
 from brats_cnn import train
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.model import load_checkpoint
-from brats_cnn.train import learning_rate, resolve_device, run_training, split_cases
+from brats_cnn.device import resolve_device
+from brats_cnn.train import learning_rate, run_training, split_cases
 
 # A tiny run: the LGG network (cheapest), 32 patches of batch 8 per epoch, no N4.
 TINY = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=32",
