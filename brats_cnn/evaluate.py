@@ -163,11 +163,8 @@ def check_same_geometry(case_id: str, gt: io.LabelMap, pred: io.LabelMap) -> Non
     if gt.labels.shape != pred.labels.shape:
         raise InputError(f"case {case_id}: prediction shape {pred.labels.shape} differs from ground truth "
                          f"{gt.labels.shape} ({gt.source})", pred.source)
-    gt_zoom = np.linalg.norm(gt.affine[:3, :3], axis=0)
-    pred_zoom = np.linalg.norm(pred.affine[:3, :3], axis=0)
-    mm = max(np.abs(gt_zoom - pred_zoom).max(), np.abs(gt.affine[:3, 3] - pred.affine[:3, 3]).max())
-    direction = np.abs(gt.affine[:3, :3] / gt_zoom - pred.affine[:3, :3] / pred_zoom).max()
-    if mm > io.AFFINE_TOLERANCE_MM or direction > io.DIRECTION_TOLERANCE:
+    mm, direction, same = io.affine_difference(pred.affine, gt.affine)
+    if not same:
         raise InputError(f"case {case_id}: prediction affine differs from the ground truth's ({gt.source}) by "
                          f"{mm:.3g} mm in origin/spacing and {direction:.3g} in direction cosines (tolerance "
                          f"{io.AFFINE_TOLERANCE_MM:g} mm, {io.DIRECTION_TOLERANCE:g}); resample the prediction "

@@ -555,15 +555,27 @@ def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
+def affine_difference(affine: np.ndarray, ref_affine: np.ndarray) -> tuple[float, float, bool]:
+    """How far two voxel grids' affines differ.
+
+    Returns:
+        ``(mm, direction, within_tolerance)``: the largest difference in origin or voxel spacing
+        (mm), the largest difference of the direction cosines, and whether both are within
+        :data:`AFFINE_TOLERANCE_MM` and :data:`DIRECTION_TOLERANCE`.
+    """
+    spacing, ref_spacing = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(ref_affine[:3, :3], axis=0)
+    mm = float(max(np.abs(spacing - ref_spacing).max(), np.abs(affine[:3, 3] - ref_affine[:3, 3]).max()))
+    direction = float(np.abs(affine[:3, :3] / spacing - ref_affine[:3, :3] / ref_spacing).max())
+    return mm, direction, mm <= AFFINE_TOLERANCE_MM and direction <= DIRECTION_TOLERANCE
+
+
 def _check_same_grid(shape: tuple, affine: np.ndarray, ref_shape: tuple, ref_affine: np.ndarray,
                      ref_path: Path, path: Path, what: str = "shape") -> None:
     if tuple(shape) != tuple(ref_shape):
         raise InputError(f"{what} {tuple(shape)} differs from {tuple(ref_shape)} of {ref_path.name}; "
                          "all volumes of a case must share one voxel grid", path)
-    spacing, ref_spacing = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(ref_affine[:3, :3], axis=0)
-    mm = max(np.abs(spacing - ref_spacing).max(), np.abs(affine[:3, 3] - ref_affine[:3, 3]).max())
-    direction = np.abs(affine[:3, :3] / spacing - ref_affine[:3, :3] / ref_spacing).max()
-    if mm > AFFINE_TOLERANCE_MM or direction > DIRECTION_TOLERANCE:
+    mm, direction, same = affine_difference(affine, ref_affine)
+    if not same:
         raise InputError(f"affine differs from that of {ref_path.name} (by {mm:.3g} mm in origin/spacing, "
                          f"{direction:.3g} in direction cosines; tolerance {AFFINE_TOLERANCE_MM:g} mm, "
                          f"{DIRECTION_TOLERANCE:g}); all volumes of a case must share one voxel grid", path)
