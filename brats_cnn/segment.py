@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from brats_cnn import progress_wanted
 from brats_cnn.device import autocast, cpu_has_native_bf16, resolve_device
 from brats_cnn.errors import InputError
 
@@ -92,13 +93,6 @@ def exact_batch_size(network: "nn.Module", device: "torch.device", requested: in
     free, _total = torch.cuda.mem_get_info(device)
     per_patch = ACTIVATION_OVERHEAD * 4 * _max_activation_elements(network)
     return max(1, min(requested, int(free * memory_fraction / per_patch)))
-
-
-def _progress_wanted() -> bool:
-    """Progress bars only on a terminal and with INFO logs on (not under ``-q``, not into log files)."""
-    import sys
-
-    return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
@@ -578,7 +572,7 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     show_cases = len(pairs) > 1
     from tqdm import tqdm
 
-    for ref, target in tqdm(pairs, desc="cases", unit="case", disable=not (show_cases and _progress_wanted()),
+    for ref, target in tqdm(pairs, desc="cases", unit="case", disable=not (show_cases and progress_wanted()),
                             dynamic_ncols=True):
         # the sidecar is written last: a case killed between the two writes is done again
         if target.labels.exists() and target.sidecar.exists() and not overwrite:
@@ -588,7 +582,7 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
             segment_case(ref, target, checkpoint=checkpoint, checkpoint_path=checkpoint_path, config=config,
                          mode=chosen_mode, device=torch_device, convention=convention, postprocess=postprocess,
                          save_probabilities=save_probabilities,
-                         progress=(chosen_mode == "exact" or not show_cases) and _progress_wanted())
+                         progress=(chosen_mode == "exact" or not show_cases) and progress_wanted())
             outputs.append(target.labels)
         except (BratsCnnError, OSError, ValueError, RuntimeError) as exc:  # a bad case must not stop a batch
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

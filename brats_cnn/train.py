@@ -28,7 +28,6 @@ import io
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from brats_cnn.config import Config, config_to_dict, load_config, save_config
+from brats_cnn import progress_wanted
 from brats_cnn.device import autocast, resolve_device
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
@@ -59,11 +59,6 @@ METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_lo
 
 
 # ---- small pure helpers --------------------------------------------------------------------------
-
-def _progress_wanted() -> bool:
-    """Progress bars only on a terminal and with INFO logs on (not under ``-q``, not into log files)."""
-    return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
-
 
 def learning_rate(step: int, total_steps: int, start: float, end: float) -> float:
     """Linear decay per iteration: ``start`` at step 0, ``end`` at the last step ``total_steps - 1``."""
@@ -432,7 +427,7 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         seen, first_step = 0, step
         step_losses = torch.zeros(len(loader), device=device_)  # read back once per epoch, not per step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch",
-                   disable=not (dist.is_main and _progress_wanted()), dynamic_ncols=True, leave=False)
+                   disable=not (dist.is_main and progress_wanted()), dynamic_ncols=True, leave=False)
         for index, (patches, labels) in enumerate(bar):
             lr = learning_rate(step, total_steps, tc.lr_start, tc.lr_end)
             for group in optimiser.param_groups:
