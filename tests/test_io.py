@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import logging
 import os
@@ -239,11 +240,19 @@ def test_read_manifest(tmp_path):
 
 
 def test_manifest_of_the_real_sample(sample_dir):
+    # expected counts come from the manifest itself (parsed with csv here), not from code: the sample grows
+    with open(sample_dir / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = {row["case_id"]: row["grade"] for row in rows}
+    case_folders = sorted(p.name for p in sample_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(expected) == len(rows) > 0 and sorted(expected) == case_folders
     grades = io.read_manifest(sample_dir / "manifest.csv")
-    assert len(grades) == 10 and sorted(set(grades.values())) == ["HGG", "LGG"]
+    assert grades == expected and sorted(set(grades.values())) == ["HGG", "LGG"]
     assert grades["Brats18_TCIA10_628_1"] == "LGG" and grades["Brats18_CBICA_ABM_1"] == "HGG"
     refs = io.list_cases(sample_dir)
-    assert len(refs) == 10 and [r.grade for r in refs].count("LGG") == 3
+    assert [r.case_id for r in refs] == case_folders
+    assert {r.case_id: r.grade for r in refs} == expected
+    assert [r.grade for r in refs].count("LGG") == list(expected.values()).count("LGG")
     assert all(r.layout == "brats2017" for r in refs)
 
 
