@@ -8,12 +8,16 @@ Conventions:
 
 - A case image is ``(4, X, Y, Z)`` float32 in :data:`brats_cnn.CHANNELS` order (T1, T1c, T2, FLAIR).
 - The brain mask is ``(X, Y, Z)`` bool: voxels where any raw sequence is non-zero (SPEC choice).
-- Nyul landmarks are the percentiles ``(pc1, 10, 20, ..., 90, pc2)`` of the brain voxels
+- A sequence *has data* at the brain voxels where it is non-zero (:func:`sequence_data_mask`). Real
+  BraTS sequences sometimes cover only part of the brain (a FLAIR that is 0 in a third of it); such
+  zeros are missing data, not intensities, so every statistic of a sequence is taken over its own
+  data voxels only.
+- Nyul landmarks are the percentiles ``(pc1, 10, 20, ..., 90, pc2)`` of a sequence's data voxels
   (``NyulConfig``); an image's ``[pc1, pc2]`` is mapped linearly onto ``[s1, s2]`` when fitting,
   and the standard landmarks are the mean mapped positions over the training images.
-- z-scoring uses the mean/std of all training brain voxels after Nyul, per sequence. Voxels outside
-  the brain get ``PreprocessConfig.background_value`` (choice: 0.0, which is also the mean of the
-  brain voxels after z-scoring).
+- z-scoring uses the mean/std of all training data voxels after Nyul, per sequence. Voxels outside
+  the brain, and brain voxels where a sequence has no data, get ``PreprocessConfig.background_value``
+  (choice: 0.0, which is also the mean of the data voxels after z-scoring).
 
 Fitting streams over cases: one case is in memory at a time, and only its landmarks and, for each
 linear piece of its Nyul map, the count / sum / sum of squares of its brain voxels are kept. Because
@@ -58,6 +62,36 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
     if image.ndim != 4:
         raise InputError(f"expected a (C, X, Y, Z) image, got shape {image.shape}")
     return np.any(image != 0, axis=0)
+
+
+def sequence_data_mask(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Brain voxels where one sequence has data: inside ``mask`` and non-zero.
+
+    Args:
+        volume: ``(X, Y, Z)`` intensities of one sequence (raw or N4-corrected: N4 keeps zeros).
+        mask: ``(X, Y, Z)`` bool brain mask.
+
+    Returns:
+        ``(X, Y, Z)`` bool, a new array.
+    """
+    return np.asarray(mask, dtype=bool) & (np.asarray(volume) != 0)
+
+
+def sequence_coverage(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Fraction of the brain mask where each sequence has data.
+
+    Args:
+        image: ``(C, X, Y, Z)`` intensities.
+        mask: ``(X, Y, Z)`` bool brain mask.
+
+    Returns:
+        ``(C,)`` float64 in [0, 1]; all 0 for an empty mask.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    brain = int(mask.sum())
+    if brain == 0:
+        return np.zeros(np.shape(image)[0])
+    return np.array([np.count_nonzero(sequence_data_mask(channel, mask)) / brain for channel in image])
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +207,8 @@ def nyul_percentiles(nyul: NyulConfig) -> tuple[float, ...]:
     return percentiles
 
 
-def _brain_values(image: np.ndarray, mask: np.ndarray, source: str | Path | None) -> np.ndarray:
+def _data_values(image: np.ndarray, mask: np.ndarray, source: str | Path | None) -> tuple[np.ndarray, float]:
+    """The values of one sequence where it has data, and its coverage (fraction of the brain mask)."""
     image = np.asarray(image)
     mask = np.asarray(mask, dtype=bool)
     if image.shape != mask.shape:
@@ -183,34 +218,43 @@ def _brain_values(image: np.ndarray, mask: np.ndarray, source: str | Path | None
         raise InputError("empty brain mask (every voxel is zero); cannot standardise intensities", source)
     if not np.all(np.isfinite(values)):
         raise InputError("image has NaN or infinite values inside the brain", source)
-    return values
+    data = values[values != 0]
+    if data.size == 0:
+        raise InputError(f"sequence has no data inside the brain: it is 0 in all {values.size} voxels where "
+                         "another sequence is non-zero", source)
+    return data, data.size / values.size
 
 
 def image_landmarks(image: np.ndarray, mask: np.ndarray, percentiles: Sequence[float], *,
                     source: str | Path | None = None) -> np.ndarray:
-    """An image's own Nyul landmarks: percentiles of its brain voxels.
+    """An image's own Nyul landmarks: percentiles of the brain voxels where it has data (non-zero).
 
     Args:
-        image: ``(X, Y, Z)`` intensities.
-        mask: ``(X, Y, Z)`` bool brain mask.
+        image: ``(X, Y, Z)`` intensities of one sequence.
+        mask: ``(X, Y, Z)`` bool brain mask (any sequence non-zero).
         percentiles: in percent, increasing.
 
     Returns:
         ``(len(percentiles),)`` float64, strictly increasing.
 
     Raises:
-        InputError: empty mask, non-finite values, or repeated landmarks (e.g. a constant image).
+        InputError: empty mask, non-finite values, no data in the brain, or repeated landmarks
+        (an image that is constant or almost constant where it has data).
     """
-    return _landmarks_of_values(_brain_values(image, mask, source), percentiles, source)
+    values, coverage = _data_values(image, mask, source)
+    return _landmarks_of_values(values, percentiles, source, coverage)
 
 
 def _landmarks_of_values(values: np.ndarray, percentiles: Sequence[float],
-                         source: str | Path | None) -> np.ndarray:
+                         source: str | Path | None, coverage: float = 1.0) -> np.ndarray:
     landmarks = np.percentile(values.astype(np.float64), list(percentiles))
     if np.any(np.diff(landmarks) <= 0):
-        raise InputError("degenerate intensity histogram inside the brain: Nyul landmarks repeat "
-                         f"({np.array2string(landmarks, precision=4, separator=', ')}); "
-                         "is the image constant or almost constant?", source)
+        # zeros (missing coverage) are already excluded here, so this is the image itself
+        raise InputError("degenerate intensity histogram: Nyul landmarks repeat "
+                         f"({np.array2string(landmarks, precision=4, separator=', ')}) over the "
+                         f"{values.size} brain voxels where this sequence has data ({100 * coverage:.1f} % "
+                         "of the brain mask; missing coverage is excluded); the image is constant or "
+                         "almost constant there", source)
     return landmarks
 
 
@@ -277,21 +321,29 @@ def piecewise_linear(values: np.ndarray, source_landmarks: Sequence[float],
 
 
 def apply_nyul(image: np.ndarray, mask: np.ndarray, standard: NyulStandard, *,
-               source: str | Path | None = None) -> np.ndarray:
+               source: str | Path | None = None, data_only: bool = False) -> np.ndarray:
     """Standardise one sequence: map its own landmarks onto ``standard.landmarks`` (pure).
 
-    Every voxel is mapped (background included); callers mask afterwards.
+    The landmarks come from the brain voxels where the image has data (:func:`image_landmarks`).
+    By default every voxel is mapped (background and zeros included) and callers mask afterwards;
+    with ``data_only=True`` only the data voxels (:func:`sequence_data_mask`) are mapped and the
+    others are 0, which is what the pipeline (:func:`standardise_sequence`) uses.
 
     Args:
         image: ``(X, Y, Z)`` intensities.
-        mask: ``(X, Y, Z)`` bool brain mask (landmarks are computed inside it).
+        mask: ``(X, Y, Z)`` bool brain mask.
         standard: fitted :class:`NyulStandard` of this sequence.
 
     Returns:
         ``(X, Y, Z)`` float32 on the standard scale.
     """
     own = image_landmarks(image, mask, standard.percentiles, source=source)
-    return piecewise_linear(image, own, standard.landmarks)
+    if not data_only:
+        return piecewise_linear(image, own, standard.landmarks)
+    data = sequence_data_mask(image, mask)
+    out = np.zeros(np.shape(image), dtype=np.float32)
+    out[data] = piecewise_linear(np.asarray(image)[data], own, standard.landmarks)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +366,7 @@ def zscore(image: np.ndarray, mask: np.ndarray, mean: float, std: float,
         raise InputError(f"z-score: standard deviation must be positive, got {std}")
     out = np.full(np.shape(image), background_value, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
-    out[mask] = ((np.asarray(image)[mask] - mean) / std).astype(np.float32)
+    out[mask] = ((np.asarray(image)[mask].astype(np.float64) - mean) / std).astype(np.float32)
     return out
 
 
@@ -446,7 +498,7 @@ def load_normaliser(path: str | Path) -> NormaliserState:
 
 @dataclass(frozen=True)
 class SequenceMoments:
-    """Per-case sufficient statistics of one sequence's brain voxels (after N4).
+    """Per-case sufficient statistics of one sequence's data voxels (after N4).
 
     Piece ``k`` of the Nyul map is the line through landmarks ``k`` and ``k+1``; voxels below the
     second landmark belong to piece 0 and voxels above the second-to-last to the last piece (the
@@ -466,17 +518,41 @@ class SequenceMoments:
 
 @dataclass(frozen=True)
 class CaseStatistics:
-    """What fitting keeps of one training case: its id and per-sequence moments."""
+    """What fitting keeps of one training case: its id and per-sequence moments.
+
+    ``to_dict()`` / ``from_dict()`` round-trip exactly through JSON (the preprocess command keeps
+    one per case so that a refit does not have to run N4 again).
+    """
 
     case_id: str
     moments: dict[str, SequenceMoments]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"case_id": self.case_id,
+                "moments": {name: {f.name: list(getattr(m, f.name)) for f in dataclasses.fields(m)}
+                            for name, m in self.moments.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path | None = None) -> "CaseStatistics":
+        """Rebuild from :meth:`to_dict` output; InputError on a malformed dict."""
+        try:
+            moments = {str(name): SequenceMoments(tuple(float(v) for v in m["landmarks"]),
+                                                  tuple(int(v) for v in m["counts"]),
+                                                  tuple(float(v) for v in m["sums"]),
+                                                  tuple(float(v) for v in m["squares"]))
+                       for name, m in data["moments"].items()}
+            return cls(case_id=str(data["case_id"]), moments=moments)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise InputError(f"malformed case statistics ({type(exc).__name__}: {exc})", source) from None
+
 
 def sequence_moments(image: np.ndarray, mask: np.ndarray, percentiles: Sequence[float], *,
                      source: str | Path | None = None) -> SequenceMoments:
-    """Landmarks and per-piece moments of one ``(X, Y, Z)`` sequence inside ``mask``."""
-    values = _brain_values(image, mask, source).astype(np.float64)
-    landmarks = _landmarks_of_values(values, percentiles, source)
+    """Landmarks and per-piece moments of one ``(X, Y, Z)`` sequence where it has data inside ``mask``."""
+    values, coverage = _data_values(image, mask, source)
+    values = values.astype(np.float64)
+    landmarks = _landmarks_of_values(values, percentiles, source, coverage)
     pieces = np.clip(np.searchsorted(landmarks[1:-1], values, side="right"), 0, len(landmarks) - 2)
     shifted = values - landmarks[pieces]
     n_pieces = len(landmarks) - 1
@@ -605,17 +681,35 @@ def standardise_image(image: np.ndarray, mask: np.ndarray, state: NormaliserStat
         mask: ``(X, Y, Z)`` bool brain mask.
 
     Returns:
-        ``(C, X, Y, Z)`` float32; non-brain voxels are ``background_value``.
+        ``(C, X, Y, Z)`` float32; non-brain voxels, and brain voxels where a sequence has no data,
+        are ``background_value`` (see :func:`standardise_sequence`).
     """
     check_case_image(image, state.channel_order, source)
-    mask = np.asarray(mask, dtype=bool)
-    out = np.full(np.shape(image), background_value, dtype=np.float32)
-    for c, name in enumerate(state.channel_order):
-        values = _brain_values(image[c], mask, f"{source or 'image'} ({name})")
-        own = _landmarks_of_values(values, state.percentiles, f"{source or 'image'} ({name})")
-        standard = piecewise_linear(values, own, state.landmarks[name]).astype(np.float64)
-        out[c][mask] = ((standard - state.mean[name]) / state.std[name]).astype(np.float32)
-    return out
+    return np.stack([
+        standardise_sequence(image[c], mask, state.nyul_standard(name), state.mean[name], state.std[name],
+                             background_value, source=f"{source or 'image'} ({name})")
+        for c, name in enumerate(state.channel_order)])
+
+
+def standardise_sequence(volume: np.ndarray, mask: np.ndarray, standard: NyulStandard, mean: float,
+                         std: float, background_value: float = 0.0, *,
+                         source: str | Path | None = None) -> np.ndarray:
+    """Nyul (:func:`apply_nyul`) then z-score (:func:`zscore`) of one bias-corrected sequence (pure).
+
+    The network sees ``background_value`` wherever the sequence has no data: outside the brain
+    and at brain voxels where this sequence is 0 (missing coverage), so a gap in one sequence
+    looks like background in that channel while the other channels keep their values.
+
+    Args:
+        volume: ``(X, Y, Z)`` intensities of one sequence.
+        mask: ``(X, Y, Z)`` bool brain mask.
+        standard, mean, std: the fitted Nyul standard and z-score statistics of this sequence.
+
+    Returns:
+        ``(X, Y, Z)`` float32.
+    """
+    nyul = apply_nyul(volume, mask, standard, source=source, data_only=True)
+    return zscore(nyul, sequence_data_mask(volume, mask), mean, std, background_value)
 
 
 def normalise_case(case: Any, state: NormaliserState, config: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -629,8 +723,9 @@ def normalise_case(case: Any, state: NormaliserState, config: Any) -> tuple[np.n
         config: ``PreprocessConfig`` or a full ``Config``.
 
     Returns:
-        ``(image, mask)``: ``(4, X, Y, Z)`` float32 with non-brain voxels set to
-        ``config.background_value``, and the ``(X, Y, Z)`` bool brain mask.
+        ``(image, mask)``: ``(4, X, Y, Z)`` float32 with non-brain voxels (and brain voxels where
+        a sequence has no data) set to ``config.background_value``, and the ``(X, Y, Z)`` bool
+        brain mask (any raw sequence non-zero, unchanged by missing coverage).
     """
     pre = _as_preprocess_config(config)
     source = getattr(case, "source", None) or getattr(case, "case_id", None)

@@ -121,7 +121,8 @@ def phantom_tissues(shape: Sequence[int], seed: int = 0, grade: str = "HGG") -> 
 def make_phantom(shape: Sequence[int] = (64, 64, 40), seed: int = 0, *, grade: str = "HGG",
                  label_convention: str = "brats2017", bias_strength: float = 0.2, noise: str = "rician",
                  noise_level: float = 0.03, intensity_scale: float | Sequence[float] | None = 1.0,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0), case_id: str | None = None) -> Case:
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), case_id: str | None = None,
+                 no_data: Mapping[str, float] | None = None) -> Case:
     """A synthetic case.
 
     Args:
@@ -135,6 +136,9 @@ def make_phantom(shape: Sequence[int] = (64, 64, 40), seed: int = 0, *, grade: s
         intensity_scale: global multiplier, one per case or one per sequence; None draws a
             log-uniform scale per sequence from ``RANDOM_SCALE_RANGE`` (to exercise Nyul).
         spacing: voxel size in mm.
+        no_data: sequence name -> fraction of the brain where that sequence is 0 (missing
+            coverage, as in some real BraTS cases): the ``round(fraction * brain voxels)`` brain
+            voxels with the lowest Y index. The other sequences keep the brain mask whole.
 
     Returns:
         :class:`~brats_cnn.io.Case` with ``image`` ``(4, X, Y, Z)`` float32 (background exactly 0,
@@ -172,12 +176,27 @@ def make_phantom(shape: Sequence[int] = (64, 64, 40), seed: int = 0, *, grade: s
         # brain voxels stay strictly positive so that the brain mask (any sequence non-zero) is exact
         channel = np.maximum(channel, np.float32(1e-3 * BASE_INTENSITY)) * np.float32(scales[index])
         image[index] = np.where(brain, channel, np.float32(0.0))
+    for name, fraction in (no_data or {}).items():
+        if name not in CHANNELS or not 0.0 <= float(fraction) < 1.0:
+            raise InputError(f"no_data: expected a sequence of {list(CHANNELS)} and a fraction in [0, 1), "
+                             f"got {name!r}: {fraction!r}")
+        image[CHANNELS.index(name)][_lowest_y_voxels(brain, float(fraction))] = 0.0
     labels = np.where(tissues <= ENHANCING, tissues, BACKGROUND).astype(np.int16)
     if label_convention != "brats2013":
         labels = convert_labels(labels, "brats2013", label_convention).astype(np.int16)
     affine = phantom_affine(shape, spacing)
     return Case(case_id or f"phantom_{seed:03d}", image, labels, affine, header_from_affine(affine, shape),
                 tuple(float(s) for s in spacing), label_convention, grade, Path(f"<phantom seed={seed}>"))
+
+
+def _lowest_y_voxels(brain: np.ndarray, fraction: float) -> np.ndarray:
+    """``(X, Y, Z)`` bool: the ``round(fraction * brain.sum())`` brain voxels of lowest Y index."""
+    flat = np.flatnonzero(brain)
+    y = np.unravel_index(flat, brain.shape)[1]
+    chosen = flat[np.argsort(y, kind="stable")[:int(round(fraction * flat.size))]]
+    out = np.zeros(brain.size, dtype=bool)
+    out[chosen] = True
+    return out.reshape(brain.shape)
 
 
 def write_phantom_dataset(root: str | Path, n_cases: int, layout: str = "brats2017", seed: int = 0,

@@ -14,8 +14,8 @@ from brats_cnn.config import N4Config, NyulConfig, PreprocessConfig
 from brats_cnn.errors import BratsCnnError, InputError
 from brats_cnn.normalise import (
     NORMALISER_VERSION, NormaliserState, apply_nyul, brain_mask, case_statistics, correct_bias, fit_normaliser,
-    fit_nyul, image_landmarks, load_normaliser, n4_correct, normalise_case, piecewise_linear, save_normaliser,
-    sequence_moments, state_from_statistics, zscore)
+    CaseStatistics, fit_nyul, image_landmarks, load_normaliser, n4_correct, normalise_case, piecewise_linear,
+    save_normaliser, sequence_coverage, sequence_data_mask, sequence_moments, state_from_statistics, zscore)
 from brats_cnn.phantom import WHITE_MATTER, bias_field, make_phantom, phantom_tissues
 
 SHAPE = (32, 32, 20)
@@ -128,7 +128,8 @@ def test_apply_nyul_is_pure_and_repeatable():
 
 @pytest.mark.parametrize("make, match", [
     (lambda img, m: (np.where(m, 7.0, 0).astype(np.float32), m), "landmarks repeat"),
-    (lambda img, m: (np.where(m & (np.arange(img.shape[0])[:, None, None] < 20), 0, img), m), "landmarks repeat"),
+    (lambda img, m: (np.where(m & (np.arange(img.shape[0])[:, None, None] < 20), 7.0, img), m), "landmarks repeat"),
+    (lambda img, m: (np.zeros_like(img), m), "no data inside the brain"),
     (lambda img, m: (img, np.zeros_like(m)), "empty brain mask"),
     (lambda img, m: (np.where(m, np.nan, 0), m), "NaN"),
 ])
@@ -142,6 +143,37 @@ def test_degenerate_histograms_raise_input_error(make, match):
     with pytest.raises(InputError, match=match) as info:
         apply_nyul(bad_image, bad_mask, standard, source="case_42/t1.nii.gz")
     assert str(info.value).startswith("case_42/t1.nii.gz")
+
+
+def test_degenerate_message_tells_a_constant_image_from_partial_coverage():
+    image, mask = _blob()
+    # constant (7) where the image has data, 0 (no data) in the rest of the brain: 40 % coverage
+    covered = mask & (np.arange(SHAPE[0])[:, None, None] >= 16)
+    constant = np.where(covered, 7.0, 0.0).astype(np.float32)
+    with pytest.raises(InputError) as info:
+        image_landmarks(constant, mask, (1.0, 50.0, 99.0), source="case_7 (flair)")
+    coverage = 100 * covered.sum() / mask.sum()
+    assert str(info.value) == (
+        f"case_7 (flair): degenerate intensity histogram: Nyul landmarks repeat ([7., 7., 7.]) over the "
+        f"{covered.sum()} brain voxels where this sequence has data ({coverage:.1f} % of the brain mask; "
+        "missing coverage is excluded); the image is constant or almost constant there")
+
+
+def test_landmarks_and_apply_use_only_the_voxels_where_the_sequence_has_data():
+    image, mask = _blob()
+    gap = mask & (np.arange(SHAPE[0])[:, None, None] < 12)  # this sequence has no data there
+    partial = np.where(gap, 0, image).astype(np.float32)
+    percentiles = (1.0, 10.0, 50.0, 90.0, 99.0)
+    data = mask & ~gap
+    np.testing.assert_array_equal(image_landmarks(partial, mask, percentiles),
+                                  np.percentile(image[data].astype(np.float64), percentiles))
+    np.testing.assert_array_equal(sequence_data_mask(partial, mask), data)
+    assert sequence_coverage(np.stack([image, partial]), mask) == pytest.approx([1.0, data.sum() / mask.sum()])
+    standard = fit_nyul([image], [mask], NyulConfig())
+    everywhere = apply_nyul(partial, mask, standard)
+    only_data = apply_nyul(partial, mask, standard, data_only=True)
+    np.testing.assert_array_equal(only_data[data], everywhere[data])
+    assert np.all(only_data[~data] == 0) and np.all(everywhere[gap] < standard.landmarks[0])
 
 
 def test_unordered_percentiles_are_a_config_error():
@@ -170,6 +202,40 @@ def test_moments_give_exact_mean_and_std_of_standardised_voxels():
             for case in cases]).astype(np.float64)
         assert state.mean[name] == pytest.approx(pooled.mean(), rel=1e-9)
         assert state.std[name] == pytest.approx(pooled.std(), rel=1e-9)
+
+
+def test_phantom_with_a_partly_covered_flair_fits_and_normalises():
+    """FLAIR is 0 in 35 % of one phantom's brain (as in the real Brats18_2013_20_1)."""
+    full = make_phantom(SHAPE, seed=0)
+    partial = make_phantom(SHAPE, seed=1, no_data={"flair": 0.35})
+    mask = brain_mask(partial.image)
+    flair = partial.image[3]
+    gap = mask & (flair == 0)
+    assert np.array_equal(mask, brain_mask(make_phantom(SHAPE, seed=1).image))  # the mask stays whole
+    assert gap.sum() == round(0.35 * mask.sum())
+    old_definition = np.percentile(flair[mask], (1, 10, 20, 30))  # zeros counted: a spike at 0
+    assert np.all(old_definition == 0)
+
+    config = PreprocessConfig(n4=N4Config(sequences=()), background_value=-5.0)
+    stats = [case_statistics(case, config) for case in (full, partial)]
+    np.testing.assert_array_equal(stats[1].moments["flair"].landmarks,
+                                  np.percentile(flair[mask & ~gap].astype(np.float64), (1, *range(10, 100, 10), 99)))
+    assert sum(stats[1].moments["flair"].counts) == mask.sum() - gap.sum()
+    assert sum(stats[1].moments["t1"].counts) == mask.sum()
+    state = state_from_statistics(stats, config)
+    image, out_mask = normalise_case(partial, state, config)
+    assert np.array_equal(out_mask, mask)
+    assert np.all(image[3][gap] == -5.0) and np.all(image[3][~mask] == -5.0)  # no data looks like background
+    assert np.all(image[:3][:, gap] != -5.0)  # the other sequences keep their values there
+    # z-score statistics are over the data voxels of both cases: mean 0, std 1 there
+    pooled = np.concatenate([normalise_case(full, state, config)[0][3][mask], image[3][mask & ~gap]])
+    assert pooled.mean() == pytest.approx(0.0, abs=1e-5) and pooled.std() == pytest.approx(1.0, abs=1e-5)
+    # the fitted FLAIR standard stays close to that of two fully covered phantoms up to the 80th
+    # percentile (no spike at 0); the 90th moves (by ~10 of 100) because the uncovered part of this
+    # phantom holds bright tumour/edema voxels, so the covered part has fewer of them
+    reference = fit_normaliser([full, make_phantom(SHAPE, seed=1)], config)
+    difference = np.abs(np.subtract(state.landmarks["flair"], reference.landmarks["flair"]))
+    assert np.max(difference[:9]) < 1.5 and difference[9] < 15
 
 
 def test_normalised_training_voxels_have_zero_mean_unit_std():
@@ -219,6 +285,14 @@ def test_normalise_case_never_refits_and_does_not_mutate(fitted_state):
     assert np.array_equal(case.image, before_image)
     np.testing.assert_allclose(first, second, atol=1e-5)  # N4 is deterministic up to thread order
     assert np.array_equal(mask, brain_mask(case.image))
+
+
+def test_case_statistics_json_round_trip_is_exact():
+    stats = case_statistics(make_phantom(SHAPE, seed=4, intensity_scale=None), PreprocessConfig(n4=N4Config(sequences=())))
+    again = CaseStatistics.from_dict(json.loads(json.dumps(stats.to_dict())))
+    assert again == stats and set(again.moments) == {"t1", "t1c", "t2", "flair"}
+    with pytest.raises(InputError, match="malformed case statistics"):
+        CaseStatistics.from_dict({"case_id": "x"}, source="stats.json")
 
 
 def test_state_json_round_trip_is_exact(fitted_state, tmp_path):
