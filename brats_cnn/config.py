@@ -51,6 +51,8 @@ class PreprocessConfig:
     background_value: float = 0.0  # (choice) value of non-brain voxels after z-scoring
     cache_dtype: str = "float16"  # (choice) dtype of the memory-mapped preprocessed volumes
     workers: int = 2  # parallel cases in `brats-cnn preprocess`
+    min_coverage: float = 0.5  # (choice) a case is unusable if a sequence has data in less of the brain mask
+    strict: bool = False  # (choice) stop at an unusable case instead of skipping it (--strict)
 
 
 @dataclass(frozen=True)
