@@ -95,7 +95,7 @@ def main() -> None:
     from brats_cnn.io import load_case
     from brats_cnn.model import FLOPS_PER_HGG_PATCH, PereiraCNN, load_checkpoint
     from brats_cnn.normalise import brain_mask
-    from brats_cnn.device import cpu_has_native_bf16
+    from brats_cnn.device import Compute, cpu_has_native_bf16
     from brats_cnn.segment import predict_exact, predict_fast
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,8 +140,9 @@ def main() -> None:
             continue
         load_before = os.getloadavg()
         start = time.perf_counter()
-        fast[name] = predict_fast(network, image, mask, batch_size=batch, device="cpu", amp=True,
-                                  background_value=background, slices_per_batch=spb, cpu_bf16=bf16, progress=True)
+        compute = Compute(torch.device("cpu"), bf16=bf16, channels_last=True)
+        fast[name] = predict_fast(network, image, mask, batch_size=batch, compute=compute,
+                                  background_value=background, slices_per_batch=spb, progress=True)
         seconds = time.perf_counter() - start
         results["runs"][name] = {"seconds": seconds, "voxels_per_s": brain_voxels / seconds,
                                  "gflops_per_s": flops / seconds / 1e9, "flops": flops,
@@ -151,20 +152,27 @@ def main() -> None:
     reference = next(iter(fast.values()))
     tumour = reference.argmax(0) > 0
     subset = exact_subset(mask, tumour)
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    exact = predict_exact(network, image, subset, batch_size=batch, device="cpu", amp=True,
-                          background_value=background, progress=True)
-    seconds = time.perf_counter() - start
-    per_voxel = seconds / subset.sum()
-    results["runs"]["exact_fp32"] = {
-        "subset_voxels": int(subset.sum()), "subset_seconds": seconds,
-        "seconds_extrapolated_to_brain": per_voxel * brain_voxels, "voxels_per_s": 1 / per_voxel,
-        "gflops_per_s": FLOPS_PER_HGG_PATCH / per_voxel / 1e9 if network.architecture == "hgg" else None,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    rows.append(("exact_fp32", per_voxel * brain_voxels, 1 / per_voxel,
-                 results["runs"]["exact_fp32"]["gflops_per_s"] or float("nan"),
-                 f"extrapolated from {int(subset.sum())} voxels"))
+    exact_runs = {}
+    for name, compute in (("exact_fp32", Compute(torch.device("cpu"), bf16=False, channels_last=False)),
+                          ("exact_bf16_cl", Compute(torch.device("cpu"), bf16=True, channels_last=True))):
+        if compute.bf16 and not cpu_has_native_bf16():
+            continue
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        exact_runs[name] = predict_exact(network, image, subset, batch_size=batch, compute=compute,
+                                         background_value=background, progress=True)
+        seconds = time.perf_counter() - start
+        per_voxel = seconds / subset.sum()
+        results["runs"][name] = {
+            "subset_voxels": int(subset.sum()), "subset_seconds": seconds,
+            "seconds_extrapolated_to_brain": per_voxel * brain_voxels, "voxels_per_s": 1 / per_voxel,
+            "gflops_per_s": FLOPS_PER_HGG_PATCH / per_voxel / 1e9 if network.architecture == "hgg" else None,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        rows.append((name, per_voxel * brain_voxels, 1 / per_voxel,
+                     results["runs"][name]["gflops_per_s"] or float("nan"),
+                     f"extrapolated from {int(subset.sum())} voxels"))
+    exact = exact_runs["exact_fp32"]
+    fast.update({name: p for name, p in exact_runs.items() if name != "exact_fp32"})
     results["agreement_with_exact"] = {name: agreement(p, exact, subset, convention) for name, p in fast.items()}
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     results["loadavg_end"] = os.getloadavg()
@@ -188,7 +196,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["tab:blue"] * (len(rows) - 1) + ["tab:red"])
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["tab:red" if r[0].startswith("exact") else "tab:blue" for r in rows])
     ax.set_xscale("log")
     ax.set_xlabel(f"seconds per volume (CPU, {threads} threads, load {results['loadavg_end'][0]:.1f})")
     ax.set_title("brats-cnn segment: fast (measured) vs exact (extrapolated)", fontsize=9)

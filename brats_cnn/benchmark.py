@@ -1,10 +1,12 @@
 """The ``brats-cnn benchmark`` command: training throughput of the network and of the data pipeline.
 
-Three timings, each after a warm-up, as mean +- sd seconds per batch:
+Timings, each after a warm-up, as mean +- sd seconds per batch:
 
 * ``forward``: inference forward pass (eval mode, no autograd) on a batch already on the device;
 * ``train_step``: forward + backward + SGD step on a batch already on the device (model-only rate);
-* ``pipeline``: the real training path: ``PatchBatches`` from a preprocessed cache through a
+  both for every precision (float32, bf16 where native) and memory format (NCHW, channels_last),
+  so the speed-up of bf16 + channels_last is always measured side by side in one run;
+* ``pipeline``: with the configured precision and layout (``compute``), the real training path: ``PatchBatches`` from a preprocessed cache through a
   ``DataLoader`` (workers, pinned memory), host-to-device copy, forward + backward + step.
 
 ``pipeline_ratio`` = pipeline patches/s / model-only train-step patches/s (target >= 0.9: the data
@@ -24,7 +26,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from brats_cnn.config import Config, load_config
 from brats_cnn.errors import ConfigError
@@ -135,9 +136,31 @@ def _pipeline_batches(cache: Path, config: Config, batch_size: int, batches: int
                         arbitrary_rotation=config.sampling.arbitrary_rotation, seed=config.train.seed)
 
 
+def _variants(device: torch.device, configured: Any) -> dict[str, Any]:
+    """The precision x memory-format combinations timed side by side (bf16 only where it is native)."""
+    from brats_cnn.device import Compute, cpu_has_native_bf16
+
+    bf16_ok = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
+        device.type == "cpu" and cpu_has_native_bf16())
+    variants = {}
+    for bf16 in (False, True):
+        for channels_last in (False, True):
+            if bf16 and not bf16_ok:
+                continue
+            name = f"{'bf16' if bf16 else 'float32'}_{'channels_last' if channels_last else 'nchw'}"
+            variants[name] = Compute(device, bf16=bf16, channels_last=channels_last)
+    variants["configured"] = configured
+    return variants
+
+
 def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 128, iterations: int = 20,
                   data: Path | None = None, out: Path | None = None, config: Config | None = None) -> dict:
-    """Time the network and the training pipeline; print a table; write JSON to ``out`` if given.
+    """Time the network in every precision and memory format, and the training pipeline; print a table.
+
+    The forward pass and the train step (:func:`brats_cnn.train.train_step`) are timed for float32
+    and bf16 (where native), NCHW and channels_last, each on a fresh copy of the same initial
+    network; the full pipeline (``PatchBatches`` -> ``DataLoader`` -> train step) runs with the
+    precision and layout the config selects (``compute``), which ``train`` uses too.
 
     Args:
         grade: ``hgg`` or ``lgg`` network (bundled ``pereira_<grade>`` config unless ``config``).
@@ -148,11 +171,15 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
         out: JSON file to write.
 
     Returns:
-        The results dict (also what the JSON holds).
+        The results dict (also what the JSON holds): ``variants`` maps each variant name to its
+        ``forward`` and ``train_step`` rows; top-level ``forward``/``train_step`` are the configured
+        variant's; ``speedup_vs_float32_nchw`` compares train steps.
     """
+    import copy
+
+    from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.labels import get_convention
-    from brats_cnn.device import autocast, resolve_device
-    from brats_cnn.train import make_loader
+    from brats_cnn.train import make_loader, train_step
 
     grade = grade.lower()
     if grade not in ("hgg", "lgg"):
@@ -161,35 +188,41 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
         raise ConfigError(f"--batch-size must be >= 1 and --iterations >= 2, got {batch_size} and {iterations}")
     config = config or load_config(f"pereira_{grade}")
     device_ = resolve_device(device)
-    amp = config.train.amp and device_.type == "cuda"
+    configured = compute_settings(device_, config.compute)
     load_before = os.getloadavg()
     torch.manual_seed(config.train.seed)
-    network = build_network(config.model, get_convention(config.data.label_convention).num_classes).to(device_)
-    flops = forward_flops(network, config.sampling.patch_size)
+    initial = build_network(config.model, get_convention(config.data.label_convention).num_classes)
+    flops = forward_flops(initial, config.sampling.patch_size)
     flops_per_patch = FLOPS_PER_HGG_PATCH if config.model.architecture == "hgg" else float(flops)
-    optimiser = torch.optim.SGD(network.parameters(), lr=config.train.lr_start, momentum=config.train.momentum,
-                                nesterov=True)
     side = config.sampling.patch_size
-    patches = torch.randn(batch_size, 4, side, side, device=device_)
-    labels = torch.randint(0, network.num_classes, (batch_size,), device=device_)
+    host_patches = torch.randn(batch_size, 4, side, side)
+    host_labels = torch.randint(0, initial.num_classes, (batch_size,))
 
-    def forward() -> None:
-        with torch.inference_mode(), autocast(device_, amp):
-            network(patches)
+    def setup(compute: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        network = compute.network(copy.deepcopy(initial))
+        return network, torch.optim.SGD(network.parameters(), lr=config.train.lr_start,
+                                        momentum=config.train.momentum, nesterov=True,
+                                        weight_decay=config.train.weight_decay)
 
-    def train_step(batch: torch.Tensor = patches, target: torch.Tensor = labels) -> None:
-        with autocast(device_, amp):
-            logits = network(batch)
-        loss = F.cross_entropy(logits.float(), target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+    variants: dict[str, dict] = {}
+    for name, compute in _variants(device_, configured).items():
+        network, optimiser = setup(compute)
+        patches, labels = compute.batch(host_patches), compute.batch(host_labels)
 
-    network.eval()
-    forward_s = time_batches(forward, iterations, device_)
-    network.train()
-    step_s = time_batches(train_step, iterations, device_)
+        def forward() -> None:
+            with torch.inference_mode(), compute.autocast():
+                network(patches)
 
+        network.eval()
+        forward_s = time_batches(forward, iterations, device_)
+        network.train()
+        step_s = time_batches(lambda: train_step(network, optimiser, patches, labels, compute), iterations, device_)
+        variants[name] = {
+            "precision": compute.precision, "channels_last": compute.channels_last,
+            "forward": _summary(forward_s, batch_size, flops_per_patch * batch_size),
+            "train_step": _summary(step_s, batch_size, BACKWARD_FLOP_FACTOR * flops_per_patch * batch_size)}
+
+    network, optimiser = setup(configured)
     with tempfile.TemporaryDirectory(prefix="brats-cnn-bench-") as tmp:
         cache = _cache_of(Path(data), Path(tmp), config) if data else _phantom_cache(Path(tmp), config)
         dataset = _pipeline_batches(cache, config, batch_size, iterations + WARMUP_ITERATIONS)
@@ -197,20 +230,25 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
 
         def pipeline_step() -> None:
             batch, target = next(batches)
-            train_step(batch.to(device_, non_blocking=True), target.to(device_, non_blocking=True))
+            train_step(network, optimiser, configured.batch(batch), configured.batch(target), configured)
 
         pipeline_s = time_batches(pipeline_step, len(dataset) - WARMUP_ITERATIONS, device_)
 
+    baseline = variants["float32_nchw"]["train_step"]["patches_per_s"]
     results = {
         "grade": grade, "architecture": config.model.architecture, "device": str(device_),
         "device_name": torch.cuda.get_device_name(device_) if device_.type == "cuda" else platform.processor()
         or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "amp_bf16": amp,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "precision": configured.precision, "channels_last": configured.channels_last,
         "batch_size": batch_size, "num_workers": config.train.num_workers,
         "flops_per_patch_forward": flops_per_patch, "flops_per_patch_forward_counted": flops,
-        "forward": _summary(forward_s, batch_size, flops_per_patch * batch_size),
-        "train_step": _summary(step_s, batch_size, BACKWARD_FLOP_FACTOR * flops_per_patch * batch_size),
+        "variants": variants,
+        "forward": variants["configured"]["forward"],
+        "train_step": variants["configured"]["train_step"],
         "pipeline": _summary(pipeline_s, batch_size, BACKWARD_FLOP_FACTOR * flops_per_patch * batch_size),
+        "speedup_vs_float32_nchw": {name: row["train_step"]["patches_per_s"] / baseline
+                                    for name, row in variants.items()},
         "data": str(data) if data else f"phantom x{PHANTOM_CASES} {PHANTOM_SHAPE}",
         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
     }
@@ -226,12 +264,20 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
 def format_table(results: dict) -> str:
     """A plain-text table of :func:`run_benchmark` results."""
     lines = [f"brats-cnn benchmark: {results['grade'].upper()} network on {results['device']} "
-             f"({results['device_name']}), batch {results['batch_size']}, bf16 {results['amp_bf16']}, "
-             f"load {results['loadavg_before'][0]:.2f}",
-             f"{'measurement':<14}{'ms/batch':>16}{'patches/s':>12}{'GFLOP/s':>10}"]
-    for name in ("forward", "train_step", "pipeline"):
-        row = results[name]
-        lines.append(f"{name:<14}{row['mean_s'] * 1e3:>9.1f} +- {row['sd_s'] * 1e3:<5.1f}"
-                     f"{row['patches_per_s']:>11.0f}{row['gflops_per_s']:>10.1f}")
+             f"({results['device_name']}), batch {results['batch_size']}, {results['threads']} threads, "
+             f"load {results['loadavg_before'][0]:.2f} -> {results['loadavg_after'][0]:.2f}",
+             f"{'variant':<24}{'measurement':<12}{'ms/batch':>16}{'patches/s':>11}{'GFLOP/s':>9}{'vs fp32':>9}"]
+
+    def row(variant: str, name: str, values: dict, speedup: str = "") -> str:
+        return (f"{variant:<24}{name:<12}{values['mean_s'] * 1e3:>9.1f} +- {values['sd_s'] * 1e3:<5.1f}"
+                f"{values['patches_per_s']:>10.0f}{values['gflops_per_s']:>9.1f}{speedup:>9}")
+
+    for variant, values in results["variants"].items():
+        label = f"configured ({results['precision']}{', CL' if results['channels_last'] else ''})" \
+            if variant == "configured" else variant
+        lines.append(row(label, "forward", values["forward"]))
+        lines.append(row("", "train_step", values["train_step"],
+                         f"{results['speedup_vs_float32_nchw'][variant]:.2f}x"))
+    lines.append(row("configured", "pipeline", results["pipeline"]))
     lines.append(f"pipeline / model-only rate: {results['pipeline_ratio']:.1%} (target >= 90%)")
     return "\n".join(lines)

@@ -82,27 +82,35 @@ class TrainConfig:
     weight_decay: float = 0.0  # (choice)
     seed: int = 0  # (choice)
     num_workers: int = 2  # data-loader workers (choice)
-    amp: bool = True  # bf16 autocast on CUDA (choice; ignored on CPU)
     compile: bool = False  # torch.compile the network (choice)
-    validate_dice: bool = True  # per-epoch Dice on validation cases if time allows (choice)
+    validate_dice: bool = True  # validation Dice on whole validation cases (fast mode) (choice)
     deterministic: bool = False  # (choice) deterministic CUDA kernels (slower); CPU runs are always reproducible
     dice_slices: int = 0  # (choice) validation Dice on this many evenly spaced brain slices per case; 0 = all
+    validate_every_steps: int = 0  # (choice) also validate (and checkpoint) every N steps; 0 = after each epoch only
+    checkpoint_minutes: float = 10.0  # (choice) mid-epoch last.pt at most this many minutes apart; 0 = epoch ends only
+    checkpoint_every_steps: int = 0  # (choice) also write last.pt every N steps; 0 = off
 
 
 @dataclass(frozen=True)
 class SegmentConfig:
     mode: str = "auto"  # "exact", "fast" or "auto" (exact on CUDA, fast on CPU) (choice)
     batch_size: int = 4096  # patches (exact) / voxels through the FC layers (fast) per pass (choice)
-    amp: bool = True  # bf16 autocast on CUDA (choice)
     slices_per_batch: int = 4  # fast mode: axial slices per pass through the convolutions (choice)
     memory_fraction: float = 0.5  # exact mode on CUDA: share of free GPU memory for a batch (choice)
-    cpu_bf16: bool = True  # fast mode on CPUs with native bf16 (AVX512-BF16/AMX): bf16 autocast (choice)
 
 
 @dataclass(frozen=True)
 class PostprocessConfig:
     min_component_voxels: int = 10_000  # (paper) t_vol: 10,000 HGG, 3,000 LGG
     connectivity: int = 1  # (choice) 1 = face (6-), 2 = edge (18-), 3 = vertex (26-) connectivity
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Precision and memory format of train, segment and benchmark (applied by ``device.compute_settings``)."""
+
+    precision: str = "auto"  # (choice) "auto": bf16 autocast on CUDA and on CPUs with native bf16; "float32"; "bf16"
+    channels_last: bool = True  # (choice) NHWC weights and batches (faster oneDNN/cuDNN convolutions)
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 _CHOICES = {
@@ -125,7 +134,12 @@ _CHOICES = {
     "data.label_convention": ("brats2013", "brats2017", "brats2023", "msd"),
     "preprocess.cache_dtype": ("float16", "float32"),
     "postprocess.connectivity": (1, 2, 3),
+    "compute.precision": ("auto", "bf16", "float32"),
 }
+
+# Keys of earlier versions, dropped when a stored config (e.g. in a bundled checkpoint) is read:
+# their job is done by the ``compute`` section now.
+_RETIRED_KEYS = {"train": ("amp",), "segment": ("amp", "cpu_bf16")}
 
 
 _FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -185,9 +199,22 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def _refuse_retired(values: dict, source: str) -> None:
+    """A retired key written by a user (YAML or ``--set``) is an error that names its replacement."""
+    for section, keys in _RETIRED_KEYS.items():
+        for key in keys:
+            if isinstance(values.get(section), dict) and key in values[section]:
+                raise ConfigError(f"config key '{section}.{key}' was replaced by 'compute.precision' "
+                                  f"(auto, bf16 or float32)", source)
+
+
 def config_from_dict(values: dict, source: str = "<config>") -> Config:
     """Build a validated :class:`Config` from a nested dict (missing keys take defaults)."""
-    return _build(Config, values or {}, "", source)
+    values = dict(values or {})
+    for section, keys in _RETIRED_KEYS.items():
+        if isinstance(values.get(section), dict):
+            values[section] = {k: v for k, v in values[section].items() if k not in keys}
+    return _build(Config, values, "", source)
 
 
 def config_to_dict(config: Any) -> dict:
@@ -258,10 +285,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"cannot read config ({exc.strerror})", file) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("a config file must be a YAML mapping", file)
+        _refuse_retired(loaded or {}, source)
         values = _deep_merge(values, loaded or {})
     config = config_from_dict(values, source)
     if overrides:
-        merged = _deep_merge(config_to_dict(config), parse_overrides(overrides))
+        parsed = parse_overrides(overrides)
+        _refuse_retired(parsed, "--set")
+        merged = _deep_merge(config_to_dict(config), parsed)
         config = config_from_dict(merged, "--set")
     return config
 

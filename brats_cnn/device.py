@@ -1,4 +1,11 @@
-"""Device selection and mixed precision, shared by training, segmentation and the benchmark.
+"""Device, precision and memory format, chosen in one place for training, segmentation and the benchmark.
+
+:func:`compute_settings` turns a device and the config's ``compute`` section into a
+:class:`Compute`: whether to run bf16 autocast and whether to use the channels_last memory format.
+``compute.precision: auto`` means bf16 autocast on CUDA and on CPUs with native bf16 kernels
+(AVX512-BF16 or AMX), float32 elsewhere; ``float32`` forces float32 everywhere; ``bf16`` forces bf16
+autocast (emulated, hence slow, on CPUs without native bf16). Weights, optimiser state and the loss
+stay float32 in every case (autocast only lowers the convolutions and matrix products).
 
 torch is imported inside the functions so that importing this module stays cheap for the CLI.
 """
@@ -6,7 +13,8 @@ torch is imported inside the functions so that importing this module stays cheap
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from brats_cnn.errors import ConfigError
 
@@ -14,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "bf16", "float32")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
@@ -44,12 +53,66 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def autocast(device: "torch.device", amp: bool, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp``; on the CPU only when ``cpu_bf16`` and bf16 is native."""
-    import torch
+@dataclass(frozen=True)
+class Compute:
+    """How a network runs on one device.
 
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    if cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    Attributes:
+        device: the torch device.
+        bf16: run convolutions and linear layers under bf16 autocast (weights stay float32).
+        channels_last: keep the network's weights and its 4-D inputs in channels_last (NHWC) layout.
+    """
+
+    device: "torch.device"
+    bf16: bool
+    channels_last: bool
+
+    @property
+    def memory_format(self) -> "torch.memory_format":
+        import torch
+
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def precision(self) -> str:
+        """``"bf16"`` or ``"float32"`` (what sidecars, metrics and benchmark tables report)."""
+        return "bf16" if self.bf16 else "float32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on this device when :attr:`bf16`, else a no-op context."""
+        import torch
+
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def network(self, network: "torch.nn.Module") -> "torch.nn.Module":
+        """``network`` moved to the device (in place, as ``Module.to``) in this memory format."""
+        return network.to(self.device).to(memory_format=self.memory_format)
+
+    def batch(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """A 4-D batch on the device in this memory format (other tensors are only moved)."""
+        tensor = tensor.to(self.device, non_blocking=True)
+        if tensor.dim() == 4:
+            return tensor.contiguous(memory_format=self.memory_format)
+        return tensor
+
+
+def compute_settings(device: "torch.device", config: Any = None) -> Compute:
+    """The :class:`Compute` for ``device`` from a ``ComputeConfig`` (defaults when None).
+
+    Raises:
+        ConfigError: an unknown ``compute.precision``.
+    """
+    precision = getattr(config, "precision", "auto")
+    channels_last = bool(getattr(config, "channels_last", True))
+    if precision not in PRECISION_CHOICES:
+        raise ConfigError(f"compute.precision must be one of {list(PRECISION_CHOICES)}, got '{precision}'")
+    if precision == "auto":
+        import torch
+
+        bf16 = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
+                or (device.type == "cpu" and cpu_has_native_bf16()))
+    else:
+        bf16 = precision == "bf16"
+    return Compute(device=device, bf16=bf16, channels_last=channels_last)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from brats_cnn import progress_wanted
-from brats_cnn.device import autocast, cpu_has_native_bf16, resolve_device
+from brats_cnn.device import Compute, compute_settings, resolve_device
 from brats_cnn.errors import InputError
 
 if TYPE_CHECKING:  # heavy imports stay lazy
@@ -106,9 +106,16 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
 # exact mode
 
 
+def _compute_of(compute: Compute | None, device: "str | torch.device") -> Compute:
+    """``compute``, or float32 NCHW on ``device`` (the reference path) when None."""
+    import torch
+
+    return compute if compute is not None else Compute(torch.device(device), bf16=False, channels_last=False)
+
+
 def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, batch_size: int = 4096,
-                  device: "str | torch.device" = "cpu", amp: bool = True, background_value: float = 0.0,
-                  memory_fraction: float = 0.5, progress: bool = False) -> np.ndarray:
+                  device: "str | torch.device" = "cpu", compute: Compute | None = None,
+                  background_value: float = 0.0, memory_fraction: float = 0.5, progress: bool = False) -> np.ndarray:
     """Classify every brain voxel from its own axial patch (the paper's sliding window).
 
     Args:
@@ -117,10 +124,10 @@ def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, 
         mask: ``(X, Y, Z)`` bool brain mask; only these voxels are classified.
         batch_size: patches per forward pass (on CUDA lowered to fit ``memory_fraction`` of the
             free memory).
-        device: torch device for the network and the padded volume.
-        amp: bf16 autocast on CUDA (no effect on CPU). bf16 keeps 8 significant bits:
-            probabilities differ from float32 by up to ~1e-2 and near-ties may flip
-            (docs/segmentation.md, "Precision").
+        device: torch device for the network and the padded volume (when ``compute`` is None).
+        compute: device, precision and memory format (:func:`brats_cnn.device.compute_settings`);
+            None: float32, NCHW on ``device``. bf16 keeps 8 significant bits: probabilities differ
+            from float32 by up to ~1e-2 and near-ties may flip (docs/segmentation.md, "Precision").
         background_value: the value of voxels outside the volume in a border patch (the
             normalised background, ``config.preprocess.background_value``).
         progress: show a tqdm bar over voxels (exact mode on a CPU takes hours).
@@ -131,8 +138,9 @@ def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, 
     import torch
 
     _check_inputs(image, mask)
-    device = torch.device(device)
-    net = _inference_copy(network, device)
+    compute = _compute_of(compute, device)
+    device = compute.device
+    net = compute.network(_inference_copy(network, device))
     size = net.patch_size
     half = size // 2
     probs = background_probabilities(net.num_classes, mask.shape)
@@ -151,8 +159,8 @@ def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, 
         for start in range(0, count, chunk):
             stop = min(start + chunk, count)
             patches = windows[index[0][start:stop], :, index[1][start:stop], index[2][start:stop]]
-            with autocast(device, amp):
-                logits = net(patches.contiguous())
+            with compute.autocast():
+                logits = net(patches.contiguous(memory_format=compute.memory_format))
             voxel_probs[:, start:stop] = torch.softmax(logits.float(), dim=1).T.cpu().numpy()
             bar.update(stop - start)
     probs[:, xs, ys, zs] = voxel_probs
@@ -241,8 +249,8 @@ def _slice_groups(mask: np.ndarray, slices_per_batch: int) -> Iterator[tuple[np.
 
 
 def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, batch_size: int = 4096,
-                 device: "str | torch.device" = "cpu", amp: bool = True, background_value: float = 0.0,
-                 slices_per_batch: int = 4, cpu_bf16: bool = False, progress: bool = False) -> np.ndarray:
+                 device: "str | torch.device" = "cpu", compute: Compute | None = None,
+                 background_value: float = 0.0, slices_per_batch: int = 4, progress: bool = False) -> np.ndarray:
     """Fully convolutional approximation of :func:`predict_exact` (same signature and output).
 
     Per group of ``slices_per_batch`` brain slices, the union brain bounding box plus a margin of
@@ -250,11 +258,11 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
     stack; the FC layers then classify the brain voxels in chunks of ``batch_size``.
 
     Args:
-        network, image, mask, device, amp, background_value, progress: as :func:`predict_exact`.
+        network, image, mask, device, compute, background_value, progress: as :func:`predict_exact`
+            (bf16 on a CPU with native bf16 is about 3x faster; agreement with float32 measured in
+            docs/segmentation.md).
         batch_size: voxels per pass through the FC layers.
         slices_per_batch: axial slices per pass through the convolutions.
-        cpu_bf16: bf16 autocast on a CPU with native bf16 (about 3x faster; agreement with float32
-            measured in docs/segmentation.md).
 
     Returns:
         ``(C, X, Y, Z)`` float32 probabilities; outside ``mask`` class 0 has probability 1.
@@ -263,7 +271,8 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
 
     _check_inputs(image, mask)
     mask = np.asarray(mask, dtype=bool)
-    device = torch.device(device)
+    compute = _compute_of(compute, device)
+    device = compute.device
     dense = to_fully_convolutional(network)
     features = dense.features.to(device)
     classifier = dense.classifier.to(device)
@@ -272,7 +281,7 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
     lead = half + dense.shift - reach  # first FC-window start inside the crop
     if lead < 0 or half - dense.shift - reach < 0:
         raise InputError("fast mode needs the FC neighbourhood to fit inside the patch margin")
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    memory_format = compute.memory_format
     features = features.to(memory_format=memory_format)
     num_classes = network.num_classes
     probs = background_probabilities(num_classes, mask.shape)
@@ -284,7 +293,7 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
             # padded index x + half is voxel x, so the crop [x0, x1 + 2 half) spans the box +- half
             crop = volume[group, :, xr.start:xr.stop + 2 * half, yr.start:yr.stop + 2 * half]
             crop = crop.to(device).contiguous(memory_format=memory_format)
-            with autocast(device, amp, cpu_bf16):
+            with compute.autocast():
                 fmap = features(crop)
             # (B, F, nx, ny, width, width) view: the dilated FC window of every box voxel
             windows = fmap.unfold(2, width, 1).unfold(3, width, 1)[..., ::step, ::step]
@@ -295,7 +304,7 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
             for start in range(0, len(bs), batch_size):
                 stop = min(start + batch_size, len(bs))
                 neighbourhoods = windows[index[0][start:stop], :, index[1][start:stop], index[2][start:stop]]
-                with autocast(device, amp, cpu_bf16):
+                with compute.autocast():
                     logits = classifier(neighbourhoods.contiguous())
                 out[:, start:stop] = torch.softmax(logits.float(), dim=1).T.cpu().numpy()
             probs[:, bx + xr.start, by + yr.start, group[bs]] = out
@@ -438,12 +447,11 @@ def _reorder_channels(image: np.ndarray, channel_order: tuple[str, ...]) -> np.n
 def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
             config: Any, progress: bool = False) -> np.ndarray:
     """Run :func:`predict_exact` or :func:`predict_fast` with the settings of a full ``Config``."""
-    common = dict(batch_size=config.segment.batch_size, device=device, amp=config.segment.amp,
+    common = dict(batch_size=config.segment.batch_size, compute=compute_settings(device, config.compute),
                   background_value=config.preprocess.background_value, progress=progress)
     if mode == "exact":
         return predict_exact(network, image, mask, memory_fraction=config.segment.memory_fraction, **common)
-    return predict_fast(network, image, mask, slices_per_batch=config.segment.slices_per_batch,
-                        cpu_bf16=config.segment.cpu_bf16, **common)
+    return predict_fast(network, image, mask, slices_per_batch=config.segment.slices_per_batch, **common)
 
 
 def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path: Any, config: Any, mode: str,
@@ -500,9 +508,8 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
         "grade": checkpoint.grade,
         "mode": mode,
         "device": str(device),
-        "amp": bool(config.segment.amp and device.type == "cuda"),
-        "cpu_bf16": bool(mode == "fast" and config.segment.cpu_bf16 and device.type == "cpu"
-                         and cpu_has_native_bf16()),
+        "precision": compute_settings(device, config.compute).precision,
+        "channels_last": config.compute.channels_last,
         "label_convention": convention,
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
                         "connectivity": config.postprocess.connectivity, "removed_voxels": removed},

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from brats_cnn.config import Config, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
-from brats_cnn.device import autocast, resolve_device
+from brats_cnn.device import Compute, compute_settings, resolve_device
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_STREAM = 11   # random streams of this module (see sampling.make_rng)
 TORCH_STREAM = 12
-LOADER_STREAM = 13
 PROGRESS_INTERVAL = 20  # iterations between progress-bar updates (each one syncs the device)
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead (keeps a GPU fed)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -176,29 +175,57 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
                         load_normaliser(cache / preprocess.NORMALISER_FILE))
 
 
-def make_loader(dataset: PatchBatches, config: Config, device: torch.device, seed: int) -> torch.utils.data.DataLoader:
-    """Batches come whole from the dataset; workers only run extraction/augmentation in parallel."""
+def make_loader(dataset: PatchBatches, config: Config, device: torch.device, seed: int,
+                start: int = 0) -> torch.utils.data.DataLoader:
+    """Batches ``start, start + 1, ...`` of ``dataset``, whole; workers only run extraction/augmentation.
+
+    ``start > 0`` continues an epoch after a mid-epoch checkpoint (the batches are the same as in the
+    uninterrupted run: each is a pure function of its index).
+    """
     workers = config.train.num_workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=workers,
+        pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=PREFETCH_BATCHES if workers else None,
         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+
+
+# ---- one training step (also timed by ``brats-cnn benchmark``) ----------------------------------
+
+def loss_function(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean cross-entropy, computed in float32 also under bf16 autocast."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches: torch.Tensor,
+               labels: torch.Tensor, compute: Compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and one optimiser step on a batch already on ``compute.device``.
+
+    Returns:
+        ``(loss, logits)``, both detached (a 0-d float32 tensor and ``(B, C)``).
+    """
+    with compute.autocast():
+        logits = model(patches)
+    loss = loss_function(logits, labels)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return loss.detach(), logits.detach()
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_patches(network: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> tuple[float, float]:
+def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over labelled patch batches (eval mode)."""
     network.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
+    correct = torch.zeros((), device=compute.device, dtype=torch.int64)
     count = 0
     for patches, labels in loader:
-        patches = patches.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = network(patches)
+        labels = compute.batch(labels)
+        with compute.autocast():
+            logits = network(compute.batch(patches))
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
@@ -216,20 +243,17 @@ def dice_slice_indices(mask: np.ndarray, count: int) -> np.ndarray:
 
 
 def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config,
-                    device: torch.device) -> dict[str, float] | None:
+                    compute: Compute) -> dict[str, float]:
     """Mean Dice of complete/core/enhancing over the validation cases (no post-processing).
 
-    Uses :func:`brats_cnn.segment.predict_fast` on ``train.dice_slices`` evenly spaced brain slices
-    per case (all when 0); the networks are 2-D, so a slice's prediction does not depend on which
-    other slices are predicted. Returns None when the segment module is unavailable.
+    Uses :func:`brats_cnn.segment.predict_fast` on whole volumes (``train.dice_slices = 0``, the
+    default) or on that many evenly spaced brain slices per case; the networks are 2-D, so a slice's
+    prediction does not depend on which other slices are predicted.
     """
-    try:
-        from brats_cnn.segment import predict_fast
-    except ImportError:
-        return None
     from brats_cnn.labels import from_class_indices, region_masks
     from brats_cnn.metrics import dice
     from brats_cnn.preprocess import load_cached_case
+    from brats_cnn.segment import predict_fast
 
     convention = config.data.label_convention
     scores: dict[str, list[float]] = {region: [] for region in REGIONS}
@@ -240,7 +264,8 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
         slices = dice_slice_indices(case.mask, config.train.dice_slices)
         image = np.transpose(case.image[slices], (1, 2, 3, 0)).astype(np.float32)  # (z,4,X,Y) -> (4,X,Y,z)
         mask = np.transpose(case.mask[slices], (1, 2, 0))
-        probabilities = predict_fast(plain, image, mask, device=device, amp=config.train.amp,
+        probabilities = predict_fast(plain, image, mask, compute=compute, batch_size=config.segment.batch_size,
+                                     slices_per_batch=config.segment.slices_per_batch,
                                      background_value=config.preprocess.background_value)
         predicted = region_masks(from_class_indices(probabilities.argmax(0), convention), convention)
         truth = region_masks(from_class_indices(np.transpose(case.label[slices], (1, 2, 0)), convention),
@@ -278,18 +303,78 @@ def _read_step_losses(out: Path, last_step: int) -> list[tuple[int, float, float
     return [row for row in rows if row[0] <= last_step]
 
 
-def _read_history(out: Path, epochs: int) -> list[dict]:
+def _read_history(out: Path, last_step: int) -> list[dict]:
     import json
 
     try:
         history = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         return []
-    return [row for row in history if row.get("epoch", math.inf) <= epochs]
+    return [row for row in history if row.get("step", math.inf) <= last_step]
 
 
 def _json_float(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+# ---- run state -----------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """Where a run is; everything :func:`run_training` needs to continue exactly from a checkpoint.
+
+    ``epoch`` is the epoch in progress (0-based) and ``batch`` the next batch of it, so an
+    end-of-epoch checkpoint holds ``(epoch + 1, 0)``. ``interval`` sums (loss, correct, patches)
+    since the last metrics row; ``pending`` holds the (step, lr, loss tensor) not yet in steps.csv.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_score: float = -math.inf
+    history: list = field(default_factory=list)
+    step_rows: list = field(default_factory=list)
+    interval: Any = None
+    interval_seconds: float = 0.0
+    pending: list = field(default_factory=list)
+
+
+def _rng_states(compute: Compute, dist: Distributed) -> list:
+    """Every process's torch RNG state (CPU, and CUDA when used), gathered on all ranks."""
+    state = {"cpu": torch.get_rng_state()}
+    if compute.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(compute.device)
+    if dist.world_size == 1:
+        return [state]
+    gathered: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _restore_rng(states: list, compute: Compute, dist: Distributed) -> None:
+    if len(states) != dist.world_size:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: dropout draws of the rest of "
+                    "this epoch will differ from an uninterrupted run", len(states), dist.world_size)
+        return
+    torch.set_rng_state(states[dist.rank]["cpu"])
+    if compute.device.type == "cuda" and "cuda" in states[dist.rank]:
+        torch.cuda.set_rng_state(states[dist.rank]["cuda"], compute.device)
+
+
+def _flush_step_losses(state: RunState) -> None:
+    if state.pending:
+        losses = torch.stack([loss for _, _, loss in state.pending]).tolist()  # one device sync
+        state.step_rows += [(step, lr, loss) for (step, lr, _), loss in zip(state.pending, losses)]
+        state.pending = []
+
+
+def _all_ranks_agree(flag: bool, dist: Distributed, device: torch.device) -> bool:
+    """Rank 0's decision, shared with every process (time-based decisions differ between ranks)."""
+    if dist.world_size == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(value, 0)
+    return bool(value.item())
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -305,6 +390,39 @@ class TrainingResult:
     network: torch.nn.Module
 
 
+def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides: Sequence[str],
+                     resume: bool) -> tuple[Config, Any]:
+    """The run's config, and the checkpoint to resume from (None for a new run)."""
+    last_path = out / "last.pt"
+    if resume:
+        if not last_path.is_file():
+            raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
+        resumed = load_checkpoint(last_path)
+        if resumed.grade != grade:
+            raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
+        return load_config(None, overrides, base=config_to_dict(resumed.config)), resumed
+    if last_path.is_file():
+        raise ConfigError("run folder already holds last.pt; pass --resume or choose another --out", out)
+    return load_config(config or f"pereira_{grade}", overrides), None
+
+
+def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser: torch.optim.Optimizer,
+             out: Path) -> None:
+    """Weights, optimiser and :class:`RunState` from the ``last.pt`` being resumed."""
+    saved = resumed.training_state
+    network.load_state_dict(resumed.network.state_dict())
+    optimiser.load_state_dict(saved["optimiser"])
+    state.step = int(saved["step"])
+    state.epoch = int(saved.get("epoch_in_progress", resumed.epoch))
+    state.batch = int(saved.get("next_batch", 0))
+    state.best_score = float(saved["best_score"])
+    state.interval = torch.tensor(saved.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64)
+    state.history = _read_history(out, state.step)
+    state.step_rows = _read_step_losses(out, state.step)
+    log.info("resuming at epoch %d, batch %d (step %d) from %s", state.epoch + 1, state.batch, state.step,
+             out / "last.pt")
+
+
 def run_training(grade: str, data: Path, out: Path, config: str | Path | None = None,
                  overrides: Sequence[str] = (), device: str = "auto", resume: bool = False,
                  manifest: Path | None = None) -> TrainingResult:
@@ -317,7 +435,8 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         config: YAML path or bundled name; default ``pereira_<grade>``.
         overrides: ``key=value`` strings applied last.
         device: ``auto``, ``cpu`` or ``cuda``.
-        resume: continue from ``<out>/last.pt`` (its stored config, then ``overrides``).
+        resume: continue from ``<out>/last.pt`` (its stored config, then ``overrides``), also from the
+            middle of an epoch.
         manifest: CSV ``case_id,grade`` (default ``<data>/manifest.csv`` when present).
     """
     from tqdm import tqdm
@@ -328,23 +447,13 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
     out = Path(out)
     last_path, best_path = out / "last.pt", out / "best.pt"
 
-    # 1. config, resume state, device, process group
-    resumed = None
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
-        resumed = load_checkpoint(last_path)
-        if resumed.grade != grade:
-            raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
-        cfg = load_config(None, overrides, base=config_to_dict(resumed.config))
-    else:
-        if last_path.is_file():
-            raise ConfigError("run folder already holds last.pt; pass --resume or choose another --out", out)
-        cfg = load_config(config or f"pereira_{grade}", overrides)
+    # 1. config, resume state, device, precision, process group
+    cfg, resumed = _load_run_config(grade, out, config, overrides, resume)
     if cfg.grade != grade:
         raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
     dist = init_distributed(device)
-    device_ = resolve_device(device, dist.local_rank)
+    compute = compute_settings(resolve_device(device, dist.local_rank), cfg.compute)
+    device_ = compute.device
     tc = cfg.train
     if tc.deterministic:  # cuBLAS needs this workspace setting for deterministic matmuls
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -356,6 +465,7 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         except OSError as exc:
             raise InputError(f"cannot create the run folder ({exc.strerror})", out) from exc
         save_config(cfg, out / "config.yaml")
+    log.info("device %s, precision %s, channels_last %s", device_, compute.precision, compute.channels_last)
 
     # 2. data: cache, split, centres
     data_ = prepare_data(data, out, cfg, grade, manifest, dist)
@@ -368,15 +478,15 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         return sample_balanced_centres(train_pairs, cfg.sampling.total_patches, num_classes,
                                        make_rng(tc.seed, CENTRE_STREAM, *keys))
 
-    def batches_for(epoch: int, centres) -> PatchBatches:
-        return PatchBatches(data_.train_dirs, centres, batch_size=tc.batch_size, patch_size=cfg.sampling.patch_size,
-                            background=background, rotation_angles=cfg.sampling.rotation_angles,
+    def batches_for(epoch: int) -> PatchBatches:
+        return PatchBatches(data_.train_dirs, centres_for(epoch), batch_size=tc.batch_size,
+                            patch_size=cfg.sampling.patch_size, background=background,
+                            rotation_angles=cfg.sampling.rotation_angles,
                             arbitrary_rotation=cfg.sampling.arbitrary_rotation, seed=tc.seed, epoch=epoch,
                             rank=dist.rank, world_size=dist.world_size)
 
-    centres = centres_for(0)
-    log.info("training centres per class: %s", centres.class_counts(num_classes).tolist())
-    steps_per_epoch = len(batches_for(0, centres))
+    log.info("training centres per class: %s", centres_for(0).class_counts(num_classes).tolist())
+    steps_per_epoch = len(batches_for(0))
     if steps_per_epoch == 0:
         raise ConfigError(f"sampling.total_patches={cfg.sampling.total_patches} gives no full batch of "
                           f"{tc.batch_size} patches")
@@ -388,25 +498,22 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
         validation = PatchBatches(data_.validation_dirs, val_centres, batch_size=tc.batch_size,
                                   patch_size=cfg.sampling.patch_size, background=background, shuffle=False)
 
-    # 3. network and optimiser (restored when resuming)
+    # 3. network, optimiser and run state (restored when resuming)
     torch.manual_seed(tc.seed)
     network = build_network(cfg.model, num_classes)
     optimiser = torch.optim.SGD(network.parameters(), lr=tc.lr_start, momentum=tc.momentum, nesterov=True,
                                 weight_decay=tc.weight_decay)
-    start_epoch, step, best_score, history, step_rows = 0, 0, -math.inf, [], []
+    state = RunState(interval=torch.zeros(3, dtype=torch.float64))
     if resumed is not None:
-        network.load_state_dict(resumed.network.state_dict())
-        optimiser.load_state_dict(resumed.training_state["optimiser"])
-        start_epoch, step = resumed.epoch, int(resumed.training_state["step"])
-        best_score = float(resumed.training_state["best_score"])
-        history = _read_history(out, start_epoch)
-        step_rows = _read_step_losses(out, step)
-        log.info("resuming after epoch %d (step %d) from %s", start_epoch, step, last_path)
-    network.to(device_)
-    for state in optimiser.state.values():  # momentum buffers follow the weights
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                state[key] = value.to(device_)
+        _restore(state, resumed, network, optimiser, out)
+    compute.network(network)
+    for slot in optimiser.state.values():  # momentum buffers follow the weights (device and layout)
+        for key, value in slot.items():
+            if torch.is_tensor(value) and value.dim() == 4:
+                slot[key] = value.to(device_).contiguous(memory_format=compute.memory_format)
+            elif torch.is_tensor(value):
+                slot[key] = value.to(device_)
+    state.interval = state.interval.to(device_)
     model = network
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -414,84 +521,106 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
     if tc.compile:
         model = torch.compile(model)
 
-    # 4. epochs
-    for epoch in range(start_epoch, tc.epochs):
-        started = time.perf_counter()
-        torch.manual_seed(torch_seed(tc.seed, epoch, dist.rank))
-        if cfg.sampling.resample_each_epoch and epoch > 0:
-            centres = centres_for(epoch)
-        loader = make_loader(batches_for(epoch, centres), cfg, device_, seed=tc.seed * 1000 + epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device_, dtype=torch.float64)
-        correct = torch.zeros((), device=device_, dtype=torch.int64)
-        seen, first_step = 0, step
-        step_losses = torch.zeros(len(loader), device=device_)  # read back once per epoch, not per step
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch",
-                   disable=not (dist.is_main and progress_wanted()), dynamic_ncols=True, leave=False)
-        for index, (patches, labels) in enumerate(bar):
-            lr = learning_rate(step, total_steps, tc.lr_start, tc.lr_end)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            patches = patches.to(device_, non_blocking=True)
-            labels = labels.to(device_, non_blocking=True)
-            with autocast(device_, tc.amp):
-                logits = model(patches)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            step += 1
-            step_losses[index] = loss.detach()
-            loss_sum += loss.detach() * labels.numel()
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += labels.numel()
-            if step % PROGRESS_INTERVAL == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                lr=f"{lr:.2e}")
-        bar.close()
-        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device_,
-                                                                       dtype=torch.float64)])
+    def save_last() -> None:
+        """``last.pt`` with everything needed to continue at ``state`` (rank 0 writes)."""
+        rng = _rng_states(compute, dist)
+        _flush_step_losses(state)
+        if not dist.is_main:
+            return
+        write_step_losses(out, state.step_rows)
+        training_state = {"optimiser": optimiser.state_dict(), "step": state.step, "best_score": state.best_score,
+                          "epoch_in_progress": state.epoch, "next_batch": state.batch,
+                          "interval": state.interval.tolist(), "rng": rng, "world_size": dist.world_size,
+                          "train_cases": [p.name for p in data_.train_dirs],
+                          "validation_cases": [p.name for p in data_.validation_dirs]}
+        save_checkpoint(last_path, network=network, config=cfg, normaliser=data_.normaliser,
+                        label_convention=cfg.data.label_convention, epoch=state.epoch,
+                        training_state=training_state)
+
+    def record(epoch: int, lr: float) -> None:
+        """One metrics row: the training interval since the last row, validation, best.pt, last.pt."""
+        totals = state.interval.clone()
         if dist.world_size > 1:
             torch.distributed.all_reduce(totals)
-        train_loss, train_accuracy = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-        seconds = time.perf_counter() - started
-
-        # 5. validation, metrics and checkpoints (rank 0 writes; the others wait)
+        seen = totals[2].item()
+        train_loss = (totals[0] / totals[2]).item() if seen else math.nan
+        train_accuracy = (totals[1] / totals[2]).item() if seen else math.nan
         if dist.is_main:
             val_loss, val_accuracy, dice = math.nan, math.nan, None
             if validation is not None:
-                val_loader = make_loader(validation, cfg, device_, seed=tc.seed)
-                val_loss, val_accuracy = evaluate_patches(network, val_loader, device_, tc.amp)
+                val_loss, val_accuracy = evaluate_patches(network, make_loader(validation, cfg, device_, tc.seed),
+                                                          compute)
                 if tc.validate_dice:
-                    dice = validation_dice(network, data_.validation_dirs, cfg, device_)
+                    dice = validation_dice(network, data_.validation_dirs, cfg, compute)
+                network.train()
             score = (float(np.mean(list(dice.values()))) if dice else
                      val_accuracy if math.isfinite(val_accuracy) else -train_loss)
-            row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss,
-                   "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
-                   "val_accuracy": _json_float(val_accuracy),
-                   **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS}, "score": score,
-                   "epoch_seconds": round(seconds, 3), "patches_per_second": round(totals[2].item() / seconds, 1)}
-            history.append(row)
-            write_metrics(out, history)
-            step_rows += [(first_step + i + 1, learning_rate(first_step + i, total_steps, tc.lr_start, tc.lr_end),
-                           loss) for i, loss in enumerate(step_losses.tolist())]
-            write_step_losses(out, step_rows)
-            improved = score > best_score
-            best_score = max(best_score, score)
-            training_state = {"optimiser": optimiser.state_dict(), "step": step, "best_score": best_score,
-                              "torch_rng": torch.get_rng_state(), "world_size": dist.world_size,
-                              "train_cases": [p.name for p in data_.train_dirs],
-                              "validation_cases": [p.name for p in data_.validation_dirs]}
-            common = dict(network=network, config=cfg, normaliser=data_.normaliser,
-                          label_convention=cfg.data.label_convention, epoch=epoch + 1)
-            save_checkpoint(last_path, training_state=training_state, **common)
-            if improved:
-                save_checkpoint(best_path, training_state=None, **common)
-            log.info("epoch %d/%d: loss %.4f acc %.3f | val loss %s acc %s dice %s | %.1f s",
-                     epoch + 1, tc.epochs, train_loss, train_accuracy, f"{val_loss:.4f}", f"{val_accuracy:.3f}",
-                     dice and {k: round(v, 3) for k, v in dice.items()}, seconds)
-        dist.barrier()
+            state.history.append({
+                "epoch": epoch + 1, "step": state.step, "lr": lr, "train_loss": train_loss,
+                "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
+                "val_accuracy": _json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
+                "score": score, "epoch_seconds": round(state.interval_seconds, 3),
+                "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1)})
+            write_metrics(out, state.history)
+            if score > state.best_score:
+                state.best_score = score
+                save_checkpoint(best_path, network=network, config=cfg, normaliser=data_.normaliser,
+                                label_convention=cfg.data.label_convention, epoch=state.epoch, training_state=None)
+            log.info("epoch %d, step %d: loss %.4f acc %.3f | val loss %s acc %s dice %s | %.0f patches/s",
+                     epoch + 1, state.step, train_loss, train_accuracy, f"{val_loss:.4f}", f"{val_accuracy:.3f}",
+                     dice and {k: round(v, 3) for k, v in dice.items()}, state.history[-1]["patches_per_second"])
+        state.interval.zero_()
+        state.interval_seconds = 0.0
+
+    # 4. epochs: train, validate every `validate_every_steps` and at each epoch end, checkpoint often
+    last_saved = time.monotonic()
+    for epoch in range(state.epoch, tc.epochs):
+        if state.batch == 0:
+            torch.manual_seed(torch_seed(tc.seed, epoch, dist.rank))
+        elif resumed is not None and "rng" in resumed.training_state:
+            _restore_rng(resumed.training_state["rng"], compute, dist)
+        loader = make_loader(batches_for(epoch), cfg, device_, seed=tc.seed * 1000 + epoch, start=state.batch)
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", initial=state.batch,
+                   total=steps_per_epoch, disable=not (dist.is_main and progress_wanted()), dynamic_ncols=True,
+                   leave=False)
+        started = time.perf_counter()
+        for patches, labels in bar:
+            lr = learning_rate(state.step, total_steps, tc.lr_start, tc.lr_end)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            labels = compute.batch(labels)
+            loss, logits = train_step(model, optimiser, compute.batch(patches), labels, compute)
+            state.step += 1
+            state.batch += 1
+            state.pending.append((state.step, lr, loss))
+            state.interval += torch.stack([loss.double() * labels.numel(),
+                                           (logits.argmax(1) == labels).sum().double(),
+                                           torch.tensor(float(labels.numel()), device=device_, dtype=torch.float64)])
+            end_of_epoch = state.batch == steps_per_epoch
+            validate_now = end_of_epoch or (tc.validate_every_steps > 0 and state.step % tc.validate_every_steps == 0)
+            checkpoint_now = validate_now or (tc.checkpoint_every_steps > 0
+                                              and state.step % tc.checkpoint_every_steps == 0)
+            if not checkpoint_now and tc.checkpoint_minutes > 0 and state.step % PROGRESS_INTERVAL == 0:
+                checkpoint_now = _all_ranks_agree(time.monotonic() - last_saved >= 60 * tc.checkpoint_minutes,
+                                                  dist, device_)
+            if state.step % PROGRESS_INTERVAL == 0:
+                seen = max(state.interval[2].item(), 1.0)
+                bar.set_postfix(loss=f"{state.interval[0].item() / seen:.4f}",
+                                acc=f"{state.interval[1].item() / seen:.3f}", lr=f"{lr:.2e}")
+            if checkpoint_now:
+                state.interval_seconds += time.perf_counter() - started
+                if end_of_epoch:
+                    state.epoch, state.batch = epoch + 1, 0
+                if validate_now:
+                    record(epoch, lr)
+                save_last()
+                dist.barrier()
+                last_saved = time.monotonic()
+                started = time.perf_counter()
+        bar.close()
+        state.epoch, state.batch = epoch + 1, 0
 
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
-    return TrainingResult(out, last_path, best_path, tuple(history), unwrap_network(network).cpu())
+    return TrainingResult(out, last_path, best_path, tuple(state.history), unwrap_network(network).cpu())

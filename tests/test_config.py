@@ -71,7 +71,7 @@ def test_unknown_key():
     ({"train": {"epochs": "ten"}}, "key 'train.epochs' must be int, got str 'ten'"),
     ({"train": {"epochs": 2.5}}, "key 'train.epochs' must be int, got float 2.5"),
     ({"train": {"epochs": True}}, "key 'train.epochs' must be int, got bool True"),
-    ({"train": {"amp": 1}}, "key 'train.amp' must be bool, got int 1"),
+    ({"compute": {"channels_last": 1}}, "key 'compute.channels_last' must be bool, got int 1"),
     ({"train": {"lr_start": "fast"}}, "key 'train.lr_start' must be float, got str 'fast'"),
     ({"train": 3}, "key 'train' must be a mapping, got int 3"),
     ({"sampling": {"rotation_angles": 90}}, "key 'sampling.rotation_angles' must be a list, got int 90"),
@@ -98,14 +98,14 @@ def test_bad_choice(values, message):
 
 def test_overrides_of_each_type():
     config = C.load_config("pereira_lgg", ["train.epochs=3", "train.lr_start=0.01", "model.dropout=0",
-                                           "sampling.rotation_angles=[0, 180]", "train.amp=false",
+                                           "sampling.rotation_angles=[0, 180]", "compute.channels_last=false",
                                            "preprocess.n4.sequences=[t1]", "name=my run",
                                            "train.lr_end=3e-5"])
     assert config.train.epochs == 3 and isinstance(config.train.epochs, int)
     assert config.train.lr_start == 0.01
     assert config.model.dropout == 0.0 and isinstance(config.model.dropout, float)  # int accepted for float
     assert config.sampling.rotation_angles == (0, 180)
-    assert config.train.amp is False
+    assert config.compute.channels_last is False
     assert config.preprocess.n4.sequences == ("t1",)
     assert config.name == "my run"
     assert config.train.lr_end == 3e-5  # PyYAML reads "3e-5" as a string; accepted as a float
@@ -161,3 +161,17 @@ def test_bad_files(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert C.load_config(empty) == C.Config()
+
+
+def test_retired_precision_keys_are_dropped_from_stored_configs_but_refused_from_users(tmp_path):
+    # checkpoints written before the compute section hold train.amp / segment.cpu_bf16: they still load
+    stored = C.config_from_dict({"train": {"amp": True, "epochs": 3}, "segment": {"amp": True, "cpu_bf16": False}})
+    assert stored.train.epochs == 3 and stored.compute == C.ComputeConfig()
+    message = "config key 'train.amp' was replaced by 'compute.precision' (auto, bf16 or float32)"
+    assert _error(C.load_config, None, ["train.amp=false"]) == f"--set: {message}"
+    path = tmp_path / "old.yaml"
+    path.write_text("segment:\n  cpu_bf16: false\n")
+    assert _error(C.load_config, path) == (f"{path}: config key 'segment.cpu_bf16' was replaced by "
+                                          "'compute.precision' (auto, bf16 or float32)")
+    assert _error(C.load_config, None, ["compute.precision=fp16"]) == (
+        "--set: key 'compute.precision' must be one of ['auto', 'bf16', 'float32'], got 'fp16'")

@@ -150,6 +150,28 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(cache, tmp_path):
     assert [r["train_loss"] for r in resumed_history] == [r["train_loss"] for r in straight.history]
 
 
+def test_train_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_weights(cache, tmp_path):
+    from brats_cnn.train import run_training
+
+    mid = TINY_TRAIN + ["train.checkpoint_every_steps=3"]  # 8 batches per epoch: last.pt at step 3, 6, 8, ...
+    straight = run_training("hgg", cache, tmp_path / "straight", config="smoke", overrides=mid, device="cpu")
+    step_seconds = min(row["epoch_seconds"] for row in straight.history) / 8
+    for attempt, delay in enumerate((step_seconds, 0.0)):  # about a step after the first (mid-epoch) last.pt
+        run = tmp_path / f"killed{attempt}"
+        proc = _train(cache, run, "--set", "train.checkpoint_every_steps=3")
+        if kill_when(proc, lambda: (run / "last.pt").is_file(), delay=delay, allow_exit=True):
+            break
+    else:
+        pytest.fail("the training run finished before it could be killed")
+    assert_no_partial_under_final_names(run)
+    state = load_checkpoint(run / "last.pt").training_state
+    assert state["step"] < EPOCHS * 8, "the kill came after the last step"
+    result = _resume(cache, run)
+    assert result.returncode == 0, result.stderr
+    _assert_same_weights(_state(tmp_path / "straight" / "last.pt"), _state(run / "last.pt"))
+    assert (run / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
+
+
 @pytest.mark.slow
 def test_train_killed_twice_at_random_points_still_matches(cache, tmp_path):
     """Two kills at seeded random points (in the run, then in its resumed run), 4 epochs."""

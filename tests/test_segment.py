@@ -65,7 +65,7 @@ def test_exact_equals_naive_per_voxel_reference():
     net = _network()
     image, mask = _volume()
     expected = _naive_reference(net, image, mask)
-    got = predict_exact(net, image, mask, batch_size=97, device="cpu", amp=True, background_value=BACKGROUND)
+    got = predict_exact(net, image, mask, batch_size=97, device="cpu", background_value=BACKGROUND)
     assert got.shape == (4, 12, 11, 2) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5)
     np.testing.assert_array_equal(got.argmax(0), expected.argmax(0))
@@ -78,8 +78,8 @@ def test_fast_equals_exact_when_patch_padding_is_never_read(architecture):
     # the edge of each patch) disappears, so this checks the weight reuse, dilations and alignment.
     net = _centre_tap_network(architecture)
     image, mask = _volume((4, 10, 9, 3), seed=1)
-    exact = predict_exact(net, image, mask, batch_size=256, device="cpu", amp=False, background_value=BACKGROUND)
-    fast = predict_fast(net, image, mask, batch_size=100, device="cpu", amp=False, background_value=BACKGROUND,
+    exact = predict_exact(net, image, mask, batch_size=256, device="cpu", background_value=BACKGROUND)
+    fast = predict_fast(net, image, mask, batch_size=100, device="cpu", background_value=BACKGROUND,
                         slices_per_batch=2)
     np.testing.assert_allclose(fast, exact, atol=1e-5)
 
@@ -88,7 +88,7 @@ def test_fast_mode_layout_and_background():
     net = _network("lgg", classes=5)
     image, mask = _volume((4, 18, 21, 4), seed=2, brain=0.7)
     mask[:, :, 2] = False  # a slice without brain is skipped
-    probs = predict_fast(net, image, mask, batch_size=64, device="cpu", amp=False, background_value=BACKGROUND)
+    probs = predict_fast(net, image, mask, batch_size=64, device="cpu", background_value=BACKGROUND)
     assert probs.shape == (5, 18, 21, 4) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
     assert (probs[0][~mask] == 1).all()
@@ -103,8 +103,8 @@ def test_to_fully_convolutional_alignment_and_arguments_untouched():
     assert (dense.shift, dense.head_size, dense.head_dilation, dense.head_reach) == (-1, 7, 4, 12)
     image, mask = _volume((4, 8, 8, 1), seed=3)
     image_before = image.copy()
-    predict_exact(net, image, mask, batch_size=16, device="cpu", amp=False)
-    predict_fast(net, image, mask, batch_size=16, device="cpu", amp=False)
+    predict_exact(net, image, mask, batch_size=16, device="cpu")
+    predict_fast(net, image, mask, batch_size=16, device="cpu")
     assert net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     np.testing.assert_array_equal(image, image_before)
@@ -115,7 +115,7 @@ def test_empty_mask_is_all_background():
     image, _ = _volume((4, 6, 6, 2))
     mask = np.zeros((6, 6, 2), dtype=bool)
     for predictor in (predict_exact, predict_fast):
-        probs = predictor(net, image, mask, batch_size=8, device="cpu", amp=False)
+        probs = predictor(net, image, mask, batch_size=8, device="cpu")
         assert (probs[0] == 1).all() and (probs[1:] == 0).all()
 
 

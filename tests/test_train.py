@@ -151,6 +151,36 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cache, tmp_path, 
     assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
 
 
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, monkeypatch):
+    # 4 batches per epoch; validation (patch loss) every 3 steps, last.pt every 2: mid-epoch rows and
+    # checkpoints, with dropout on and the configured precision (bf16 on a CPU with native bf16)
+    mid = TINY + ["train.validate_every_steps=3", "train.checkpoint_every_steps=2", "train.epochs=2"]
+    straight = run_training("hgg", cache, tmp_path / "a", config="smoke", overrides=mid, device="cpu")
+    assert [(r["epoch"], r["step"]) for r in straight.history] == [(1, 3), (1, 4), (2, 6), (2, 8)]
+
+    real_step, calls = train.train_step, []
+
+    def interrupt_at_step_six(*args, **kwargs):  # after the checkpoint at step 6, inside epoch 2
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupt_at_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=mid, device="cpu")
+    monkeypatch.setattr(train, "train_step", real_step)
+    state = load_checkpoint(tmp_path / "b" / "last.pt").training_state
+    assert (state["step"], state["epoch_in_progress"], state["next_batch"]) == (6, 1, 2)
+    resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True)
+    a, b = _weights(straight.network), _weights(resumed.network)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in resumed.history] == \
+        [(r["step"], r["train_loss"], r["val_loss"]) for r in straight.history]
+    assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
+
+
 def test_resume_without_checkpoint_and_grade_mismatch(cache, tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         run_training("hgg", cache, tmp_path, device="cpu", resume=True)
