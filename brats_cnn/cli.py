@@ -32,6 +32,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file or bundl
 SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set train.epochs=3 (repeatable).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda.")
 ManifestOpt = typer.Option(None, "--manifest", help="CSV with columns case_id,grade (default: <data>/manifest.csv if present).")
+StrictOpt = typer.Option(False, "--strict", help="Stop when a case cannot be used (unreadable, bad labels, too little coverage) instead of skipping it with a warning.")
 
 
 def _version_callback(value: bool) -> None:
@@ -63,12 +64,13 @@ def preprocess(
     set_: Optional[List[str]] = SetOpt,
     manifest: Optional[Path] = ManifestOpt,
     workers: Optional[int] = typer.Option(None, "--workers", help="Cases processed in parallel (default from config)."),
+    strict: bool = StrictOpt,
 ) -> None:
     """N4 bias correction, Nyul standardisation and z-scoring into a memory-mappable cache."""
     from brats_cnn.preprocess import run_preprocess
 
     run_preprocess(data=data, out=out, fit=fit, normaliser=normaliser, config=config,
-                   overrides=set_ or [], manifest=manifest, workers=workers)
+                   overrides=set_ or [], manifest=manifest, workers=workers, strict=strict)
 
 
 @app.command()
@@ -81,11 +83,13 @@ def train(
     device: str = DeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     manifest: Optional[Path] = ManifestOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     """Train the HGG or LGG network (resumable; CPU or CUDA; torchrun for several GPUs)."""
     from brats_cnn.train import run_training
 
-    run_training(grade=grade, data=data, out=out, config=config, overrides=set_ or [],
+    overrides = list(set_ or []) + (["preprocess.strict=true"] if strict else [])
+    run_training(grade=grade, data=data, out=out, config=config, overrides=overrides,
                  device=device, resume=resume, manifest=manifest)
 
 

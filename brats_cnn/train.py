@@ -146,7 +146,8 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
     """Use ``data`` as a cache, or preprocess the raw dataset into ``<out>/cache`` (rank 0 only).
 
     With a raw dataset the normaliser is fitted on the training cases only; the validation cases are
-    written with it. An existing ``<out>/cache`` is reused when up to date (``--resume``).
+    written with it. An existing ``<out>/cache`` is reused when up to date (``--resume``). Cases that
+    preprocessing skips as unusable are left out of both splits (one warning line lists them).
     """
     from brats_cnn import preprocess
     from brats_cnn.io import list_cases, read_manifest
@@ -166,10 +167,17 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
         refs = list_cases(data, manifest=manifest)
         ids = _keep_grade([(r.case_id, r.grade) for r in refs], grade, data)
         train_ids, val_ids = split_cases(ids, config.data.validation_cases, config.train.seed)
-        if dist.is_main:
+        if dist.is_main:  # skips unusable cases with a warning each (or stops: preprocess.strict / --strict)
             kept = [r for r in refs if r.case_id in set(ids)]
             preprocess.preprocess_dataset(kept, cache, config=config, fit=True, fit_case_ids=train_ids)
         dist.barrier()
+        written = {p.name for p in preprocess.list_cached_cases(cache)}
+        unusable = [c for c in ids if c not in written]
+        if unusable:
+            log.warning("training without %d unusable case(s): %s", len(unusable), ", ".join(unusable))
+        train_ids, val_ids = [c for c in train_ids if c in written], [c for c in val_ids if c in written]
+        if not train_ids:
+            raise InputError("no usable training case left (see the warnings above)", data)
     log.info("training cases: %s; validation cases: %s", ", ".join(train_ids), ", ".join(val_ids) or "none")
     return TrainingData(cache, tuple(cache / c for c in train_ids), tuple(cache / c for c in val_ids),
                         load_normaliser(cache / preprocess.NORMALISER_FILE))

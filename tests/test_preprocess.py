@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,10 +14,10 @@ import pytest
 from brats_cnn.cli import main
 from brats_cnn.config import load_config
 from brats_cnn.errors import InputError
-from brats_cnn.io import list_cases, load_case
+from brats_cnn.io import list_cases, load_case, save_case
 from brats_cnn.labels import to_class_indices
 from brats_cnn.normalise import load_normaliser, normalise_case
-from brats_cnn.phantom import write_phantom_dataset
+from brats_cnn.phantom import make_phantom, write_phantom_dataset
 from brats_cnn.preprocess import (
     is_cache, list_cached_cases, load_cached_case, preprocess_dataset, run_preprocess)
 
@@ -158,3 +159,111 @@ def test_cli_parallel_workers_and_error_exit(dataset, tmp_path, capsys):
                  "--normaliser", str(tmp_path / "missing.json")])
     err = capsys.readouterr().err
     assert code == 2 and "missing.json: normaliser file not found" in err
+
+
+# --- unusable cases, partial coverage, per-case work kept between runs -------------------------
+
+def _bad_dataset(root: Path) -> Path:
+    """Four phantoms: Phantom_001's T2 is truncated, Phantom_002's FLAIR covers 70 % of its brain."""
+    write_phantom_dataset(root, 4, shape=SHAPE)
+    save_case(make_phantom(SHAPE, seed=2, case_id="Phantom_002", no_data={"flair": 0.3}), root, "brats2017")
+    t2 = root / "Phantom_001" / "Phantom_001_t2.nii.gz"
+    t2.write_bytes(t2.read_bytes()[: t2.stat().st_size // 2])
+    return root
+
+
+@pytest.fixture()
+def n4_calls(monkeypatch) -> list[str]:
+    """Counts N4 runs (one per corrected sequence) in this process (workers=1)."""
+    from brats_cnn import normalise
+
+    calls, real = [], normalise.n4_correct
+
+    def counting(volume, mask, n4, **kwargs):
+        calls.append(str(kwargs.get("source")))
+        return real(volume, mask, n4, **kwargs)
+    monkeypatch.setattr(normalise, "n4_correct", counting)
+    return calls
+
+
+def test_unusable_case_is_skipped_with_one_warning_and_partial_coverage_is_used(tmp_path, config, n4_calls,
+                                                                                 caplog):
+    data = _bad_dataset(tmp_path / "data")
+    out = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="brats_cnn.preprocess"):
+        result = preprocess_dataset(data, out, config=config, fit=True)
+    t2 = data / "Phantom_001" / "Phantom_001_t2.nii.gz"
+    reason = f"{t2}: file is truncated (the gzip stream ends early)"
+    assert result.unusable == {"Phantom_001": reason}
+    assert [r.getMessage() for r in caplog.records] == [f"skipping case Phantom_001: {reason}"]
+    assert result.state.case_ids == ("Phantom_000", "Phantom_002", "Phantom_003")
+    assert result.written == ("Phantom_000", "Phantom_002", "Phantom_003")
+    assert [p.name for p in list_cached_cases(out)] == list(result.written)
+    assert json.loads((out / "preprocess.json").read_text())["unusable"] == {"Phantom_001": reason}
+    assert len(n4_calls) == 3 * 2  # T1 and T1c of the three usable cases, once each
+
+    # the partly covered FLAIR: background where it has no data, the brain mask stays whole
+    cached = load_cached_case(out / "Phantom_002")
+    case = load_case(data / "Phantom_002")
+    mask = cached.mask.transpose(1, 2, 0)
+    gap = mask & (case.image[3] == 0)
+    assert np.array_equal(mask, case.image.any(axis=0)) and gap.sum() == round(0.3 * mask.sum())
+    flair = np.asarray(cached.image[:, 3], np.float32).transpose(1, 2, 0)
+    assert np.all(flair[gap] == 0.0) and np.std(flair[mask & ~gap]) > 0.5
+    assert cached.meta["coverage"]["flair"] == pytest.approx(0.7, abs=1e-3)
+    assert cached.meta["coverage"]["t1"] == 1.0
+
+    # a rerun changes nothing and runs no N4
+    checked = (out / ".percase" / "Phantom_000" / "check.json").stat().st_mtime_ns
+    again = preprocess_dataset(data, out, config=config, fit=True)
+    assert again.written == () and again.skipped == ("Phantom_000", "Phantom_002", "Phantom_003")
+    assert again.unusable == {"Phantom_001": reason} and n4_calls == n4_calls[:6]
+    assert (out / ".percase" / "Phantom_000" / "check.json").stat().st_mtime_ns == checked
+
+    # fixing the broken case refits: N4 and statistics run for it alone, every case is rewritten
+    save_case(make_phantom(SHAPE, seed=1, case_id="Phantom_001", grade="LGG"), data, "brats2017")
+    fixed = preprocess_dataset(data, out, config=config, fit=True)
+    assert fixed.unusable == {} and fixed.fitted
+    assert fixed.statistics_reused == ("Phantom_000", "Phantom_002", "Phantom_003")
+    assert len(n4_calls) == 6 + 2 and all("Phantom_001" in call for call in n4_calls[6:])
+    assert fixed.written == ("Phantom_000", "Phantom_001", "Phantom_002", "Phantom_003")
+    # ... and gives what a fresh cache gives
+    fresh = preprocess_dataset(data, tmp_path / "fresh", config=config, fit=True)
+    assert fresh.state.case_ids == fixed.state.case_ids
+    for name in fresh.state.channel_order:
+        np.testing.assert_allclose(fixed.state.landmarks[name], fresh.state.landmarks[name], rtol=1e-5)
+        assert fixed.state.mean[name] == pytest.approx(fresh.state.mean[name], rel=1e-5)
+
+
+def test_strict_stops_before_any_n4_and_lists_every_unusable_case(tmp_path, config, n4_calls):
+    data = _bad_dataset(tmp_path / "data")
+    save_case(make_phantom(SHAPE, seed=3, case_id="Phantom_003", no_data={"t1c": 0.8}), data, "brats2017")
+    with pytest.raises(InputError) as info:
+        preprocess_dataset(data, tmp_path / "cache", config=config, fit=True, strict=True)
+    t1c = data / "Phantom_003" / "Phantom_003_t1ce.nii.gz"
+    assert str(info.value) == (
+        f"{data}: 2 case(s) cannot be used (stopped by --strict; without it they are skipped): "
+        f"Phantom_001: {data / 'Phantom_001' / 'Phantom_001_t2.nii.gz'}: file is truncated (the gzip stream "
+        f"ends early); Phantom_003: {t1c}: t1c has data (non-zero) in only 20.0 % of the brain mask "
+        "(preprocess.min_coverage is 50 %)")
+    assert n4_calls == []
+
+
+def test_cli_strict_flag_and_summary_of_skipped_cases(tmp_path, capsys, caplog):
+    data = _bad_dataset(tmp_path / "data")
+    common = ["preprocess", "--data", str(data), "--fit", "--config", "smoke", "--set", "preprocess.workers=1",
+              "--set", "preprocess.n4.sequences=[]"]
+    code = main(common + ["--out", str(tmp_path / "strict"), "--strict"])
+    captured = capsys.readouterr()
+    assert code == 2 and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith(f"brats-cnn: error: {data}: 1 case(s) cannot be used (stopped by --strict")
+    assert not list_cached_cases(tmp_path / "strict")
+
+    caplog.clear()
+    code = main(common + ["--out", str(tmp_path / "lenient")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "3 case(s) preprocessed, 0 up to date, 1 skipped as unusable (Phantom_001)" in captured.out
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"skipping case Phantom_001: {data / 'Phantom_001' / 'Phantom_001_t2.nii.gz'}: "
+                        "file is truncated (the gzip stream ends early)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -221,3 +222,25 @@ def test_ddp_on_gloo_keeps_ranks_identical_and_matches_one_process(cache, tmp_pa
                           device="cpu")
     for key, value in _weights(single.network).items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_training_skips_an_unusable_case_and_strict_stops(tmp_path, caplog):
+    from brats_cnn.cli import main
+    from brats_cnn.config import load_config
+    from brats_cnn.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "raw", 4, grades=["HGG"] * 4, shape=(40, 40, 16))
+    broken = tmp_path / "raw" / "Phantom_002" / "Phantom_002_seg.nii.gz"
+    broken.write_bytes(b"not a NIfTI file at all, just some bytes")
+    config = load_config("smoke", TINY + ["data.validation_cases=1"])
+    with caplog.at_level(logging.WARNING):
+        data = train.prepare_data(tmp_path / "raw", tmp_path / "run", config, "hgg", None, train.Distributed())
+    used = sorted(p.name for p in data.train_dirs + data.validation_dirs)
+    assert used == ["Phantom_000", "Phantom_001", "Phantom_003"] and data.normaliser.n_cases == len(data.train_dirs)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[0].startswith(f"skipping case Phantom_002: {broken}: ")
+    assert warnings[1] == "training without 1 unusable case(s): Phantom_002"
+
+    code = main(["train", "--grade", "hgg", "--data", str(tmp_path / "raw"), "--out", str(tmp_path / "strict"),
+                 "--config", "smoke", "--device", "cpu", "--strict"] + sum((["--set", s] for s in TINY), []))
+    assert code == 2 and not (tmp_path / "strict" / "last.pt").exists()
