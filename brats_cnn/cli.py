@@ -105,14 +105,31 @@ def segment(
     label_convention: Optional[str] = typer.Option(None, "--label-convention", help="Convention of the written labels (default: the checkpoint's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute cases whose output exists."),
     no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Skip small-component removal."),
+    no_prior_correction: bool = typer.Option(False, "--no-prior-correction", help="Use the network's class-balanced probabilities as they are (same as --set segment.prior_alpha=0)."),
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Segment cases with a trained model and write label-map NIfTIs."""
     from brats_cnn.segment import run_segment
 
+    overrides = list(set_ or []) + (["segment.prior_alpha=0"] if no_prior_correction else [])
     run_segment(inputs=inputs, model=model, grade=grade, out=out, mode=mode, device=device,
                 save_probabilities=save_probabilities, label_convention=label_convention,
-                overwrite=overwrite, postprocess=not no_postprocess, overrides=set_ or [])
+                overwrite=overwrite, postprocess=not no_postprocess, overrides=overrides)
+
+
+@app.command()
+def calibrate(
+    run: Path = typer.Option(..., "--run", help="A train run folder (its last.pt lists the training and validation cases)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint to calibrate (default: <run>/best.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Calibrated checkpoint (default: <run>/calibrated.pt; the table goes to <out>.json)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Preprocessed cache of the run's cases (default: <run>/cache)."),
+    device: str = DeviceOpt,
+    no_tta: bool = typer.Option(False, "--no-tta", help="Do not try test-time augmentation (4x faster)."),
+) -> None:
+    """Choose the class-prior correction, test-time augmentation and post-processing on validation cases."""
+    from brats_cnn.calibrate import run_calibrate
+
+    run_calibrate(run=run, model=model, out=out, cache=cache, device=device, tta=not no_tta)
 
 
 @app.command()

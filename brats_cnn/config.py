@@ -97,12 +97,15 @@ class SegmentConfig:
     batch_size: int = 4096  # patches (exact) / voxels through the FC layers (fast) per pass (choice)
     slices_per_batch: int = 4  # fast mode: axial slices per pass through the convolutions (choice)
     memory_fraction: float = 0.5  # exact mode on CUDA: share of free GPU memory for a batch (choice)
+    prior_alpha: float = 0.0  # (choice) prior correction p(c|x) * pi_c^alpha of the class-balanced posterior; 0 = off
+    tta_rotations: tuple[int, ...] = (0,)  # (choice) average the probabilities over these in-plane rotations (degrees)
 
 
 @dataclass(frozen=True)
 class PostprocessConfig:
     min_component_voxels: int = 10_000  # (paper) t_vol: 10,000 HGG, 3,000 LGG
     connectivity: int = 1  # (choice) 1 = face (6-), 2 = edge (18-), 3 = vertex (26-) connectivity
+    keep_largest: bool = False  # (choice) keep only the largest tumour component (after the t_vol removal)
 
 
 @dataclass(frozen=True)

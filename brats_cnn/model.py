@@ -105,11 +105,13 @@ def count_parameters(network: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "brats-cnn-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-CHECKPOINT_KEYS: frozenset[str] = frozenset({
-    "format", "format_version", "architecture", "num_classes", "state_dict", "grade",
-    "label_convention", "channel_order", "normaliser", "config", "epoch", "training_state",
-})
+CHECKPOINT_FORMAT_VERSION = 2  # 2 added "calibration"; version 1 files still load (calibration None)
+CHECKPOINT_KEYS_BY_VERSION: dict[int, frozenset[str]] = {
+    1: frozenset({"format", "format_version", "architecture", "num_classes", "state_dict", "grade",
+                  "label_convention", "channel_order", "normaliser", "config", "epoch", "training_state"}),
+}
+CHECKPOINT_KEYS_BY_VERSION[2] = CHECKPOINT_KEYS_BY_VERSION[1] | {"calibration"}
+CHECKPOINT_KEYS: frozenset[str] = CHECKPOINT_KEYS_BY_VERSION[CHECKPOINT_FORMAT_VERSION]
 
 
 @dataclass
@@ -126,6 +128,9 @@ class Checkpoint:
         epoch: number of completed training epochs.
         training_state: optimiser state, step counter, RNG states... (for ``--resume``), or None.
         format_version: :data:`CHECKPOINT_FORMAT_VERSION` of the file.
+        calibration: fitted output calibration (``{"class_frequencies": [...], ...}``: the class
+            frequencies inside the brain of the training cases, for the prior correction of
+            :mod:`brats_cnn.calibrate`), or None.
     """
 
     network: PereiraCNN
@@ -137,6 +142,7 @@ class Checkpoint:
     epoch: int
     training_state: dict | None
     format_version: int
+    calibration: dict | None = None
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -151,7 +157,8 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, *, network: nn.Module, config: Config, normaliser: Any,
-                    label_convention: str, epoch: int = 0, training_state: dict | None = None) -> Path:
+                    label_convention: str, epoch: int = 0, training_state: dict | None = None,
+                    calibration: dict | None = None) -> Path:
     """Write a self-contained checkpoint atomically and return its path.
 
     Everything is stored as tensors and plain Python types (dict/list/str/int/float/bool/None), so
@@ -165,6 +172,7 @@ def save_checkpoint(path: str | Path, *, network: nn.Module, config: Config, nor
         label_convention: the convention of the class indices, e.g. ``"brats2017"``.
         epoch: completed epochs.
         training_state: optional resume state; tensors and plain types only.
+        calibration: optional fitted calibration (plain types), see :class:`Checkpoint`.
     """
     from brats_cnn.fsutil import atomic_path
 
@@ -182,6 +190,7 @@ def save_checkpoint(path: str | Path, *, network: nn.Module, config: Config, nor
         "config": config_to_dict(config),
         "epoch": int(epoch),
         "training_state": training_state,
+        "calibration": calibration,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -205,13 +214,14 @@ def _read_checkpoint_payload(path: Path, map_location: Any) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError("not a brats-cnn checkpoint (no 'format' marker)", path)
     version = payload.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
+    if version not in CHECKPOINT_KEYS_BY_VERSION:
         raise CheckpointError(f"checkpoint format version {version!r} is not supported "
-                              f"(expected {CHECKPOINT_FORMAT_VERSION})", path)
-    missing = sorted(CHECKPOINT_KEYS - set(payload))
+                              f"(expected one of {sorted(CHECKPOINT_KEYS_BY_VERSION)})", path)
+    keys = CHECKPOINT_KEYS_BY_VERSION[version]
+    missing = sorted(keys - set(payload))
     if missing:
         raise CheckpointError(f"checkpoint is missing key '{missing[0]}'", path)
-    unexpected = sorted(set(payload) - CHECKPOINT_KEYS)
+    unexpected = sorted(set(payload) - keys)
     if unexpected:
         raise CheckpointError(f"checkpoint has unexpected key '{unexpected[0]}'", path)
     return payload
@@ -248,4 +258,4 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
                       label_convention=str(payload["label_convention"]),
                       channel_order=tuple(payload["channel_order"]), normaliser=normaliser,
                       epoch=int(payload["epoch"]), training_state=payload["training_state"],
-                      format_version=int(payload["format_version"]))
+                      format_version=int(payload["format_version"]), calibration=payload.get("calibration"))

@@ -3,13 +3,21 @@
 Pereira et al. drop every connected tumour component smaller than ``t_vol`` voxels
 (10,000 for HGG, 3,000 for LGG, ``config.postprocess.min_component_voxels``). All non-zero labels
 count as tumour together, so a component is a connected blob of any mix of tumour labels.
+Optionally (``postprocess.keep_largest``, a choice of ours, off in the paper's configs) only the
+largest remaining component is kept: BraTS glioma cases have one lesion as a rule, and the
+network's false positives lie far from it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from brats_cnn.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from brats_cnn.config import PostprocessConfig
 
 CONNECTIVITIES: dict[int, str] = {1: "face (6-neighbour)", 2: "edge (18-neighbour)", 3: "vertex (26-neighbour)"}
 
@@ -58,3 +66,37 @@ def remove_small_components(labels: np.ndarray, min_voxels: int, connectivity: i
     out = labels.copy()
     out[too_small[components]] = 0
     return out
+
+
+def keep_largest_component(labels: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """Keep only the largest connected tumour component (all non-zero labels together).
+
+    Ties keep the component with the lowest id (the first in scan order). An all-background input
+    is returned as a copy. The input is not modified.
+
+    Args:
+        labels: ``(X, Y, Z)`` integer label values or class indices; 0 is background.
+        connectivity: 1 = face (6-), 2 = edge (18-), 3 = vertex (26-) connectivity.
+
+    Returns:
+        A new array of the same shape and dtype as ``labels``.
+    """
+    labels = np.asarray(labels)
+    components, sizes = component_sizes(labels != 0, connectivity)
+    out = labels.copy()
+    if sizes.size <= 2:  # background only, or a single component
+        return out
+    largest = 1 + int(np.argmax(sizes[1:]))
+    out[(components != largest) & (components != 0)] = 0
+    return out
+
+
+def postprocess_labels(labels: np.ndarray, config: "PostprocessConfig") -> np.ndarray:
+    """The configured post-processing: small-component removal, then (optionally) the largest component.
+
+    Args:
+        labels: ``(X, Y, Z)`` label values or class indices, 0 = background.
+        config: ``min_component_voxels``, ``connectivity`` and ``keep_largest``.
+    """
+    kept = remove_small_components(labels, config.min_component_voxels, config.connectivity)
+    return keep_largest_component(kept, config.connectivity) if config.keep_largest else kept

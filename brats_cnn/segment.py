@@ -28,7 +28,7 @@ import numpy as np
 
 from brats_cnn import progress_wanted
 from brats_cnn.device import Compute, compute_settings, resolve_device
-from brats_cnn.errors import InputError
+from brats_cnn.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -446,12 +446,40 @@ def _reorder_channels(image: np.ndarray, channel_order: tuple[str, ...]) -> np.n
 
 def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
             config: Any, progress: bool = False) -> np.ndarray:
-    """Run :func:`predict_exact` or :func:`predict_fast` with the settings of a full ``Config``."""
+    """Run :func:`predict_exact` or :func:`predict_fast` with the settings of a full ``Config``.
+
+    With ``segment.tta_rotations`` other than ``(0,)`` (test-time augmentation), the image and mask
+    are turned in the axial plane by each angle (multiples of 90 degrees, as in training), predicted,
+    turned back, and the probabilities averaged. Shapes and dtypes as :func:`predict_exact`.
+    """
+    rotations = tuple(config.segment.tta_rotations)
+    if not rotations or any(angle % 90 for angle in rotations):
+        raise ConfigError(f"segment.tta_rotations must be multiples of 90 degrees, got {list(rotations)}")
     common = dict(batch_size=config.segment.batch_size, compute=compute_settings(device, config.compute),
                   background_value=config.preprocess.background_value, progress=progress)
-    if mode == "exact":
-        return predict_exact(network, image, mask, memory_fraction=config.segment.memory_fraction, **common)
-    return predict_fast(network, image, mask, slices_per_batch=config.segment.slices_per_batch, **common)
+    total = None
+    for angle in rotations:
+        turns = (angle // 90) % 4
+        turned_image = np.ascontiguousarray(np.rot90(image, turns, axes=(1, 2)))
+        turned_mask = np.ascontiguousarray(np.rot90(mask, turns, axes=(0, 1)))
+        if mode == "exact":
+            probs = predict_exact(network, turned_image, turned_mask, memory_fraction=config.segment.memory_fraction,
+                                  **common)
+        else:
+            probs = predict_fast(network, turned_image, turned_mask, slices_per_batch=config.segment.slices_per_batch,
+                                 **common)
+        probs = np.rot90(probs, -turns, axes=(1, 2))
+        total = probs.copy() if total is None else total + probs
+    return np.ascontiguousarray(total / np.float32(len(rotations)), dtype=np.float32)
+
+
+def prior_frequencies(checkpoint: Any, checkpoint_path: Any) -> list:
+    """The class frequencies of a calibrated checkpoint (needed when ``segment.prior_alpha > 0``)."""
+    frequencies = (checkpoint.calibration or {}).get("class_frequencies")
+    if not frequencies:
+        raise ConfigError("segment.prior_alpha > 0 needs a calibrated checkpoint (brats-cnn calibrate); this one "
+                          "has no class frequencies", checkpoint_path)
+    return frequencies
 
 
 def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path: Any, config: Any, mode: str,
@@ -465,7 +493,8 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     from brats_cnn.io import load_case, save_label_map, save_volume
     from brats_cnn.labels import convert_labels, from_class_indices
     from brats_cnn.normalise import normalise_case
-    from brats_cnn.postprocess import remove_small_components
+    from brats_cnn.calibrate import apply_class_prior
+    from brats_cnn.postprocess import postprocess_labels
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -482,12 +511,14 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     image = _reorder_channels(image, checkpoint.channel_order)
     lap("normalise")
     probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)
+    if config.segment.prior_alpha > 0:
+        probabilities = apply_class_prior(probabilities, prior_frequencies(checkpoint, checkpoint_path),
+                                          config.segment.prior_alpha)
     classes = probabilities.argmax(axis=0).astype(np.uint8)
     lap("predict")
     removed = 0
     if postprocess:
-        kept = remove_small_components(classes, config.postprocess.min_component_voxels,
-                                       config.postprocess.connectivity)
+        kept = postprocess_labels(classes, config.postprocess)
         removed = int(np.count_nonzero(classes) - np.count_nonzero(kept))
         classes = kept
     lap("postprocess")
@@ -511,8 +542,11 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
         "precision": compute_settings(device, config.compute).precision,
         "channels_last": config.compute.channels_last,
         "label_convention": convention,
+        "prior_alpha": config.segment.prior_alpha,
+        "tta_rotations": list(config.segment.tta_rotations),
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
-                        "connectivity": config.postprocess.connectivity, "removed_voxels": removed},
+                        "connectivity": config.postprocess.connectivity,
+                        "keep_largest": config.postprocess.keep_largest, "removed_voxels": removed},
         "brain_voxels": int(mask.sum()),
         "timings_s": timings,
         "brats_cnn_version": __version__,
@@ -561,6 +595,8 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
                           checkpoint_path)
     config = load_config(None, list(overrides or ()), base=config_to_dict(checkpoint.config))
     chosen_mode = resolve_mode(mode or config.segment.mode, torch_device)
+    if config.segment.prior_alpha > 0:  # fail before any work
+        prior_frequencies(checkpoint, checkpoint_path)
     convention = get_convention(label_convention or checkpoint.label_convention).name
     conversion_table(checkpoint.label_convention, convention)  # fail before any work if undefined
     refs = _find_cases(inputs if isinstance(inputs, (list, tuple)) else [inputs])

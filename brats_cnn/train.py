@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brats_cnn.calibrate import class_frequencies
 from brats_cnn.config import Config, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
 from brats_cnn.device import Compute, compute_settings, resolve_device
@@ -480,6 +481,8 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
     num_classes = get_convention(cfg.data.label_convention).num_classes
     background = cfg.preprocess.background_value
     train_pairs = cases_label_mask(data_.train_dirs)
+    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.calibrate)
+    calibration = {"class_frequencies": class_frequencies(train_pairs, num_classes).tolist()}
 
     def centres_for(epoch: int):
         keys = (epoch,) if cfg.sampling.resample_each_epoch else ()
@@ -543,7 +546,7 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
                           "validation_cases": [p.name for p in data_.validation_dirs]}
         save_checkpoint(last_path, network=network, config=cfg, normaliser=data_.normaliser,
                         label_convention=cfg.data.label_convention, epoch=state.epoch,
-                        training_state=training_state)
+                        training_state=training_state, calibration=calibration)
 
     def record(epoch: int, lr: float) -> None:
         """One metrics row: the training interval since the last row, validation, best.pt, last.pt."""
@@ -573,7 +576,8 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
             if score > state.best_score:
                 state.best_score = score
                 save_checkpoint(best_path, network=network, config=cfg, normaliser=data_.normaliser,
-                                label_convention=cfg.data.label_convention, epoch=state.epoch, training_state=None)
+                                label_convention=cfg.data.label_convention, epoch=state.epoch, training_state=None,
+                                calibration=calibration)
             log.info("epoch %d, step %d: loss %.4f acc %.3f | val loss %s acc %s dice %s | %.0f patches/s",
                      epoch + 1, state.step, train_loss, train_accuracy, f"{val_loss:.4f}", f"{val_accuracy:.3f}",
                      dice and {k: round(v, 3) for k, v in dice.items()}, state.history[-1]["patches_per_second"])

@@ -164,7 +164,7 @@ def test_garbage_file_is_rejected(tmp_path):
 
 def test_other_format_version_is_rejected(tmp_path):
     path = _write(tmp_path / "m.pt", format_version=CHECKPOINT_FORMAT_VERSION + 1)
-    with pytest.raises(CheckpointError, match="format version 2 is not supported"):
+    with pytest.raises(CheckpointError, match="format version 3 is not supported"):
         load_checkpoint(path)
 
 

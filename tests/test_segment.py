@@ -218,3 +218,42 @@ def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
         run_segment([root / "data"], model=model, out=tmp_path / "x.nii.gz", device="cpu")
     with pytest.raises(BratsCnnError, match="brats2013"):
         run_segment([root / "data"], model=model, out=tmp_path, device="cpu", label_convention="brats2013")
+
+
+def test_bf16_channels_last_agrees_with_float32_in_both_modes():
+    from brats_cnn.device import Compute
+
+    net = _network("lgg", classes=5)
+    image, mask = _volume((4, 14, 13, 3), seed=4, brain=0.6)
+    fast_bf16 = Compute(torch.device("cpu"), bf16=True, channels_last=True)
+    for predictor in (predict_exact, predict_fast):
+        reference = predictor(net, image, mask, batch_size=64, device="cpu", background_value=BACKGROUND)
+        got = predictor(net, image, mask, batch_size=64, compute=fast_bf16, background_value=BACKGROUND)
+        assert got.dtype == np.float32 and got.shape == reference.shape
+        np.testing.assert_allclose(got, reference, atol=3e-2)  # bf16 keeps 8 significant bits
+        assert (got[0][~mask] == 1).all()
+
+
+def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain_prediction():
+    import dataclasses
+
+    from brats_cnn.config import load_config
+    from brats_cnn.segment import predict
+
+    net = _network("lgg", classes=5)
+    image, mask = _volume((4, 14, 14, 3), seed=5, brain=0.6)
+    base = load_config("pereira_lgg", ["compute.precision=float32", "compute.channels_last=false",
+                                       f"preprocess.background_value={BACKGROUND}"])
+    device = torch.device("cpu")
+    plain = predict(net, image, mask, "fast", device, base)
+    np.testing.assert_array_equal(plain, predict_fast(net, image, mask, batch_size=base.segment.batch_size,
+                                                       background_value=BACKGROUND))
+    tta = dataclasses.replace(base, segment=dataclasses.replace(base.segment, tta_rotations=(0, 90, 180, 270)))
+    averaged = predict(net, image, mask, "fast", device, tta)
+    turned = predict(net, np.rot90(image, 1, axes=(1, 2)), np.rot90(mask, 1, axes=(0, 1)), "fast", device, tta)
+    np.testing.assert_allclose(np.rot90(turned, -1, axes=(1, 2)), averaged, atol=1e-5)
+    np.testing.assert_allclose(averaged.sum(0), 1.0, atol=1e-5)
+    assert not np.allclose(averaged, plain, atol=1e-3)  # the rotations do change the average
+    bad = dataclasses.replace(base, segment=dataclasses.replace(base.segment, tta_rotations=(0, 45)))
+    with pytest.raises(ConfigError, match="multiples of 90 degrees, got \\[0, 45\\]"):
+        predict(net, image, mask, "fast", device, bad)

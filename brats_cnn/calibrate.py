@@ -1,0 +1,227 @@
+"""Output calibration chosen on validation cases: the class-prior correction, test-time augmentation
+and post-processing (the ``brats-cnn calibrate`` command).
+
+The networks are trained on class-balanced patches, so their softmax estimates the posterior under a
+uniform class prior; inside a real brain, background and edema are far more frequent than necrosis
+or enhancing tumour. Bayes' rule gives the posterior under the true prior ``pi``:
+``p(c | x) ~ p_balanced(c | x) * pi_c``. :func:`apply_class_prior` applies ``pi_c ** alpha``: ``alpha``
+= 0 leaves the network's output alone, 1 is the full correction; the best value lies in between
+and is chosen on validation cases (the sampling is only approximately uniform, and the network is
+not a perfect estimator).
+
+:func:`run_calibrate` reads a training run folder, predicts every validation case once per
+test-time-augmentation setting, and picks the ``alpha`` x TTA x post-processing combination with the
+best mean validation Dice; it writes a calibrated checkpoint whose config holds the choice
+(``segment.prior_alpha``, ``segment.tta_rotations``, ``postprocess.keep_largest``) and whose
+``calibration`` holds the class frequencies and the whole validation table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from brats_cnn.errors import CheckpointError, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+ALPHAS: tuple[float, ...] = tuple(round(a, 2) for a in np.arange(0.0, 1.01, 0.1))
+TTA_SETTINGS: dict[str, tuple[int, ...]] = {"none": (0,), "rot90": (0, 90, 180, 270)}
+CALIBRATED_NAME = "calibrated.pt"
+
+
+# ---- pure functions ----------------------------------------------------------------------------
+
+def class_frequencies(cases: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` float64 share of each class among the brain voxels of all ``cases``.
+
+    Args:
+        cases: ``(label, mask)`` pairs: class indices and the bool brain mask of the same shape.
+    """
+    from brats_cnn.sampling import class_voxel_counts
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for label, mask in cases:
+        counts += class_voxel_counts(label, mask, num_classes)
+    if counts.sum() == 0:
+        raise InputError("no brain voxels in the training cases: class frequencies are undefined")
+    return counts / counts.sum()
+
+
+def apply_class_prior(probabilities: np.ndarray, frequencies: Sequence[float], alpha: float) -> np.ndarray:
+    """Prior correction of class-balanced posteriors: ``p'(c|x) ~ p(c|x) * frequencies[c] ** alpha``.
+
+    Args:
+        probabilities: ``(C, ...)`` float32 probabilities (class axis first), summing to 1 over C.
+        frequencies: ``(C,)`` class frequencies (> 0) of the data the correction is for.
+        alpha: exponent; 0 returns a copy of the input.
+
+    Returns:
+        ``(C, ...)`` float32, renormalised to sum to 1 over the classes; the input is not modified.
+    """
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    if frequencies.shape != (probabilities.shape[0],):
+        raise ConfigError(f"class frequencies have {frequencies.size} entries but the network has "
+                          f"{probabilities.shape[0]} classes")
+    if not np.all(np.isfinite(frequencies)) or np.any(frequencies <= 0):
+        raise ConfigError(f"class frequencies must be finite and > 0, got {frequencies.tolist()}")
+    if alpha == 0:
+        return probabilities.copy()
+    weights = (frequencies ** alpha).astype(np.float32).reshape((-1,) + (1,) * (probabilities.ndim - 1))
+    weighted = probabilities * weights
+    return weighted / np.maximum(weighted.sum(axis=0, keepdims=True), np.finfo(np.float32).tiny)
+
+
+def region_dice(classes: np.ndarray, truth: np.ndarray, convention: str) -> dict[str, float]:
+    """Dice of complete/core/enhancing between two ``(X, Y, Z)`` class-index maps."""
+    from brats_cnn.labels import REGIONS, from_class_indices, region_masks
+    from brats_cnn.metrics import dice
+
+    predicted = region_masks(from_class_indices(classes, convention), convention)
+    reference = region_masks(from_class_indices(truth, convention), convention)
+    return {region: dice(reference[region], predicted[region]) for region in REGIONS}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One calibration setting and its mean validation Dice."""
+
+    alpha: float
+    tta: str
+    keep_largest: bool
+    dice: dict
+    score: float
+
+
+def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.ndarray],
+                   frequencies: np.ndarray, postprocess: Any, convention: str,
+                   alphas: Sequence[float] = ALPHAS) -> list[Choice]:
+    """Mean validation Dice of every ``alpha`` x TTA setting x keep-largest combination.
+
+    Args:
+        probabilities: per TTA setting name, the ``(C, X, Y, Z)`` probabilities of each case.
+        truths: the ``(X, Y, Z)`` class indices of each case.
+        frequencies: training class frequencies.
+        postprocess: a ``PostprocessConfig`` (``keep_largest`` is varied, the rest applied as is).
+    """
+    from dataclasses import replace
+
+    from brats_cnn.labels import REGIONS
+    from brats_cnn.postprocess import postprocess_labels
+
+    choices = []
+    for tta, per_case in probabilities.items():
+        for alpha in alphas:
+            classes = [apply_class_prior(p, frequencies, alpha).argmax(0).astype(np.uint8) for p in per_case]
+            for keep_largest in (False, True):
+                config = replace(postprocess, keep_largest=keep_largest)
+                scores = [region_dice(postprocess_labels(c, config), t, convention) for c, t in zip(classes, truths)]
+                mean = {region: float(np.mean([s[region] for s in scores])) for region in REGIONS}
+                choices.append(Choice(float(alpha), tta, keep_largest, mean, float(np.mean(list(mean.values())))))
+    return choices
+
+
+def best_choice(choices: Sequence[Choice]) -> Choice:
+    """The highest score; ties go to the simpler setting (no TTA, no keep-largest, smaller alpha)."""
+    return max(choices, key=lambda c: (round(c.score, 6), c.tta == "none", not c.keep_largest, -c.alpha))
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def _validation_cases(run: Path, cache: Path) -> tuple[list[Path], list[Path]]:
+    """Training and validation cache folders recorded in the run's ``last.pt``."""
+    from brats_cnn.model import load_checkpoint
+
+    state = load_checkpoint(run / "last.pt").training_state or {}
+    train_ids, val_ids = state.get("train_cases"), state.get("validation_cases")
+    if not train_ids or not val_ids:
+        raise CheckpointError("last.pt records no training or no validation cases; calibration needs both "
+                              "(train with data.validation_cases >= 1)", run / "last.pt")
+    missing = [c for c in [*train_ids, *val_ids] if not (cache / c).is_dir()]
+    if missing:
+        raise InputError(f"case '{missing[0]}' of the run is not in the cache", cache)
+    return [cache / c for c in train_ids], [cache / c for c in val_ids]
+
+
+def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None, cache: Path | None = None,
+                  device: str = "auto", tta: bool = True) -> dict:
+    """Choose the prior correction, TTA and post-processing on the run's validation cases.
+
+    Args:
+        run: a ``train`` run folder (``last.pt`` lists the cases; ``best.pt`` is calibrated by default).
+        model: the checkpoint to calibrate (default ``<run>/best.pt``).
+        out: the calibrated checkpoint (default ``<run>/calibrated.pt``); ``<out>.json`` gets the table.
+        cache: the preprocessed cache of the run's cases (default ``<run>/cache``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        tta: also try averaging over the four 90-degree rotations (4x the prediction time).
+
+    Returns:
+        The summary written next to ``out``: the choice, its Dice, and every setting's scores.
+    """
+    import dataclasses
+
+    from brats_cnn.config import config_from_dict, config_to_dict
+    from brats_cnn.device import compute_settings, resolve_device
+    from brats_cnn.fsutil import write_json_atomic
+    from brats_cnn.labels import get_convention
+    from brats_cnn.model import load_checkpoint, save_checkpoint
+    from brats_cnn.preprocess import load_cached_case
+    from brats_cnn.sampling import cases_label_mask
+    from brats_cnn.segment import predict
+
+    run = Path(run)
+    model = Path(model) if model else run / "best.pt"
+    out = Path(out) if out else run / CALIBRATED_NAME
+    cache = Path(cache) if cache else run / "cache"
+    if out.resolve() == model.resolve():
+        raise ConfigError("--out must differ from the checkpoint being calibrated", out)
+    checkpoint = load_checkpoint(model)
+    train_dirs, val_dirs = _validation_cases(run, cache)
+    convention = checkpoint.label_convention
+    num_classes = get_convention(convention).num_classes
+    frequencies = class_frequencies(cases_label_mask(train_dirs), num_classes)
+    log.info("class frequencies in the brain of %d training case(s): %s", len(train_dirs),
+             np.round(frequencies, 5).tolist())
+
+    device_ = resolve_device(device)
+    settings = {name: rotations for name, rotations in TTA_SETTINGS.items() if tta or name == "none"}
+    probabilities: dict[str, list[np.ndarray]] = {name: [] for name in settings}
+    truths = []
+    for folder in val_dirs:
+        case = load_cached_case(folder)
+        image = np.transpose(np.asarray(case.image, dtype=np.float32), (1, 2, 3, 0))  # (Z,4,X,Y) -> (4,X,Y,Z)
+        mask = np.transpose(np.asarray(case.mask), (1, 2, 0))
+        truths.append(np.transpose(np.asarray(case.label), (1, 2, 0)))
+        for name, rotations in settings.items():
+            config = dataclasses.replace(checkpoint.config, segment=dataclasses.replace(
+                checkpoint.config.segment, tta_rotations=rotations))
+            probabilities[name].append(predict(checkpoint.network, image, mask, "fast", device_, config))
+        log.info("validation case %s predicted (%s)", folder.name, ", ".join(settings))
+    choices = score_settings(probabilities, truths, frequencies, checkpoint.config.postprocess, convention)
+    best = best_choice(choices)
+    baseline = next(c for c in choices if c.alpha == 0 and c.tta == "none" and not c.keep_largest)
+    log.info("chosen: alpha %.1f, tta %s, keep_largest %s: validation Dice %s (uncalibrated %s)", best.alpha,
+             best.tta, best.keep_largest, {k: round(v, 4) for k, v in best.dice.items()},
+             {k: round(v, 4) for k, v in baseline.dice.items()})
+
+    values = config_to_dict(checkpoint.config)
+    values["segment"].update(prior_alpha=best.alpha, tta_rotations=list(settings[best.tta]))
+    values["postprocess"]["keep_largest"] = best.keep_largest
+    summary = {
+        "model": str(model), "validation_cases": [p.name for p in val_dirs],
+        "train_cases": [p.name for p in train_dirs], "class_frequencies": frequencies.tolist(),
+        "chosen": dataclasses.asdict(best), "uncalibrated": dataclasses.asdict(baseline),
+        "compute": compute_settings(device_, checkpoint.config.compute).precision,
+        "table": [dataclasses.asdict(c) for c in choices],
+    }
+    save_checkpoint(out, network=checkpoint.network, config=config_from_dict(values), normaliser=checkpoint.normaliser,
+                    label_convention=convention, epoch=checkpoint.epoch, training_state=None,
+                    calibration={"class_frequencies": frequencies.tolist(),
+                                 "validation_cases": summary["validation_cases"],
+                                 "validation_dice": best.dice, "uncalibrated_dice": baseline.dice})
+    write_json_atomic(out.with_suffix(".json"), summary)
+    return summary

@@ -1,0 +1,147 @@
+"""Tests for brats_cnn.calibrate: the prior correction, the setting search and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from brats_cnn.calibrate import (ALPHAS, Choice, apply_class_prior, best_choice, class_frequencies, run_calibrate,
+                                 score_settings)
+from brats_cnn.config import PostprocessConfig
+from brats_cnn.errors import CheckpointError, ConfigError
+from brats_cnn.postprocess import keep_largest_component
+
+
+def test_prior_correction_by_hand():
+    probs = np.array([[0.5, 0.2], [0.5, 0.8]], dtype=np.float32)  # (C=2, 2 voxels)
+    frequencies = [0.9, 0.1]
+    np.testing.assert_array_equal(apply_class_prior(probs, frequencies, 0.0), probs)
+    full = apply_class_prior(probs, frequencies, 1.0)
+    np.testing.assert_allclose(full[:, 0], [0.9, 0.1], rtol=1e-6)  # flat posterior -> the prior itself
+    np.testing.assert_allclose(full[:, 1], [0.18 / 0.26, 0.08 / 0.26], rtol=1e-6)
+    half = apply_class_prior(probs, frequencies, 0.5)
+    np.testing.assert_allclose(half[:, 0], [0.75, 0.25], rtol=1e-6)  # sqrt(.9) : sqrt(.1) = 3 : 1
+    assert half.dtype == np.float32 and probs[0, 0] == 0.5  # input untouched
+    with pytest.raises(ConfigError, match="class frequencies have 3 entries but the network has 2 classes"):
+        apply_class_prior(probs, [0.5, 0.3, 0.2], 0.5)
+    with pytest.raises(ConfigError, match="finite and > 0"):
+        apply_class_prior(probs, [1.0, 0.0], 0.5)
+
+
+def test_class_frequencies_count_brain_voxels_only():
+    label = np.array([[0, 0, 1, 2], [4 % 4, 3, 3, 0]], dtype=np.uint8)
+    mask = np.array([[True, False, True, True], [True, True, True, False]])
+    # brain voxels: 0, 1, 2, 0, 3, 3 -> class shares 2/6, 1/6, 1/6, 2/6, 0
+    np.testing.assert_allclose(class_frequencies([(label, mask)], 5), [2 / 6, 1 / 6, 1 / 6, 2 / 6, 0])
+    two = class_frequencies([(label, mask), (np.full((2, 2), 4, np.uint8), np.ones((2, 2), bool))], 5)
+    np.testing.assert_allclose(two, [0.2, 0.1, 0.1, 0.2, 0.4])
+
+
+def test_keep_largest_component():
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[0:2, 0:2, 0:2] = 2          # 8 voxels
+    labels[5:8, 5:8, 5:8] = 1          # 27 voxels, part necrosis ...
+    labels[5:8, 5:8, 8] = 4            # ... and enhancing, touching: 36 voxels
+    out = keep_largest_component(labels)
+    assert np.count_nonzero(out) == 36 and out[0, 0, 0] == 0 and out[6, 6, 8] == 4
+    np.testing.assert_array_equal(keep_largest_component(np.zeros((3, 3, 3), np.uint8)), 0)
+    assert labels[0, 0, 0] == 2  # input untouched
+
+
+def test_score_settings_finds_the_alpha_that_removes_a_false_positive():
+    # truth: a 3x3x3 tumour (class 2) in a 10^3 brain; the network also calls a far voxel class 2
+    # with p = 0.55: the prior of class 2 (rare) removes it at alpha >= some value, keeping the tumour
+    truth = np.zeros((10, 10, 10), np.uint8)
+    truth[2:5, 2:5, 2:5] = 2
+    probs = np.zeros((5, 10, 10, 10), np.float32)
+    probs[0] = 0.9
+    probs[2] = 0.1
+    probs[0][truth == 2], probs[2][truth == 2] = 0.05, 0.95
+    probs[0, 8, 8, 8], probs[2, 8, 8, 8] = 0.45, 0.55
+    frequencies = np.array([0.9, 0.02, 0.05, 0.01, 0.02])
+    choices = score_settings({"none": [probs]}, [truth], frequencies, PostprocessConfig(min_component_voxels=1),
+                             "brats2017", alphas=(0.0, 1.0))
+    assert len(choices) == 4
+    by_key = {(c.alpha, c.keep_largest): c for c in choices}
+    assert by_key[(0.0, False)].dice["complete"] == pytest.approx(2 * 27 / (27 + 28))
+    assert by_key[(1.0, False)].dice["complete"] == 1.0
+    assert by_key[(0.0, True)].dice["complete"] == 1.0  # keep-largest removes it too
+    chosen = best_choice(choices)
+    assert (chosen.alpha, chosen.keep_largest) == (1.0, False)  # tie with (0.0, True): the plainer post-processing
+
+
+def test_best_choice_tie_breaking():
+    make = lambda alpha, tta, largest, score: Choice(alpha, tta, largest, {}, score)  # noqa: E731
+    choices = [make(0.5, "rot90", False, 0.8), make(0.7, "none", False, 0.8), make(0.3, "none", True, 0.8),
+               make(0.9, "none", False, 0.8)]
+    assert best_choice(choices) == choices[1]
+    assert best_choice(choices + [make(0.1, "rot90", True, 0.81)]).score == 0.81
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.train import run_training
+
+    root = tmp_path_factory.mktemp("calib")
+    write_phantom_dataset(root / "raw", 3, grades=["HGG"] * 3, shape=(40, 40, 12))
+    run_training("hgg", root / "raw", root / "run", config="smoke", device="cpu",
+                 overrides=["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=64",
+                            "train.batch_size=16", "train.epochs=1", "data.validation_cases=1",
+                            "train.num_workers=0"])
+    return root
+
+
+def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(tiny_run):
+    from brats_cnn.model import load_checkpoint
+    from brats_cnn.segment import run_segment
+
+    run = tiny_run / "run"
+    best = load_checkpoint(run / "best.pt")
+    frequencies = best.calibration["class_frequencies"]  # written by train
+    assert len(frequencies) == 4 and sum(frequencies) == pytest.approx(1.0)
+    summary = run_calibrate(run, device="cpu", tta=False)
+    assert len(summary["table"]) == 2 * len(ALPHAS)
+    calibrated = load_checkpoint(run / "calibrated.pt")
+    assert calibrated.config.segment.prior_alpha == summary["chosen"]["alpha"]
+    assert calibrated.config.postprocess.keep_largest == summary["chosen"]["keep_largest"]
+    assert calibrated.calibration["class_frequencies"] == pytest.approx(frequencies)
+    assert json.loads((run / "calibrated.json").read_text())["chosen"] == summary["chosen"]
+    for a, b in zip(best.network.parameters(), calibrated.network.parameters()):
+        assert torch.equal(a, b)
+    case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
+    out = tiny_run / "seg"
+    run_segment([case], model=run / "calibrated.pt", out=out / "a.nii.gz", device="cpu",
+                overrides=["segment.prior_alpha=0.5"])
+    sidecar = json.loads((out / "a.json").read_text())
+    assert sidecar["prior_alpha"] == 0.5 and sidecar["tta_rotations"] == [0]
+    with pytest.raises(ConfigError, match="--out must differ"):
+        run_calibrate(run, model=run / "best.pt", out=run / "best.pt", device="cpu", tta=False)
+
+
+def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_work(tiny_run, tmp_path):
+    from brats_cnn.segment import run_segment
+
+    case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
+    with pytest.raises(ConfigError, match="needs a calibrated checkpoint"):
+        run_segment([case], grade="hgg", out=tmp_path / "x.nii.gz", device="cpu",
+                    overrides=["segment.prior_alpha=0.5"])
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_calibrate_needs_validation_cases(tiny_run, tmp_path):
+    import shutil
+
+    from brats_cnn.model import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run, ignore=shutil.ignore_patterns("cache"))
+    last = load_checkpoint(run / "last.pt")
+    state = dict(last.training_state, validation_cases=[])
+    save_checkpoint(run / "last.pt", network=last.network, config=last.config, normaliser=last.normaliser,
+                    label_convention=last.label_convention, epoch=last.epoch, training_state=state)
+    with pytest.raises(CheckpointError, match="no training or no validation cases"):
+        run_calibrate(run, cache=tiny_run / "run" / "cache", device="cpu")
