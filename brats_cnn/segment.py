@@ -317,6 +317,7 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
 
 MODES: tuple[str, ...] = ("auto", "exact", "fast")
 WEIGHTS_DIR_NAME = "weights"
+DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is given
 
 
 @dataclass(frozen=True)
@@ -353,10 +354,10 @@ def _checkpoint_path(model: Any, grade: str | None) -> Any:
         raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
     if model is not None:
         return Path(model)  # with --grade as well, run_segment checks the checkpoint's grade
-    if grade is None:
-        raise ConfigError("give a checkpoint with --model, or --grade hgg|lgg for the bundled weights")
-    if grade.lower() not in ("hgg", "lgg"):
-        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
+    if grade is None:  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
+        grade = DEFAULT_GRADE
+        log.warning("no --grade or --model given: using the bundled %s model (the default for cases of unknown "
+                    "grade; see docs/results.md)", grade.upper())
     path = bundled_weights(grade)
     if not path.is_file():
         raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "

@@ -212,7 +212,7 @@ def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(segment, "WEIGHTS_DIR_NAME", "no_such_weights_dir")
     with pytest.raises(CheckpointError, match="no_such_weights_dir/lgg.pt"):
         run_segment([root / "data"], grade="lgg", out=tmp_path)
-    with pytest.raises(ConfigError, match="--model, or --grade"):
+    with pytest.raises(CheckpointError, match="no_such_weights_dir/hgg.pt"):  # no grade: the HGG default
         run_segment([root / "data"], out=tmp_path)
     with pytest.raises(ConfigError, match="one file"):
         run_segment([root / "data"], model=model, out=tmp_path / "x.nii.gz", device="cpu")
@@ -257,3 +257,4 @@ def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain
     bad = dataclasses.replace(base, segment=dataclasses.replace(base.segment, tta_rotations=(0, 45)))
     with pytest.raises(ConfigError, match="multiples of 90 degrees, got \\[0, 45\\]"):
         predict(net, image, mask, "fast", device, bad)
+

@@ -43,3 +43,16 @@ def test_segment_with_grade_uses_the_bundled_model(tmp_path):
     assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
     source = nib.load(refs[0].image_paths[0])
     np.testing.assert_allclose(nib.load(out).affine, source.affine)
+
+
+def test_segment_without_grade_or_model_uses_the_bundled_hgg_model_with_one_notice(tmp_path):
+    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["HGG"])
+    out = tmp_path / "seg.nii.gz"
+    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "segment", str(refs[0].image_paths[0]),
+                             "--out", str(out), "--mode", "fast", "--no-postprocess"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    notices = [line for line in result.stderr.splitlines() if "no --grade or --model" in line]
+    assert notices == ["WARNING brats_cnn.segment: no --grade or --model given: using the bundled HGG model "
+                       "(the default for cases of unknown grade; see docs/results.md)"]
+    sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
+    assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
