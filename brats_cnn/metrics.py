@@ -22,10 +22,15 @@ larger of the two one-way 95th percentiles, as MONAI's ``compute_hausdorff_dista
 A surface is the mask minus its erosion by the face-connected (6-neighbour) structuring element,
 with everything outside the array counted as background, so mask voxels on the array border are
 surface voxels.
+
+Lesion-wise DSC and HD95 (BraTS 2023+, :func:`lesion_wise_metrics`) score each ground-truth lesion
+on its own and average over lesions; see that function for the matching rules and
+:data:`LESION_PRESETS` for the per-challenge parameters.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -226,7 +231,8 @@ def foreground_box(labels_ref: np.ndarray, labels_pred: np.ndarray) -> tuple[sli
 
 def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: str,
                    spacing: Sequence[float], hd95_definition: str = "brats",
-                   pred_convention: str | None = None) -> dict[str, dict[str, float]]:
+                   pred_convention: str | None = None, lesion_params: LesionWiseParams | None = None
+                   ) -> dict[str, dict[str, float]]:
     """Metrics of the complete, core and enhancing regions of two label maps.
 
     Each map's regions are taken in its own convention, which equals converting the prediction
@@ -238,6 +244,8 @@ def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: 
         convention: label convention of ``labels_ref`` (``brats2013``, ``brats2017``,
             ``brats2023``, ``msd``); ``pred_convention`` that of ``labels_pred`` (default: the same).
         spacing: voxel size in mm per axis.
+        lesion_params: when given, each region also gets the lesion-wise metrics and counts of
+            :func:`lesion_wise_metrics` (keys :data:`LESION_METRIC_NAMES`).
 
     Returns:
         ``{region: {metric: value}}`` for the regions of :data:`brats_cnn.labels.REGIONS`.
@@ -245,7 +253,169 @@ def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: 
     box = foreground_box(labels_ref, labels_pred)
     ref, pred = np.asarray(labels_ref)[box], np.asarray(labels_pred)[box]
     n_voxels = int(np.asarray(labels_ref).size)
-    return {region: mask_metrics(region_mask(ref, convention, region),
-                                 region_mask(pred, pred_convention or convention, region), spacing,
-                                 hd95_definition, n_voxels=n_voxels)
-            for region in REGIONS}
+    out = {}
+    for region in REGIONS:
+        mask_ref = region_mask(ref, convention, region)
+        mask_pred = region_mask(pred, pred_convention or convention, region)
+        out[region] = mask_metrics(mask_ref, mask_pred, spacing, hd95_definition, n_voxels=n_voxels)
+        if lesion_params is not None:
+            out[region].update(lesion_wise_metrics(mask_ref, mask_pred, spacing, lesion_params, hd95_definition))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesion-wise metrics (BraTS 2023+)
+# ----------------------------------------------------------------------------------------------
+
+LESION_HD95_PENALTY = 374.0  # mm, the BraTS 2023+ HD95 of a missed or a false-positive lesion
+LESION_METRIC_NAMES: tuple[str, ...] = ("lesion_dsc", "lesion_hd95", "gt_lesions", "detected_lesions",
+                                        "missed_lesions", "fp_lesions")
+
+
+@dataclass(frozen=True)
+class LesionWiseParams:
+    """Parameters of lesion-wise scoring.
+
+    Attributes:
+        dilation: iterations of the 18-neighbour dilation of the ground truth that decides which
+            ground-truth components form one lesion and which predicted components match a lesion.
+        min_volume_mm3: ground-truth lesions whose volume is at most this (mm^3) are left out of
+            the score and the counts (predicted components matching them are not false positives).
+    """
+
+    dilation: int
+    min_volume_mm3: float
+
+
+# The organisers' parameters per challenge (BraTS 2023 lesion-wise evaluation).
+LESION_PRESETS: dict[str, LesionWiseParams] = {
+    "gli": LesionWiseParams(dilation=3, min_volume_mm3=50.0),   # adult glioma
+    "ssa": LesionWiseParams(dilation=3, min_volume_mm3=50.0),   # sub-Saharan Africa glioma
+    "ped": LesionWiseParams(dilation=3, min_volume_mm3=50.0),   # paediatric tumours
+    "men": LesionWiseParams(dilation=1, min_volume_mm3=50.0),   # meningioma
+    "met": LesionWiseParams(dilation=1, min_volume_mm3=2.0),    # brain metastases
+}
+
+_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def lesion_preset(name: str) -> LesionWiseParams:
+    """The parameters of a challenge preset (``gli``, ``ssa``, ``ped``, ``men``, ``met``)."""
+    try:
+        return LESION_PRESETS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown lesion-wise preset '{name}' (expected one of {list(LESION_PRESETS)})") from None
+
+
+def ground_truth_lesions(mask_ref: np.ndarray, dilation: int) -> tuple[np.ndarray, int]:
+    """Label the lesions of a ground-truth mask: 26-connected components merged through dilation.
+
+    Ground-truth components that touch one connected component of the mask dilated ``dilation``
+    times (18-neighbour structuring element) form one lesion, so two parts of a tumour a few
+    voxels apart count once.
+
+    Args:
+        mask_ref: ``(X, Y, Z)`` bool.
+        dilation: iterations of the dilation (0: plain 26-connected components).
+
+    Returns:
+        ``(lesions, n)``: int32 array of the mask's shape, 0 outside the mask and 1..n inside.
+    """
+    ref = np.asarray(mask_ref, dtype=bool)
+    grown = ref if dilation == 0 else ndimage.binary_dilation(
+        ref, structure=ndimage.generate_binary_structure(3, 2), iterations=dilation)
+    labelled, n = ndimage.label(grown, structure=_CONNECTIVITY_26)
+    lesions = np.where(ref, labelled, 0).astype(np.int32)
+    # every component of the dilated mask holds ground-truth voxels, so the ids 1..n are all used
+    return lesions, int(n)
+
+
+def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
+                        params: LesionWiseParams, hd95_definition: str = "brats") -> dict[str, float | int]:
+    """BraTS 2023+ lesion-wise DSC and HD95 of one region, with the lesion counts.
+
+    Rules (the organisers' lesion-wise evaluation):
+
+    * ground-truth lesions: see :func:`ground_truth_lesions`; predicted lesions: 26-connected
+      components of the prediction (of any size);
+    * a predicted component matches a ground-truth lesion when it overlaps that lesion dilated
+      ``params.dilation`` times; a lesion is scored against the union of its matched components
+      (DSC, and HD95 by ``hd95_definition``); a lesion without a match is *missed*: DSC 0, HD95
+      :data:`LESION_HD95_PENALTY`;
+    * predicted components that match no lesion are *false positives*, each scored DSC 0 and
+      HD95 :data:`LESION_HD95_PENALTY`;
+    * lesions of at most ``params.min_volume_mm3`` are left out (their matches are not false
+      positives either);
+    * the score is the mean over the kept lesions and the false positives; with neither (both
+      masks empty, or only ignored lesions) DSC is 1 and HD95 0.
+
+    Args:
+        mask_ref, mask_pred: ``(X, Y, Z)`` bool of the same shape.
+        spacing: voxel size in mm per axis (volumes and distances).
+        params: dilation and volume threshold (:data:`LESION_PRESETS`).
+        hd95_definition: see :func:`hd95`.
+
+    Returns:
+        ``lesion_dsc``, ``lesion_hd95`` (mm), and the counts ``gt_lesions`` (kept ground-truth
+        lesions), ``detected_lesions``, ``missed_lesions`` and ``fp_lesions`` (ints).
+    """
+    ref, pred = _check_pair(mask_ref, mask_pred)
+    if ref.ndim != 3:
+        raise ValueError(f"lesion-wise metrics need 3-D masks, got shape {ref.shape}")
+    if not ref.any() and not pred.any():
+        return {"lesion_dsc": 1.0, "lesion_hd95": 0.0, "gt_lesions": 0, "detected_lesions": 0,
+                "missed_lesions": 0, "fp_lesions": 0}
+    box = _padded_box(ref | pred, params.dilation)
+    ref, pred = ref[box], pred[box]
+    voxel_mm3 = float(np.prod(spacing))
+    lesions, n_lesions = ground_truth_lesions(ref, params.dilation)
+    components, n_components = ndimage.label(pred, structure=_CONNECTIVITY_26)
+    component_sizes = np.bincount(components.ravel(), minlength=n_components + 1)
+    component_boxes = ndimage.find_objects(components)
+    lesion_sizes = np.bincount(lesions.ravel(), minlength=n_lesions + 1)
+    matched_any = np.zeros(n_components + 1, dtype=bool)
+    dsc_sum = hd_sum = 0.0
+    kept = detected = 0
+    structure = ndimage.generate_binary_structure(3, 2)
+    for lesion_id, lesion_box in enumerate(ndimage.find_objects(lesions), start=1):
+        near = _grow_box(lesion_box, params.dilation, ref.shape)
+        lesion = lesions[near] == lesion_id
+        reach = lesion if params.dilation == 0 else ndimage.binary_dilation(
+            lesion, structure=structure, iterations=params.dilation)
+        matched = np.unique(components[near][reach])
+        matched = matched[matched != 0]
+        matched_any[matched] = True
+        if lesion_sizes[lesion_id] * voxel_mm3 <= params.min_volume_mm3:
+            continue
+        kept += 1
+        if matched.size == 0:
+            hd_sum += LESION_HD95_PENALTY
+            continue
+        detected += 1
+        union_box = _union_box([lesion_box, *(component_boxes[c - 1] for c in matched)])
+        lesion_mask = lesions[union_box] == lesion_id
+        matched_mask = np.isin(components[union_box], matched)
+        overlap = int(np.count_nonzero(lesion_mask & matched_mask))
+        dsc_sum += 2.0 * overlap / (int(lesion_sizes[lesion_id]) + int(component_sizes[matched].sum()))
+        hd_sum += hd95(lesion_mask, matched_mask, spacing, hd95_definition)
+    n_fp = int(n_components - np.count_nonzero(matched_any[1:]))
+    denominator = kept + n_fp
+    return {
+        "lesion_dsc": dsc_sum / denominator if denominator else 1.0,
+        "lesion_hd95": (hd_sum + n_fp * LESION_HD95_PENALTY) / denominator if denominator else 0.0,
+        "gt_lesions": kept, "detected_lesions": detected, "missed_lesions": kept - detected,
+        "fp_lesions": n_fp,
+    }
+
+
+def _padded_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Bounding box of a non-empty ``mask`` grown by ``margin`` voxels (clipped to the array)."""
+    return _grow_box(ndimage.find_objects(mask.astype(np.uint8))[0], margin, mask.shape)
+
+
+def _grow_box(box: tuple[slice, ...], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+
+
+def _union_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
+    return tuple(slice(min(b[k].start for b in boxes), max(b[k].stop for b in boxes)) for k in range(len(boxes[0])))

@@ -224,3 +224,144 @@ def test_region_metrics_across_conventions():
     pred = np.where(np.isin(ref, (1, 3)), 1, ref)
     out = metrics.region_metrics(ref, pred, "brats2013", (1, 1, 1), pred_convention="brats2017")
     assert [out[r]["dsc"] for r in ("complete", "core", "enhancing")] == [1.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------- lesion-wise (BraTS 2023+)
+
+GLI = metrics.lesion_preset("gli")   # dilation 3, lesions of at most 50 mm^3 ignored
+MEN = metrics.lesion_preset("men")   # dilation 1
+LESION_SHAPE = (40, 30, 30)
+
+
+def _lesion_wise(ref, pred, params=GLI, spacing=(1.0, 1.0, 1.0)):
+    return metrics.lesion_wise_metrics(ref, pred, spacing, params)
+
+
+def _counts(result):
+    return tuple(result[k] for k in ("gt_lesions", "detected_lesions", "missed_lesions", "fp_lesions"))
+
+
+def test_presets():
+    assert (GLI.dilation, GLI.min_volume_mm3) == (3, 50.0)
+    assert (metrics.lesion_preset("MET").dilation, metrics.lesion_preset("met").min_volume_mm3) == (1, 2.0)
+    with pytest.raises(ValueError, match="unknown lesion-wise preset 'abc'"):
+        metrics.lesion_preset("abc")
+
+
+def test_lesion_split_by_the_prediction_is_one_detected_lesion():
+    ref = _cube(LESION_SHAPE, (5, 5, 5), (11, 11, 11))       # 216 voxels
+    pred = ref.copy()
+    pred[8] = False                                           # two components: 108 + 72 voxels
+    r = _lesion_wise(ref, pred)
+    assert _counts(r) == (1, 1, 0, 0)
+    assert r["lesion_dsc"] == pytest.approx(2 * 180 / (216 + 180))
+    assert r["lesion_hd95"] == pytest.approx(metrics.hd95(ref, pred, (1, 1, 1)))
+
+
+def test_ground_truth_parts_within_the_dilation_are_one_lesion():
+    ref = _cube(LESION_SHAPE, (5, 5, 5), (9, 9, 9)) | _cube(LESION_SHAPE, (13, 5, 5), (17, 9, 9))  # 64 + 64, gap 4
+    pred = _cube(LESION_SHAPE, (5, 5, 5), (9, 9, 9))         # finds only the first part
+    assert metrics.ground_truth_lesions(ref, 3)[1] == 1 and metrics.ground_truth_lesions(ref, 1)[1] == 2
+    gli = _lesion_wise(ref, pred, GLI)                          # one lesion of 128 voxels, half found
+    assert _counts(gli) == (1, 1, 0, 0)
+    assert gli["lesion_dsc"] == pytest.approx(2 * 64 / (128 + 64))
+    assert gli["lesion_hd95"] == pytest.approx(metrics.hd95(ref, pred, (1, 1, 1)))
+    men = _lesion_wise(ref, pred, MEN)                          # two lesions: one perfect, one missed
+    assert _counts(men) == (2, 1, 1, 0)
+    assert men["lesion_dsc"] == pytest.approx(0.5)
+    assert men["lesion_hd95"] == pytest.approx(374.0 / 2)
+
+
+def test_one_predicted_component_merging_two_lesions_counts_for_both():
+    ref = _cube(LESION_SHAPE, (5, 5, 5), (9, 9, 9)) | _cube(LESION_SHAPE, (13, 5, 5), (17, 9, 9))
+    pred = _cube(LESION_SHAPE, (5, 5, 5), (17, 9, 9))         # 192 voxels bridging the gap
+    r = _lesion_wise(ref, pred, MEN)
+    assert _counts(r) == (2, 2, 0, 0)
+    assert r["lesion_dsc"] == pytest.approx(2 * 64 / (64 + 192))  # each lesion against the whole component
+    first = _cube(LESION_SHAPE, (5, 5, 5), (9, 9, 9))
+    assert r["lesion_hd95"] == pytest.approx(metrics.hd95(first, pred, (1, 1, 1)))  # the two are mirror images
+
+
+def test_small_lesions_are_ignored_but_every_false_positive_counts():
+    ref = _cube(LESION_SHAPE, (5, 5, 5), (11, 11, 11))
+    tiny_fp = _cube(LESION_SHAPE, (30, 20, 20), (32, 22, 22))  # 8 voxels far from the lesion
+    r = _lesion_wise(ref, ref | tiny_fp)
+    assert _counts(r) == (1, 1, 0, 1)                           # the organisers count a false positive of any size
+    assert r["lesion_dsc"] == pytest.approx(0.5) and r["lesion_hd95"] == pytest.approx(374.0 / 2)
+    # a missed ground-truth lesion of 8 voxels (<= 50 mm^3) is left out of score and counts
+    r = _lesion_wise(ref | tiny_fp, ref)
+    assert _counts(r) == (1, 1, 0, 0) and r["lesion_dsc"] == 1.0 and r["lesion_hd95"] == 0.0
+    # a prediction that hits an ignored lesion is no false positive either
+    r = _lesion_wise(ref | tiny_fp, ref | _cube(LESION_SHAPE, (31, 21, 21), (32, 22, 22)))
+    assert _counts(r) == (1, 1, 0, 0) and r["lesion_dsc"] == 1.0
+
+
+def test_volume_threshold_is_inclusive_and_in_mm3():
+    lesion = _cube(LESION_SHAPE, (5, 5, 5), (10, 10, 7))        # 50 voxels
+    empty = np.zeros(LESION_SHAPE, bool)
+    at = _lesion_wise(lesion, empty, spacing=(1.0, 1.0, 1.0))   # 50 mm^3: ignored
+    above = _lesion_wise(lesion, empty, spacing=(1.0, 1.0, 1.02))  # 51 mm^3: a missed lesion
+    assert _counts(at) == (0, 0, 0, 0) and (at["lesion_dsc"], at["lesion_hd95"]) == (1.0, 0.0)
+    assert _counts(above) == (1, 0, 1, 0) and (above["lesion_dsc"], above["lesion_hd95"]) == (0.0, 374.0)
+
+
+def test_empty_ground_truth():
+    empty = np.zeros(LESION_SHAPE, bool)
+    two = _cube(LESION_SHAPE, (2, 2, 2), (6, 6, 6)) | _cube(LESION_SHAPE, (20, 20, 20), (24, 24, 24))
+    r = _lesion_wise(empty, two)
+    assert _counts(r) == (0, 0, 0, 2) and (r["lesion_dsc"], r["lesion_hd95"]) == (0.0, 374.0)
+    r = _lesion_wise(empty, empty)
+    assert _counts(r) == (0, 0, 0, 0) and (r["lesion_dsc"], r["lesion_hd95"]) == (1.0, 0.0)
+
+
+def test_match_through_the_dilation_only():
+    ref = _cube(LESION_SHAPE, (5, 5, 5), (11, 11, 11))
+    near = _cube(LESION_SHAPE, (13, 5, 5), (15, 11, 11))        # 2 voxels between: reached by dilation 3
+    far = _cube(LESION_SHAPE, (14, 5, 5), (16, 11, 11))         # 3 voxels between: a false positive
+    assert _counts(_lesion_wise(ref, ref | near)) == (1, 1, 0, 0)
+    assert _counts(_lesion_wise(ref, ref | far)) == (1, 1, 0, 1)
+
+
+def _naive_lesion_wise(ref, pred, spacing, params):
+    """Full-array lesion-wise scores, written out one lesion at a time (no crops)."""
+    structure = ndimage.generate_binary_structure(3, 2)
+    full = np.ones((3, 3, 3), bool)
+    def dilate(mask):  # scipy reads iterations=0 as "until nothing changes"
+        return ndimage.binary_dilation(mask, structure, iterations=params.dilation) if params.dilation else mask
+
+    grown = dilate(ref)
+    grown_labels, n = ndimage.label(grown, full)
+    pred_labels, n_pred = ndimage.label(pred, full)
+    hit, scores = set(), []
+    for k in range(1, n + 1):
+        lesion = ref & (grown_labels == k)
+        reach = dilate(lesion)
+        ids = set(np.unique(pred_labels[reach])) - {0}
+        hit |= ids
+        if lesion.sum() * np.prod(spacing) <= params.min_volume_mm3:
+            continue
+        found = np.isin(pred_labels, list(ids)) if ids else np.zeros_like(pred)
+        scores.append((metrics.dice(lesion, found), metrics.hd95(lesion, found, spacing) if ids else 374.0))
+    n_fp = n_pred - len(hit)
+    scores += [(0.0, 374.0)] * n_fp
+    if not scores:
+        return 1.0, 0.0
+    return float(np.mean([s[0] for s in scores])), float(np.mean([s[1] for s in scores]))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_lesion_wise_agrees_with_a_naive_full_array_version(seed):
+    rng = np.random.default_rng(seed)
+    shape = (36, 32, 24)
+    ref = np.zeros(shape, bool)
+    for _ in range(6):                                          # scattered blobs of various sizes
+        centre, radius = rng.integers(3, np.array(shape) - 3), rng.uniform(1.0, 4.0)
+        grid = np.indices(shape).T - centre
+        ref |= (np.linalg.norm(grid, axis=-1).T <= radius)
+    pred = ndimage.binary_dilation(ref, iterations=1) & (rng.random(shape) > 0.15)
+    pred |= _cube(shape, (0, 0, 0), (2, 2, 2))                  # a false positive on the border
+    spacing = (1.0, 1.2, 1.5)
+    for params in (GLI, MEN, metrics.LesionWiseParams(0, 10.0)):
+        r = metrics.lesion_wise_metrics(ref, pred, spacing, params)
+        dsc, hd = _naive_lesion_wise(ref, pred, spacing, params)
+        assert r["lesion_dsc"] == pytest.approx(dsc, abs=1e-12) and r["lesion_hd95"] == pytest.approx(hd, abs=1e-9)
