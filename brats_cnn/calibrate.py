@@ -29,7 +29,10 @@ from brats_cnn.errors import CheckpointError, ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-ALPHAS: tuple[float, ...] = tuple(round(a, 2) for a in np.arange(0.0, 1.01, 0.1))
+# 0 = no correction, 1 = the Bayes correction for a perfectly calibrated balanced-prior network; the grid
+# goes beyond 1 because an under-trained network is under-confident (measured: the validation optimum of
+# an early v3 checkpoint was at the grid's end when it stopped at 1)
+ALPHAS: tuple[float, ...] = tuple(round(a, 2) for a in np.arange(0.0, 2.01, 0.1))
 TTA_SETTINGS: dict[str, tuple[int, ...]] = {"none": (0,), "rot90": (0, 90, 180, 270)}
 CALIBRATED_NAME = "calibrated.pt"
 
