@@ -1,9 +1,11 @@
-"""Plot a training run's loss curve (steps.csv) and validation figures (metrics.csv) into one PNG.
+"""Plot training runs' loss curves (steps.csv) and validation figures (metrics.csv) into one PNG.
 
-    .venv/bin/python benchmarks/plot_training.py runs/smoke benchmarks/results/train_smoke_real
+    .venv/bin/python benchmarks/plot_training.py benchmarks/results/train_hgg_v3 runs/hgg_v3
+    .venv/bin/python benchmarks/plot_training.py benchmarks/results/precision runs/bf16 runs/fp32
 
-Writes ``<prefix>_loss.png`` and copies ``metrics.csv``/``steps.csv`` to ``<prefix>_metrics.csv`` /
-``<prefix>_steps.csv``.
+Writes ``<prefix>_loss.png`` and, for one run, copies ``metrics.csv``/``steps.csv`` to
+``<prefix>_metrics.csv`` / ``<prefix>_steps.csv``. Several runs are drawn on the same axes (e.g. the
+same data and seed in bf16 and in float32). The batch loss is smoothed with a running mean.
 """
 
 from __future__ import annotations
@@ -13,40 +15,58 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 
-def main(run: Path, prefix: Path) -> None:
+SMOOTHING = 50  # iterations in the running mean of the batch loss
+
+
+def _smooth(values: np.ndarray, width: int) -> np.ndarray:
+    if values.size < width:
+        return values
+    return np.convolve(values, np.ones(width) / width, mode="valid")
+
+
+def main(prefix: Path, runs: list[Path]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from brats_cnn.fsutil import atomic_path
 
-    steps = list(csv.DictReader((run / "steps.csv").open()))
-    epochs = list(csv.DictReader((run / "metrics.csv").open()))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([int(r["step"]) for r in steps], [float(r["loss"]) for r in steps], lw=0.8, label="batch loss")
-    left.plot([int(r["step"]) for r in epochs], [float(r["train_loss"]) for r in epochs], "o-", label="epoch mean")
-    if epochs and epochs[0]["val_loss"]:
-        left.plot([int(r["step"]) for r in epochs], [float(r["val_loss"]) for r in epochs], "s-",
-                  label="validation (held-out case)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, run in enumerate(runs):
+        colour = f"C{index}"
+        steps = list(csv.DictReader((run / "steps.csv").open()))
+        rows = list(csv.DictReader((run / "metrics.csv").open())) if (run / "metrics.csv").is_file() else []
+        x = np.array([int(r["step"]) for r in steps])
+        loss = np.array([float(r["loss"]) for r in steps])
+        smooth = _smooth(loss, SMOOTHING)
+        left.plot(x[len(x) - len(smooth):], smooth, lw=1, color=colour, label=f"{run.name}: batch loss ({SMOOTHING}-step mean)")
+        if rows and rows[0]["val_loss"]:
+            left.plot([int(r["step"]) for r in rows], [float(r["val_loss"]) for r in rows], "s--", color=colour,
+                      label=f"{run.name}: validation patch loss")
+        for style, column in zip(("o-", "^-", "v-"), ("dice_complete", "dice_core", "dice_enhancing")):
+            values = [r[column] for r in rows]
+            if values and all(values):
+                right.plot([int(r["step"]) for r in rows], [float(v) for v in values], style, color=colour,
+                           label=f"{run.name}: {column}")
     left.set_xlabel("iteration")
     left.set_ylabel("cross-entropy")
-    left.legend(fontsize=8)
-    for column in ("train_accuracy", "val_accuracy", "dice_complete", "dice_core", "dice_enhancing"):
-        values = [r[column] for r in epochs]
-        if all(values):
-            right.plot([int(r["epoch"]) for r in epochs], [float(v) for v in values], "o-", label=column)
-    right.set_xlabel("epoch")
+    left.legend(fontsize=7)
+    right.set_xlabel("iteration")
+    right.set_ylabel("validation Dice (whole volumes, no calibration)")
     right.set_ylim(0, 1)
-    right.legend(fontsize=8)
-    fig.suptitle(f"{run.name}: {len(steps)} iterations", fontsize=10)
+    right.legend(fontsize=7)
+    fig.suptitle(", ".join(run.name for run in runs), fontsize=10)
     fig.tight_layout()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(f"{prefix}_loss.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    shutil.copyfile(run / "metrics.csv", f"{prefix}_metrics.csv")
-    shutil.copyfile(run / "steps.csv", f"{prefix}_steps.csv")
+    if len(runs) == 1:
+        for name in ("metrics.csv", "steps.csv"):
+            if (runs[0] / name).is_file():
+                shutil.copyfile(runs[0] / name, f"{prefix}_{name}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]])
