@@ -134,7 +134,7 @@ def calibrate(
 
 @app.command()
 def evaluate(
-    pred: Path = typer.Option(..., "--pred", help="Prediction file or folder."),
+    pred: List[Path] = typer.Option(..., "--pred", help="Prediction file or folder; repeat it (--pred A --pred B) to compare several."),
     gt: Path = typer.Option(..., "--gt", help="Ground-truth file or dataset folder."),
     out: Path = typer.Option(Path("evaluation"), "--out", help="Report folder (metrics.csv, summary.json, report.html)."),
     label_convention: str = typer.Option("brats2017", "--label-convention", help="Convention of the ground truth."),
@@ -142,12 +142,23 @@ def evaluate(
     manifest: Optional[Path] = ManifestOpt,
     images: Optional[Path] = typer.Option(None, "--images", help="Folder with the cases' images for overlay figures (default: --gt)."),
     hd95: str = typer.Option("brats", "--hd95", help="HD95 definition: brats (pooled distances, as BraTS/MedPy) or monai (max of the two one-way percentiles)."),
+    lesion_wise: str = typer.Option("gli", "--lesion-wise", help="Lesion-wise metrics (BraTS 2023+) with a challenge preset: gli, ssa, ped, men, met, or none."),
+    lesion_dilation: Optional[int] = typer.Option(None, "--lesion-dilation", help="Override the preset's ground-truth dilation (voxels)."),
+    lesion_min_volume: Optional[float] = typer.Option(None, "--lesion-min-volume", help="Override the preset's lesion volume threshold (mm^3; lesions at or below it are ignored)."),
+    only_predicted: bool = typer.Option(False, "--only-predicted", help="Score only the cases that have a prediction (default: a missing one is scored as empty, as BraTS does)."),
 ) -> None:
-    """Score segmentations as BraTS does: DSC, PPV, sensitivity, specificity, HD95, volumes."""
-    from brats_cnn.evaluate import run_evaluate
+    """Score segmentations as BraTS does (DSC, PPV, sensitivity, specificity, HD95, volumes, lesion-wise DSC/HD95); compare several with repeated --pred."""
+    from brats_cnn import report
+    from brats_cnn.evaluate import run_compare, run_evaluate
 
-    run_evaluate(pred=pred, gt=gt, out=out, label_convention=label_convention,
-                 pred_convention=pred_convention, manifest=manifest, images=images, hd95_definition=hd95)
+    options = dict(gt=gt, out=out, label_convention=label_convention, pred_convention=pred_convention,
+                   manifest=manifest, images=images, hd95_definition=hd95, lesion_wise=lesion_wise,
+                   lesion_dilation=lesion_dilation, lesion_min_volume=lesion_min_volume, only_predicted=only_predicted)
+    if len(pred) > 1:
+        typer.echo(report.terminal_comparison(run_compare(preds=pred, **options)))
+    else:
+        typer.echo(report.terminal_table(run_evaluate(pred=pred[0], **options)))
+    typer.echo(f"report: {out / 'report.html'}")
 
 
 @app.command()

@@ -5,11 +5,15 @@ Matching (by case id):
 * Predictions: a single file, or a folder holding ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or
   ``<ID>-seg.nii.gz`` (``.nii`` and ``.mha`` too), or case folders ``<ID>/`` holding one of those
   names (or exactly one label file).
-* Ground truth: anything :func:`brats_cnn.io.list_cases` reads (the label map of each case), or a
-  folder of label files named like predictions, or a single label file.
+* Ground truth: anything :func:`brats_cnn.io.list_cases` reads (the label map of each case), a
+  dataset whose images are incomplete (only label maps are needed), a folder of label files named
+  like predictions, or a single label file.
 
 A case with ground truth but no prediction is scored as an empty prediction and flagged, as the
-challenge does; predictions without ground truth are listed, not scored. A case whose files
+challenge does (one warning line gives their count; ``only_predicted`` leaves them out);
+predictions without ground truth are listed, not scored. Lesion-wise metrics (BraTS 2023+) are
+computed with a challenge preset (default ``gli``). :func:`run_compare` scores two or more
+prediction folders on the same cases and compares them (:mod:`brats_cnn.compare`). A case whose files
 cannot be read, hold labels outside their convention, or whose prediction is on another voxel
 grid (shape, or affine beyond :data:`brats_cnn.io.AFFINE_TOLERANCE_MM` /
 :data:`brats_cnn.io.DIRECTION_TOLERANCE`) is listed as a failure and the others are still scored.
@@ -32,7 +36,8 @@ import numpy as np
 from brats_cnn import __version__, io
 from brats_cnn.errors import BratsCnnError, InputError
 from brats_cnn.labels import REGIONS, get_convention, region_masks
-from brats_cnn.metrics import HD95_DEFINITIONS, region_metrics
+from brats_cnn.metrics import (HD95_DEFINITIONS, LESION_HD95_PENALTY, LESION_PRESETS, LesionWiseParams,
+                               region_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,10 @@ def find_predictions(pred: str | Path) -> tuple[dict[str, Path], list[CaseFailur
 def find_ground_truth(gt: str | Path, manifest: str | Path | None = None) -> list[GroundTruth]:
     """Ground-truth cases of a dataset folder (any io layout), a folder of label files, or one file.
 
-    Grades come from ``manifest`` or, for a dataset folder, ``<gt>/manifest.csv`` (as io reads them).
+    Only the label maps are needed: when the folder cannot be listed as a dataset (a case with
+    an image missing, say), its label maps are listed on their own (:func:`find_label_maps`) and
+    the cases whose images are complete still give overlays. Grades come from ``manifest`` or
+    ``<gt>/manifest.csv``; a grade that is empty or ``unknown`` leaves the case's grade None.
 
     Raises:
         InputError: ``gt`` does not exist or holds no case.
@@ -122,24 +130,58 @@ def find_ground_truth(gt: str | Path, manifest: str | Path | None = None) -> lis
     gt = Path(gt)
     if not gt.exists():
         raise InputError("no such ground-truth file or folder", gt)
-    grades = io.read_manifest(manifest) if manifest is not None else {}
-    label_files = [gt] if gt.is_file() and label_file_case_id(gt.name) else (_label_files(gt) if gt.is_dir() else [])
     try:
         refs = io.list_cases(gt, manifest=manifest)
-    except InputError:
-        if not label_files:
+    except InputError as exc:
+        cases = find_label_maps(gt, manifest)
+        if not cases:
             raise
-        refs = []
+        if any(c.case_ref is None and c.label_path.parent.name == c.case_id for c in cases):
+            log.warning("%s: not every case is complete (%s); scoring the %d label maps found", gt, exc, len(cases))
+        return cases
     if refs and all(ref.label_path is None for ref in refs):
         raise InputError(f"none of the {len(refs)} cases has a label map; nothing to score against", gt)
-    if refs:
-        return [GroundTruth(ref.case_id, ref.label_path, ref.grade, ref) for ref in refs]
-    if manifest is None and gt.is_dir() and (gt / "manifest.csv").is_file():
-        grades = io.read_manifest(gt / "manifest.csv")
-    cases = {}
-    for path in label_files:
-        case_id = label_file_case_id(path.name)
-        cases[case_id] = GroundTruth(case_id, path, grades.get(case_id))
+    return [GroundTruth(ref.case_id, ref.label_path, ref.grade, ref) for ref in refs]
+
+
+def find_label_maps(gt: str | Path, manifest: str | Path | None = None) -> list[GroundTruth]:
+    """Label maps by case without reading any image: for folders that are not complete datasets.
+
+    Looks at label files in ``gt`` itself, in ``labelsTr/``/``labelsTs/``, in case folders
+    ``<ID>/`` (the file named after the folder, or its only label file) and in case folders under
+    ``HGG/``/``LGG/`` (which give the grade). A case folder whose images are complete also gets its
+    :class:`~brats_cnn.io.CaseRef` (for overlays). Empty list when nothing is found.
+    """
+    gt = Path(gt)
+    if gt.is_file():
+        case_id = label_file_case_id(gt.name)
+        return [GroundTruth(case_id, gt, None)] if case_id else []
+    manifest_path = Path(manifest) if manifest is not None else gt / "manifest.csv"
+    grades = io.read_manifest(manifest_path) if manifest is not None or manifest_path.is_file() else {}
+    cases: dict[str, GroundTruth] = {}
+
+    def add(case_id: str, path: Path, grade: str | None, folder: Path | None) -> None:
+        ref = None
+        if folder is not None:
+            try:
+                ref = io.find_case(folder)
+            except BratsCnnError:
+                ref = None
+        cases.setdefault(case_id, GroundTruth(case_id, path, grades.get(case_id, grade), ref))
+
+    for folder in [gt] + [gt / name for name in ("labelsTr", "labelsTs") if (gt / name).is_dir()]:
+        for path in _label_files(folder):
+            add(label_file_case_id(path.name), path, None, None)
+    subfolders = sorted(p for p in gt.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for grade_folder in [p for p in subfolders if p.name.upper() in io.GRADES]:
+        subfolders += [(p, grade_folder.name.upper()) for p in sorted(grade_folder.iterdir()) if p.is_dir()]
+    for entry in subfolders:
+        folder, grade = entry if isinstance(entry, tuple) else (entry, None)
+        files = _label_files(folder)
+        named = [f for f in files if label_file_case_id(f.name) == folder.name]
+        chosen = named or (files if len(files) == 1 else [])
+        if len(chosen) == 1:
+            add(folder.name, chosen[0], grade, folder)
     return [cases[k] for k in sorted(cases)]
 
 
@@ -172,11 +214,14 @@ def check_same_geometry(case_id: str, gt: io.LabelMap, pred: io.LabelMap) -> Non
 
 
 def score_case(case_id: str, gt_path: Path, pred_path: Path | None, *, label_convention: str,
-               pred_convention: str, hd95_definition: str = "brats"
+               pred_convention: str, hd95_definition: str = "brats",
+               lesion_params: LesionWiseParams | None = None
                ) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Read one case's label maps and compute every metric per region.
 
-    Regions are taken from each map in its own convention (see ``metrics.region_metrics``). A missing prediction (``pred_path`` None) is scored as an empty one.
+    Regions are taken from each map in its own convention (see ``metrics.region_metrics``). A
+    missing prediction (``pred_path`` None) is scored as an empty one. With ``lesion_params`` the
+    rows also hold the lesion-wise metrics and counts (``metrics.lesion_wise_metrics``).
 
     Returns:
         ``(rows, gt_labels, pred_labels)``: three rows (one per region) with the columns of
@@ -193,7 +238,7 @@ def score_case(case_id: str, gt_path: Path, pred_path: Path | None, *, label_con
         check_same_geometry(case_id, gt, pred)
         pred_labels = pred.labels
     by_region = region_metrics(gt.labels, pred_labels, label_convention, gt.spacing, hd95_definition,
-                               pred_convention=pred_convention)
+                               pred_convention=pred_convention, lesion_params=lesion_params)
     rows = [{"case_id": case_id, "region": region, **by_region[region], "missing_prediction": pred_path is None}
             for region in REGIONS]
     return rows, gt.labels, pred_labels
@@ -233,12 +278,196 @@ def _overlay(case_id: str, ref: io.CaseRef, gt_labels: np.ndarray, pred_labels: 
 
 
 # ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_LESION_PRESET = "gli"  # BraTS 2023+ adult glioma: dilation 3, lesions <= 50 mm^3 ignored
+NO_LESION_WISE = ("none", "off")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """How every case is scored (validated once, before anything is read)."""
+
+    label_convention: str
+    pred_convention: str
+    hd95_definition: str = "brats"
+    lesion_preset: str | None = DEFAULT_LESION_PRESET
+    lesion_params: LesionWiseParams | None = None
+    only_predicted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        lesion = None if self.lesion_params is None else {
+            "preset": self.lesion_preset, "dilation": self.lesion_params.dilation,
+            "min_volume_mm3": self.lesion_params.min_volume_mm3, "hd95_penalty_mm": LESION_HD95_PENALTY,
+            "connectivity": 26}
+        return {"label_convention": self.label_convention, "pred_convention": self.pred_convention,
+                "hd95_definition": self.hd95_definition, "hd95_definition_text": HD95_DEFINITIONS[self.hd95_definition],
+                "hd95_unit": "mm", "volume_unit": "ml", "lesion_wise": lesion, "only_predicted": self.only_predicted}
+
+
+def evaluate_settings(label_convention: str = "brats2017", pred_convention: str | None = None,
+                      hd95_definition: str = "brats", lesion_wise: str | None = DEFAULT_LESION_PRESET,
+                      lesion_dilation: int | None = None, lesion_min_volume: float | None = None,
+                      only_predicted: bool = False) -> EvaluateSettings:
+    """Validate the scoring options.
+
+    Args:
+        lesion_wise: a preset of :data:`brats_cnn.metrics.LESION_PRESETS` (``gli``, ``ssa``,
+            ``ped``, ``men``, ``met``), or ``none``/None for no lesion-wise metrics.
+        lesion_dilation, lesion_min_volume: override the preset's dilation (voxels) and volume
+            threshold (mm^3).
+
+    Raises:
+        InputError: an unknown convention, HD95 definition or preset, or a negative override.
+    """
+    pred_convention = pred_convention or label_convention
+    get_convention(label_convention), get_convention(pred_convention)  # fail early on a typo
+    if hd95_definition not in HD95_DEFINITIONS:
+        raise InputError(f"unknown HD95 definition '{hd95_definition}' (expected one of {list(HD95_DEFINITIONS)})")
+    preset, params = None, None
+    if lesion_wise is not None and lesion_wise.lower() not in NO_LESION_WISE:
+        if lesion_wise.lower() not in LESION_PRESETS:
+            raise InputError(f"unknown lesion-wise preset '{lesion_wise}' (expected one of "
+                             f"{list(LESION_PRESETS)} or none)")
+        preset, params = lesion_wise.lower(), LESION_PRESETS[lesion_wise.lower()]
+        if lesion_dilation is not None or lesion_min_volume is not None:
+            if (lesion_dilation or 0) < 0 or (lesion_min_volume or 0) < 0:
+                raise InputError(f"lesion dilation ({lesion_dilation}) and minimum volume ({lesion_min_volume}) "
+                                 "must not be negative")
+            params = LesionWiseParams(params.dilation if lesion_dilation is None else int(lesion_dilation),
+                                      params.min_volume_mm3 if lesion_min_volume is None else float(lesion_min_volume))
+            preset = f"{preset} (changed)"
+    return EvaluateSettings(label_convention, pred_convention, hd95_definition, preset, params, only_predicted)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a folder
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FolderScores:
+    """The result of scoring one prediction folder against the ground truth."""
+
+    rows: list[dict[str, Any]]
+    failures: list[CaseFailure]
+    missing: list[str]          # ground truth without prediction (scored as empty unless only_predicted)
+    extra: list[str]            # predictions without ground truth (not scored)
+    seconds: dict[str, float]
+    figures: dict[str, bytes]
+
+
+def score_folder(pred: str | Path, truths: list[GroundTruth], settings: EvaluateSettings, *,
+                 image_refs: dict[str, io.CaseRef] | None = None, overlays: bool = True,
+                 max_overlays: int = 200) -> FolderScores:
+    """Score every ground-truth case against its prediction in ``pred``; failures are collected, not raised.
+
+    Raises:
+        InputError: ``pred`` does not exist or holds no prediction file.
+    """
+    predictions, failures = find_predictions(pred)
+    failed_ids = {f.case_id for f in failures}
+    extra = sorted(set(predictions) - {t.case_id for t in truths})
+    missing = [t.case_id for t in truths if t.case_id not in predictions and t.case_id not in failed_ids]
+    if missing:
+        scored = len(truths) - len(missing) - len(failed_ids)
+        log.warning("%d of %d ground-truth cases have no prediction in %s: %s", len(missing), len(truths), pred,
+                    "left out (--only-predicted)" if settings.only_predicted else
+                    f"scored as empty predictions (DSC 0) as BraTS does; --only-predicted scores only the "
+                    f"{scored} predicted case(s)")
+    result = FolderScores([], failures, missing, extra, {}, {})
+    for truth in truths:
+        if truth.case_id in failed_ids or (settings.only_predicted and truth.case_id in missing):
+            continue
+        _score_one(truth, predictions.get(truth.case_id), settings, result,
+                   (image_refs or {}).get(truth.case_id) if overlays and len(result.figures) < max_overlays else None)
+    return result
+
+
+def _score_one(truth: GroundTruth, pred_path: Path | None, settings: EvaluateSettings, result: FolderScores,
+               image_ref: io.CaseRef | None) -> None:
+    """Score one case into ``result`` (rows, seconds, figure) or record its failure."""
+    if truth.label_path is None:
+        result.failures.append(CaseFailure(truth.case_id, f"case {truth.case_id}: no ground-truth label map"))
+        return
+    start = time.perf_counter()
+    try:
+        rows, gt_labels, pred_labels = score_case(
+            truth.case_id, truth.label_path, pred_path, label_convention=settings.label_convention,
+            pred_convention=settings.pred_convention, hd95_definition=settings.hd95_definition,
+            lesion_params=settings.lesion_params)
+    except BratsCnnError as exc:
+        message = str(exc) if truth.case_id in str(exc) else f"case {truth.case_id}: {exc}"
+        log.error("%s", message)
+        result.failures.append(CaseFailure(truth.case_id, message))
+        return
+    result.seconds[truth.case_id] = time.perf_counter() - start
+    result.rows += rows
+    if image_ref is not None:
+        png = _overlay(truth.case_id, image_ref, gt_labels, pred_labels, settings.label_convention,
+                       settings.pred_convention, rows)
+        if png is not None:
+            result.figures[truth.case_id] = png
+    if pred_path is None:
+        log.info("%s: no prediction, scored as an empty one (%.2f s)", truth.case_id, result.seconds[truth.case_id])
+    else:
+        log.info("%s scored in %.2f s", truth.case_id, result.seconds[truth.case_id])
+
+
+def folder_summary(pred: str | Path, gt: str | Path, truths: list[GroundTruth], settings: EvaluateSettings,
+                   scores: FolderScores) -> dict[str, Any]:
+    """The ``summary.json`` dictionary of one scored folder."""
+    from brats_cnn import report
+
+    grades = {t.case_id: t.grade for t in truths}
+    scored_ids = sorted({r["case_id"] for r in scores.rows})
+    return {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "version": __version__,
+        "pred": str(pred), "gt": str(gt),
+        **settings.as_dict(),
+        "n_cases_scored": len(scored_ids),
+        "n_ground_truth_cases": len(truths),
+        "missing_predictions": [c for c in scores.missing if c in scored_ids],
+        "not_scored_without_prediction": [c for c in scores.missing if c not in scored_ids],
+        "extra_predictions": scores.extra,
+        "failures": [{"case_id": f.case_id, "error": f.error} for f in scores.failures],
+        "grades": {c: grades[c] for c in scored_ids},
+        "statistics": report.summarise(scores.rows, grades),
+        "lesion_counts": report.lesion_counts(scores.rows) if settings.lesion_params is not None else None,
+        "reference_pereira2016": report.PAPER_REFERENCE,
+        "seconds_per_case": {c: round(s, 4) for c, s in scores.seconds.items()},
+    }
+
+
+def write_folder_report(out: str | Path, summary: dict[str, Any], scores: FolderScores) -> None:
+    """Write ``metrics.csv``, ``summary.json`` and ``report.html`` of one folder into ``out``."""
+    from brats_cnn import report
+
+    out = Path(out)
+    report.write_metrics_csv(scores.rows, out / "metrics.csv")
+    report.write_summary_json(summary, out / "summary.json")
+    boxplot = report.boxplot_png(scores.rows, summary["grades"]) if scores.rows else None
+    report.write_report_html(out / "report.html", summary, scores.rows, boxplot=boxplot, overlays=scores.figures)
+
+
+def _raise_for_failures(failures: list[CaseFailure], n_scored: int, out: Path) -> None:
+    if failures:
+        names = ", ".join(f.case_id for f in failures[:5]) + (", ..." if len(failures) > 5 else "")
+        raise InputError(f"{len(failures)} case(s) could not be scored ({names}); the other "
+                         f"{n_scored} are in the report, the failures are listed in summary.json and "
+                         "report.html", out)
+
+
+# ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
 
 def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation", label_convention: str = "brats2017",
                  pred_convention: str | None = None, manifest: str | Path | None = None,
                  images: str | Path | None = None, *, hd95_definition: str = "brats",
+                 lesion_wise: str | None = DEFAULT_LESION_PRESET, lesion_dilation: int | None = None,
+                 lesion_min_volume: float | None = None, only_predicted: bool = False,
                  overlays: bool = True, max_overlays: int = 200) -> dict[str, Any]:
     """Score predictions against ground truth and write ``metrics.csv``, ``summary.json``, ``report.html``.
 
@@ -252,6 +481,10 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
         images: dataset folder with the cases' images for overlays (default: ``gt`` when it
             holds full cases).
         hd95_definition: ``"brats"`` (default) or ``"monai"``, see :mod:`brats_cnn.metrics`.
+        lesion_wise, lesion_dilation, lesion_min_volume: lesion-wise metrics, see
+            :func:`evaluate_settings` (default: the BraTS-GLI preset).
+        only_predicted: score only the cases that have a prediction (default: a missing
+            prediction is scored as an empty one, as BraTS does).
         overlays: draw the per-case FLAIR overlays when images are available; at most
             ``max_overlays`` of them (the report stays a reasonable size).
 
@@ -262,75 +495,92 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
         InputError: bad arguments or no case at all (nothing written); or, after writing the
             report, when one or more cases could not be scored (they are listed in it).
     """
-    from brats_cnn import report
-
-    out = Path(out)
-    pred_convention = pred_convention or label_convention
-    get_convention(label_convention), get_convention(pred_convention)  # fail early on a typo
-    if hd95_definition not in HD95_DEFINITIONS:
-        raise InputError(f"unknown HD95 definition '{hd95_definition}' (expected one of {list(HD95_DEFINITIONS)})")
-    predictions, failures = find_predictions(pred)
+    settings = evaluate_settings(label_convention, pred_convention, hd95_definition, lesion_wise,
+                                 lesion_dilation, lesion_min_volume, only_predicted)
+    find_predictions(pred)  # no prediction at all: stop before reading the ground truth
     truths = find_ground_truth(gt, manifest)
     image_refs = _image_refs(images) if images is not None else {
         t.case_id: t.case_ref for t in truths if t.case_ref is not None}
-    failed_ids = {f.case_id for f in failures}
-    gt_ids = {t.case_id for t in truths}
-    extra = sorted(set(predictions) - gt_ids)
-    missing = sorted(t.case_id for t in truths if t.case_id not in predictions and t.case_id not in failed_ids)
-
-    rows: list[dict[str, Any]] = []
-    figures: dict[str, bytes] = {}
-    seconds: dict[str, float] = {}
-    for truth in truths:
-        if truth.case_id in failed_ids:
-            continue
-        if truth.label_path is None:
-            failures.append(CaseFailure(truth.case_id, f"case {truth.case_id}: no ground-truth label map"))
-            continue
-        start = time.perf_counter()
-        try:
-            case_rows, gt_labels, pred_labels = score_case(
-                truth.case_id, truth.label_path, predictions.get(truth.case_id), label_convention=label_convention,
-                pred_convention=pred_convention, hd95_definition=hd95_definition)
-        except BratsCnnError as exc:
-            message = str(exc) if truth.case_id in str(exc) else f"case {truth.case_id}: {exc}"
-            log.error("%s", message)
-            failures.append(CaseFailure(truth.case_id, message))
-            continue
-        seconds[truth.case_id] = time.perf_counter() - start
-        rows += case_rows
-        ref = image_refs.get(truth.case_id)
-        if overlays and ref is not None and len(figures) < max_overlays:
-            png = _overlay(truth.case_id, ref, gt_labels, pred_labels, label_convention, pred_convention, case_rows)
-            if png is not None:
-                figures[truth.case_id] = png
-        log.info("%s scored in %.2f s", truth.case_id, seconds[truth.case_id])
-
-    grades = {t.case_id: t.grade for t in truths}
-    scored_ids = sorted({r["case_id"] for r in rows})
-    summary: dict[str, Any] = {
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "version": __version__,
-        "pred": str(pred), "gt": str(gt),
-        "label_convention": label_convention, "pred_convention": pred_convention,
-        "hd95_definition": hd95_definition, "hd95_definition_text": HD95_DEFINITIONS[hd95_definition],
-        "hd95_unit": "mm", "volume_unit": "ml",
-        "n_cases_scored": len(scored_ids),
-        "missing_predictions": [c for c in missing if c in scored_ids],
-        "extra_predictions": extra,
-        "failures": [{"case_id": f.case_id, "error": f.error} for f in failures],
-        "grades": {c: grades[c] for c in scored_ids},
-        "statistics": report.summarise(rows, grades),
-        "reference_pereira2016": report.PAPER_REFERENCE,
-        "seconds_per_case": {c: round(s, 4) for c, s in seconds.items()},
-    }
-    report.write_metrics_csv(rows, out / "metrics.csv")
-    report.write_summary_json(summary, out / "summary.json")
-    boxplot = report.boxplot_png(rows, grades) if rows else None
-    report.write_report_html(out / "report.html", summary, rows, boxplot=boxplot, overlays=figures)
-    if failures:
-        names = ", ".join(f.case_id for f in failures[:5]) + (", ..." if len(failures) > 5 else "")
-        raise InputError(f"{len(failures)} case(s) could not be scored ({names}); the other "
-                         f"{len(scored_ids)} are in the report, the failures are listed in summary.json and "
-                         "report.html", out)
+    scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays, max_overlays=max_overlays)
+    summary = folder_summary(pred, gt, truths, settings, scores)
+    write_folder_report(out, summary, scores)
+    _raise_for_failures(scores.failures, summary["n_cases_scored"], Path(out))
     return summary
+
+
+def prediction_names(preds: list[Path]) -> list[str]:
+    """Short unique names for prediction folders: the folder name, made unique with ``-2``, ``-3``..."""
+    names: list[str] = []
+    for pred in preds:
+        base = label_file_case_id(pred.name) if pred.is_file() else pred.name
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base or "pred") or "pred"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "evaluation",
+                label_convention: str = "brats2017", pred_convention: str | None = None,
+                manifest: str | Path | None = None, images: str | Path | None = None, *,
+                hd95_definition: str = "brats", lesion_wise: str | None = DEFAULT_LESION_PRESET,
+                lesion_dilation: int | None = None, lesion_min_volume: float | None = None,
+                only_predicted: bool = False, overlays: bool = True, max_overlays: int = 200) -> dict[str, Any]:
+    """Score two or more prediction folders on the same ground truth and compare them.
+
+    Each folder gets its own report in ``out/<name>/`` (as :func:`run_evaluate`); ``out`` gets
+    ``comparison.json``, ``comparison.csv`` (Wilcoxon tests per pair, region and metric),
+    ``intervals.csv`` (bootstrap 95 % intervals of the means), ``ranking.csv`` (BraTS ranking),
+    ``differences.csv`` (per-case differences) and ``report.html``. Only cases scored for every
+    folder enter the comparison. Ranking uses lesion-wise DSC and HD95 when they are computed
+    (BraTS 2023+), else DSC and HD95.
+
+    Returns:
+        The ``comparison.json`` dictionary.
+
+    Raises:
+        InputError: fewer than two predictions, bad arguments; after writing everything, when a
+            case of any folder could not be scored.
+    """
+    from brats_cnn import compare, report
+
+    preds = [Path(p) for p in preds]
+    if len(preds) < 2:
+        raise InputError(f"a comparison needs at least two --pred folders, got {len(preds)}")
+    settings = evaluate_settings(label_convention, pred_convention, hd95_definition, lesion_wise,
+                                 lesion_dilation, lesion_min_volume, only_predicted)
+    for pred in preds:
+        find_predictions(pred)
+    truths = find_ground_truth(gt, manifest)
+    image_refs = _image_refs(images) if images is not None else {
+        t.case_id: t.case_ref for t in truths if t.case_ref is not None}
+    out = Path(out)
+    names = prediction_names(preds)
+    rows_by_name, summaries, failures = {}, {}, []
+    for name, pred in zip(names, preds):
+        log.info("scoring %s (%s)", name, pred)
+        scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays,
+                              max_overlays=max_overlays)
+        summaries[name] = folder_summary(pred, gt, truths, settings, scores)
+        write_folder_report(out / name, summaries[name], scores)
+        rows_by_name[name] = scores.rows
+        failures += [CaseFailure(f.case_id, f"{name}: {f.error}") for f in scores.failures]
+    lesion = settings.lesion_params is not None
+    metrics = ("dsc", "hd95", "lesion_dsc", "lesion_hd95") if lesion else ("dsc", "hd95")
+    ranking_metrics = ("lesion_dsc", "lesion_hd95") if lesion else ("dsc", "hd95")
+    comparison = {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"), "version": __version__,
+        "gt": str(gt), "pred": {n: str(p) for n, p in zip(names, preds)}, **settings.as_dict(),
+        "statistics": {n: s["statistics"]["all"] for n, s in summaries.items()},
+        "missing_predictions": {n: s["missing_predictions"] for n, s in summaries.items()},
+        "failures": [{"case_id": f.case_id, "error": f.error} for f in failures],
+        "test": "two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon), zero differences dropped",
+        "interval": f"bootstrap {compare.CONFIDENCE_LEVEL:.0%} interval of the mean (scipy.stats.bootstrap, BCa, "
+                    f"{compare.BOOTSTRAP_RESAMPLES} resamples, seed {compare.BOOTSTRAP_SEED})",
+        "ranking_scheme": "rank per case, region and metric (1 = best, ties share the best rank), averaged",
+        **compare.compare(rows_by_name, metrics, ranking_metrics),
+    }
+    report.write_comparison(out, comparison, rows_by_name)
+    _raise_for_failures(failures, len(comparison["cases"]), out)
+    return comparison

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 LAYOUTS: tuple[str, ...] = ("brats2017", "brats2023", "nnunet", "msd", "brats2013")
 GRADES: tuple[str, ...] = ("HGG", "LGG")
+UNKNOWN_GRADES: tuple[str, ...] = ("", "UNKNOWN")  # manifest values for data without a grade (BraTS 2021+)
 
 # Sequences of one case must share a voxel grid: origin and spacing within this many mm,
 # direction cosines within this absolute difference.
@@ -334,7 +335,11 @@ def _brats2013_case_of_file(path: Path) -> CaseRef:
 
 
 def read_manifest(path: str | Path) -> dict[str, str]:
-    """Read a CSV with columns ``case_id,grade`` (others ignored) -> ``{case_id: "HGG"|"LGG"}``."""
+    """Read a CSV with columns ``case_id,grade`` (others ignored) -> ``{case_id: "HGG"|"LGG"}``.
+
+    A grade that is empty or ``unknown`` (any case) is accepted; such cases are left out of the
+    result, so their grade stays None.
+    """
     path = Path(path)
     try:
         with open(path, newline="") as handle:
@@ -349,6 +354,8 @@ def read_manifest(path: str | Path) -> dict[str, str]:
     grades = {}
     for line, row in enumerate(rows, start=2):
         grade = (row["grade"] or "").strip().upper()
+        if grade in UNKNOWN_GRADES:
+            continue
         if grade not in GRADES:
             raise InputError(f"line {line}: grade '{row['grade']}' must be HGG or LGG", path)
         grades[(row["case_id"] or "").strip()] = grade

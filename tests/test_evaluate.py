@@ -67,7 +67,8 @@ def test_matching_missing_and_extra(label_folders, tmp_path):
                                     pred_convention=None, manifest=None, images=None)
     rows = _read_csv(out / "metrics.csv")
     assert list(rows[0]) == ["case_id", "region", "dsc", "ppv", "sensitivity", "specificity", "hd95",
-                             "vol_pred_ml", "vol_gt_ml", "missing_prediction"]
+                             "vol_pred_ml", "vol_gt_ml", "missing_prediction", "lesion_dsc", "lesion_hd95",
+                             "gt_lesions", "detected_lesions", "missed_lesions", "fp_lesions"]
     assert [(r["case_id"], r["region"]) for r in rows] == [
         (c, r) for c in "ABC" for r in ("complete", "core", "enhancing")]
     by = {(r["case_id"], r["region"]): r for r in rows}

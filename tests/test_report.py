@@ -33,11 +33,17 @@ def test_describe_hand_computed():
 def test_summarise_per_grade():
     grades = {"a": "HGG", "b": "HGG", "c": "LGG", "d": None}
     stats = report.summarise(_rows(), grades)
-    assert list(stats) == ["all", "HGG", "LGG"]
+    assert list(stats) == ["all", "HGG", "LGG", "unknown grade"]
+    assert stats["unknown grade"]["core"]["dsc"]["mean"] == 1.0 and stats["unknown grade"]["core"]["dsc"]["n"] == 1
+    assert "lesion_dsc" not in stats["all"]["core"]  # not computed for these rows
+    assert list(report.summarise(_rows(), {})) == ["all"]  # no grades at all: no unknown group
     assert stats["all"]["core"]["dsc"]["mean"] == pytest.approx(0.55)
     assert stats["HGG"]["enhancing"]["hd95"]["mean"] == pytest.approx(3.0)
     assert stats["LGG"]["complete"]["dsc"] == {"mean": 0.6, "std": 0.0, "median": 0.6, "q25": 0.6,
                                                "q75": 0.6, "n": 1}
+
+
+CSV_MISSING = report.CSV_COLUMNS.index("missing_prediction")
 
 
 def test_metrics_csv(tmp_path):
@@ -45,8 +51,8 @@ def test_metrics_csv(tmp_path):
     with open(path, newline="") as handle:
         lines = list(csv.reader(handle))
     assert lines[0] == list(report.CSV_COLUMNS)
-    assert lines[1] == ["a", "complete", "0.2", "1", "0.2", "0.99", "2", "1.5", "2", "0"]
-    assert lines[-1][-1] == "1" and len(lines) == 13
+    assert lines[1] == ["a", "complete", "0.2", "1", "0.2", "0.99", "2", "1.5", "2", "0"] + [""] * 6  # no lesion-wise
+    assert lines[-1][CSV_MISSING] == "1" and len(lines) == 13
 
 
 def test_figures_are_png():
