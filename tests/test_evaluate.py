@@ -227,3 +227,139 @@ def test_case_ids_ending_in_four_digits_are_predictions_not_channel_files(tmp_pa
     found, failures = evaluate.find_predictions(tmp_path / "pred")
     assert sorted(found) == ["Phantom_1000"]
     assert failures == []
+
+
+# ---------------------------------------------------------------- lesion-wise, comparison, missing cases, grades
+
+def test_lesion_counts_in_every_output(label_folders, tmp_path):
+    gt, pred = label_folders
+    out = tmp_path / "out"
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=out)
+    by = {(r["case_id"], r["region"]): r for r in _read_csv(out / "metrics.csv")}
+    # complete: 48 voxels x 5 mm^3 = 240 mm^3 > 50, one lesion; core (40 mm^3) and enhancing (10 mm^3) are ignored
+    assert [by["A", "complete"][k] for k in ("lesion_dsc", "lesion_hd95", "gt_lesions", "detected_lesions")] == \
+        ["1", "0", "1", "1"]
+    assert by["A", "enhancing"]["gt_lesions"] == "0" and by["A", "enhancing"]["lesion_dsc"] == "1"
+    assert float(by["B", "complete"]["lesion_dsc"]) == pytest.approx(0.75)  # the shifted block, one lesion
+    assert (by["C", "complete"]["missed_lesions"], by["C", "complete"]["lesion_hd95"]) == ("1", "374")
+    assert summary["lesion_counts"]["complete"] == {"gt_lesions": 3, "detected_lesions": 2, "missed_lesions": 1,
+                                                    "fp_lesions": 0}
+    assert summary["lesion_wise"]["preset"] == "gli" and summary["lesion_wise"]["dilation"] == 3
+    assert summary["statistics"]["all"]["complete"]["lesion_dsc"]["mean"] == pytest.approx((1 + 0.75 + 0) / 3)
+    page = (out / "report.html").read_text()
+    assert "Lesion-wise DSC" in page and "lesions GT/det/miss/FP" in page
+    off = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "off", lesion_wise="none")
+    assert off["lesion_wise"] is None and "lesion_dsc" not in off["statistics"]["all"]["complete"]
+    assert _read_csv(tmp_path / "off" / "metrics.csv")[0]["lesion_dsc"] == ""
+
+
+def test_lesion_settings_are_checked(label_folders, tmp_path):
+    gt, pred = label_folders
+    with pytest.raises(InputError, match="unknown lesion-wise preset 'gbm'"):
+        evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out", lesion_wise="gbm")
+    settings = evaluate.evaluate_settings(lesion_wise="met", lesion_min_volume=0)
+    assert settings.lesion_params.dilation == 1 and settings.lesion_params.min_volume_mm3 == 0.0
+
+
+def test_missing_predictions_warn_once_and_only_predicted_leaves_them_out(label_folders, tmp_path, caplog):
+    gt, pred = label_folders
+    with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
+        evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "all")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 of 3 ground-truth cases have no prediction" in warnings[0]
+    assert "--only-predicted scores only the 2 predicted case(s)" in warnings[0]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any(m.startswith("C: no prediction, scored as an empty one") for m in infos)
+    assert not any(m.startswith("C scored") for m in infos)
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "only", only_predicted=True)
+    assert summary["n_cases_scored"] == 2 and summary["missing_predictions"] == []
+    assert summary["not_scored_without_prediction"] == ["C"]
+    assert summary["statistics"]["all"]["complete"]["dsc"]["mean"] == pytest.approx((1 + 0.75) / 2)
+
+
+def test_terminal_table_and_cli(label_folders, tmp_path):
+    from typer.testing import CliRunner
+
+    from brats_cnn.cli import app
+
+    gt, pred = label_folders
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["mean", "over", "cases", "complete", "core", "enhancing"]
+    assert lines[1].split()[:2] == ["DSC", "0.583"]                   # (1 + 0.75 + 0) / 3
+    assert any(line.startswith("lesions GT/det/miss/FP") and "3/2/1/0" in line for line in lines)
+    assert "3 case(s) scored (1 without prediction, scored as empty)" in result.stdout
+
+
+def _perfect_folder(folder: Path) -> Path:
+    for case_id in ("A", "B", "C"):
+        _save(_labels(), folder / f"{case_id}.nii.gz")
+    return folder
+
+
+def test_compare_two_prediction_folders(label_folders, tmp_path):
+    gt, pred = label_folders
+    perfect = _perfect_folder(tmp_path / "perfect")
+    out = tmp_path / "cmp"
+    comparison = evaluate.run_compare([pred, perfect], gt, out)
+    assert comparison["predictions"] == ["pred", "perfect"] and comparison["cases"] == ["A", "B", "C"]
+    assert [(r["prediction"], r["rank"]) for r in comparison["ranking"]] == [("perfect", 1), ("pred", 2)]
+    test = next(t for t in comparison["tests"] if (t["region"], t["metric"]) == ("complete", "dsc"))
+    # differences pred - perfect: A 0, B -0.25, C -1 -> two non-zero, both negative: exact p = 0.5
+    assert test["p_value"] == pytest.approx(0.5) and test["mean_difference"] == pytest.approx(-1.25 / 3)
+    assert comparison["missing_predictions"] == {"pred": ["C"], "perfect": []}
+    for name in ("comparison.json", "comparison.csv", "intervals.csv", "ranking.csv", "differences.csv",
+                 "report.html", "pred/metrics.csv", "perfect/report.html"):
+        assert (out / name).is_file(), name
+    ranking = _read_csv(out / "ranking.csv")
+    assert ranking[0]["prediction"] == "perfect" and ranking[0]["rank"] == "1"
+    differences = _read_csv(out / "differences.csv")
+    row = next(d for d in differences if (d["case_id"], d["region"], d["metric"]) == ("B", "complete", "dsc"))
+    assert float(row["difference"]) == pytest.approx(-0.25)
+    page = (out / "report.html").read_text()
+    assert "Ranking" in page and "Paired plots" in page and page.count("data:image/png;base64,") == 4
+    assert "perfect/report.html" in page
+    from brats_cnn import report
+
+    assert report.terminal_comparison(comparison).splitlines()[1].split()[:2] == ["1", "perfect"]
+    with pytest.raises(InputError, match="at least two"):
+        evaluate.run_compare([pred], gt, out)
+
+
+def test_prediction_names_are_unique(tmp_path):
+    assert evaluate.prediction_names([tmp_path / "a" / "seg", tmp_path / "b" / "seg", tmp_path / "x y"]) == \
+        ["seg", "seg-2", "x_y"]
+
+
+def test_unknown_grades_in_the_manifest(label_folders, tmp_path):
+    gt, pred = label_folders
+    (gt / "manifest.csv").write_text("case_id,grade\nA,unknown\nB,\nC,HGG\n")
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out")
+    assert summary["grades"] == {"A": None, "B": None, "C": "HGG"}
+    assert list(summary["statistics"]) == ["all", "HGG", "unknown grade"]
+    assert summary["statistics"]["unknown grade"]["complete"]["dsc"]["mean"] == pytest.approx((1 + 0.75) / 2)
+    (gt / "manifest.csv").write_text("case_id,grade\nA,UNKNOWN\nB,unknown\nC,\n")  # BraTS 2021+: no grades
+    assert list(evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "o2")["statistics"]) == ["all"]
+
+
+def test_ground_truth_with_incomplete_images_needs_only_label_maps(tmp_path):
+    lab = _labels()
+    gt, pred = tmp_path / "data", tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    for case_id in ("P1", "P2"):
+        sequences = ("t1", "t1ce", "t2", "flair") if case_id == "P1" else ("t1", "t2")  # P2 lacks two images
+        for seq in sequences:
+            _save(rng.uniform(1, 100, SHAPE), gt / case_id / f"{case_id}_{seq}.nii.gz", dtype=np.float32)
+        _save(lab, gt / case_id / f"{case_id}_seg.nii.gz")
+        _save(lab, pred / f"{case_id}.nii.gz")
+    (gt / "manifest.csv").write_text("case_id,grade\nP1,unknown\nP2,LGG\n")
+    with pytest.raises(BratsCnnError):
+        from brats_cnn import io
+
+        io.list_cases(gt)
+    summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out")
+    assert summary["n_cases_scored"] == 2 and summary["failures"] == []
+    assert summary["grades"] == {"P1": None, "P2": "LGG"}
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<figure>") == 1                                     # the complete case only
