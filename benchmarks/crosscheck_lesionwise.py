@@ -13,11 +13,12 @@ Then, from the repository root:
     .venv/bin/python benchmarks/crosscheck_lesionwise.py --data ../shared/data/brats_sample \\
         --reference /tmp/ref2023 --reference-python /tmp/refenv23/bin/python --cases 5
 
-Predictions are the real ground truth perturbed in three ways (eroded with small far-away false
-positives, shifted and cut, dilated with the smallest components removed), so that cases have
-several lesions, misses, splits and false positives. Labels are written in the BraTS 2023
+Predictions are the real ground truth perturbed in four ways (eroded with small far-away false
+positives, shifted and cut, dilated with the smallest components removed, one half removed with
+the enhancing region broken up), so that cases have several lesions, misses, splits and false
+positives; ``--challenge BraTS-MET`` (dilation 1, 2 mm^3) keeps more separate lesions than GLI. Labels are written in the BraTS 2023
 convention (enhancing = 3) for the reference, which only knows that one; brats-cnn reads the same
-files as ``brats2023``. Results: ``benchmarks/results/crosscheck_lesionwise.json`` (every case,
+files as ``brats2023``. Results: ``benchmarks/results/crosscheck_lesionwise_<preset>.json`` (every case,
 region and perturbation with both sides' numbers, the agreement, timings and the load average).
 """
 
@@ -87,9 +88,16 @@ def perturb(labels: np.ndarray, kind: str, seed: int) -> np.ndarray:
             sizes = np.bincount(components.ravel())
             small = np.flatnonzero(sizes < 300)
             pred[np.isin(components, small[small > 0])] = 0
+    elif kind == "half_removed":
+        centre = int(np.argwhere(tumour).mean(axis=0)[1])
+        pred[:, centre:] = 0                                          # lesions on one side are missed
+        pred[pred == 3] = np.where(rng.random(int((pred == 3).sum())) < 0.5, 3, 1)  # enhancing broken up
     else:
         raise ValueError(kind)
     return pred
+
+
+PERTURBATIONS = ("eroded_fp", "shifted_cut", "dilated_small_removed", "half_removed")
 
 
 def main() -> None:
@@ -99,11 +107,12 @@ def main() -> None:
     parser.add_argument("--reference-python", type=Path, required=True)
     parser.add_argument("--cases", type=int, default=5)
     parser.add_argument("--challenge", default="BraTS-GLI")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/crosscheck_lesionwise.json"))
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/crosscheck_lesionwise_<preset>.json")
     args = parser.parse_args()
     preset = {"BraTS-GLI": "gli", "BraTS-SSA": "ssa", "BraTS-MEN": "men", "BraTS-PED": "ped",
               "BraTS-MET": "met"}[args.challenge]
     params = lesion_preset(preset)
+    args.out = args.out or Path(f"benchmarks/results/crosscheck_lesionwise_{preset}.json")
 
     case_dirs = sorted(p for p in args.data.iterdir() if p.is_dir())[: args.cases]
     work = Path(tempfile.mkdtemp(prefix="crosscheck_"))
@@ -115,7 +124,7 @@ def main() -> None:
         gt_path = work / "gt" / f"{case_dir.name}.nii.gz"
         gt_path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(labels, seg.affine, seg.header), gt_path)
-        for k, kind in enumerate(("eroded_fp", "shifted_cut", "dilated_small_removed")):
+        for k, kind in enumerate(PERTURBATIONS):
             pred_path = work / kind / f"{case_dir.name}.nii.gz"
             pred_path.parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(perturb(labels, kind, seed=100 * index + k), seg.affine, seg.header), pred_path)
@@ -145,6 +154,7 @@ def main() -> None:
             counts_ours = (m["detected_lesions"], m["missed_lesions"], m["fp_lesions"])
             record = {
                 "case": ref_case["id"], "region": region,
+                "seconds_reference": ref_case["seconds"], "seconds_ours": mine["seconds"],
                 "counts_reference_tp_fn_fp": counts_ref, "counts_ours_tp_fn_fp": counts_ours,
                 "lesion_dsc_reference": r["LesionWise_Score_Dice"], "lesion_dsc_ours": m["lesion_dsc"],
                 "lesion_hd95_reference": r["LesionWise_Score_HD95"], "lesion_hd95_ours": m["lesion_hd95"],
