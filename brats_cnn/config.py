@@ -86,6 +86,7 @@ class TrainConfig:
     validate_dice: bool = True  # validation Dice on whole validation cases (fast mode) (choice)
     deterministic: bool = False  # (choice) deterministic CUDA kernels (slower); CPU runs are always reproducible
     dice_slices: int = 0  # (choice) validation Dice on this many evenly spaced brain slices per case; 0 = all
+    selection_alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)  # (choice) best.pt by the best validation Dice over these prior-correction exponents
     validate_every_steps: int = 0  # (choice) also validate (and checkpoint) every N steps; 0 = after each epoch only
     checkpoint_minutes: float = 10.0  # (choice) mid-epoch last.pt at most this many minutes apart; 0 = epoch ends only
     checkpoint_every_steps: int = 0  # (choice) also write last.pt every N steps; 0 = off
@@ -130,9 +131,11 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
+GRADES: tuple[str, ...] = ("hgg", "lgg")  # the paper's two models (Tables I and II)
+
 _CHOICES = {
-    "grade": ("hgg", "lgg"),
-    "model.architecture": ("hgg", "lgg"),
+    "grade": GRADES,
+    "model.architecture": GRADES,
     "segment.mode": ("auto", "exact", "fast"),
     "data.label_convention": ("brats2013", "brats2017", "brats2023", "msd"),
     "preprocess.cache_dtype": ("float16", "float32"),
@@ -316,9 +319,17 @@ def resolve_config_path(path: str | Path) -> Path:
                       + ", ".join(sorted(p.stem for p in bundled_config_dir().glob('*.yaml'))) + ")", path)
 
 
+def check_grade(grade: str) -> str:
+    """``grade`` in lower case (``"hgg"`` or ``"lgg"``); ConfigError naming ``--grade`` otherwise."""
+    lowered = str(grade).lower()
+    if lowered not in GRADES:
+        raise ConfigError(f"--grade must be {' or '.join(GRADES)}, got '{grade}'")
+    return lowered
+
+
 def default_config(grade: str) -> Config:
     """The paper's config for a grade: ``pereira_hgg`` or ``pereira_lgg``."""
-    return load_config(f"pereira_{grade.lower()}")
+    return load_config(f"pereira_{check_grade(grade)}")
 
 
 def save_config(config: Config, path: str | Path) -> Path:

@@ -1,24 +1,28 @@
 """Training (SPEC step 7): the ``brats-cnn train`` command and one readable training loop.
 
-:func:`run_training` reads top to bottom: resolve the config and device, set up DDP when launched by
-torchrun, prepare the data (preprocess a raw dataset into ``<out>/cache`` with a normaliser fitted on
-the training cases only, or use an existing cache), split off whole validation cases, draw
-class-balanced centres, then for every epoch: train with SGD + Nesterov momentum and a learning rate
-decayed linearly per iteration, validate, write metrics and checkpoints.
+:func:`run_training` reads top to bottom: :func:`setup_run` resolves the config, device and precision
+(``device.compute_settings``), joins the DDP process group when launched by torchrun, prepares the
+data (preprocess a raw dataset into ``<out>/cache`` with a normaliser fitted on the training cases
+only, or use an existing cache), splits off whole validation cases, builds the network and the SGD +
+Nesterov optimiser and restores a checkpoint when resuming; then :func:`train_epoch` runs every
+remaining epoch: :func:`train_step` per batch with a learning rate decayed linearly per iteration,
+:func:`record_validation` at the end of each epoch and every ``train.validate_every_steps`` steps,
+:func:`save_last` after each validation and at least every ``train.checkpoint_minutes``.
 
 Run folder::
 
     <out>/config.yaml      resolved config
     <out>/cache/           preprocessed cache (only when --data is a raw dataset)
-    <out>/metrics.csv      one row per epoch (also metrics.json)
+    <out>/metrics.csv      one row per validation (also metrics.json)
     <out>/steps.csv        training loss of every iteration (rank 0's batch slice under DDP)
-    <out>/last.pt          checkpoint after every epoch (with resume state)
+    <out>/last.pt          checkpoint with the resume state (also in the middle of an epoch)
     <out>/best.pt          checkpoint of the best validation score so far
 
 Determinism: every random draw is derived from ``(train.seed, stream, epoch, ...)``: centres,
 the per-epoch order, the augmentation of every batch, and the torch RNG (dropout) reseeded at the
-start of each epoch. A run resumed from ``last.pt`` therefore reproduces the uninterrupted run
-exactly on the CPU, whatever ``train.num_workers`` is (see docs/training.md for the GPU).
+start of each epoch and saved in every checkpoint. A run resumed from ``last.pt``, also from the
+middle of an epoch, therefore reproduces the uninterrupted run exactly on the CPU, whatever
+``train.num_workers`` is (see docs/training.md for the GPU).
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from brats_cnn.calibrate import class_frequencies
-from brats_cnn.config import Config, config_to_dict, load_config, save_config
+from brats_cnn.config import Config, check_grade, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
-from brats_cnn.device import Compute, compute_settings, resolve_device
+from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
-from brats_cnn.model import build_network, load_checkpoint, save_checkpoint, unwrap_network
+from brats_cnn.model import build_network, check_patch_size, load_checkpoint, save_checkpoint, unwrap_network
 from brats_cnn.sampling import (CENTRE_STREAM, VALIDATION_STREAM, PatchBatches, cases_label_mask, make_rng,
                                 sample_balanced_centres)
 
@@ -55,7 +59,8 @@ TORCH_STREAM = 12
 PROGRESS_INTERVAL = 20  # iterations between progress-bar updates (each one syncs the device)
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead (keeps a GPU fed)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                  *(f"dice_{region}" for region in REGIONS), "score", "epoch_seconds", "patches_per_second")
+                  *(f"dice_{region}" for region in REGIONS), "score", "score_alpha", "epoch_seconds",
+                  "patches_per_second")
 
 
 # ---- small pure helpers --------------------------------------------------------------------------
@@ -101,16 +106,15 @@ class Distributed:
 
 def init_distributed(device_name: str) -> Distributed:
     """Join the torchrun process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, gloo on the CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    env = torchrun_environment()
+    if env.world_size <= 1:
         return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(env.local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(rank, local_rank, world_size)
+    return Distributed(env.rank, env.local_rank, env.world_size)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -226,7 +230,7 @@ def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches
 
 @torch.no_grad()
 def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over labelled patch batches (eval mode)."""
+    """Mean :func:`loss_function` and accuracy over labelled patch batches (eval mode)."""
     network.eval()
     loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
     correct = torch.zeros((), device=compute.device, dtype=torch.int64)
@@ -235,7 +239,7 @@ def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute) ->
         labels = compute.batch(labels)
         with compute.autocast():
             logits = network(compute.batch(patches))
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        loss_sum += loss_function(logits, labels).double() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
     if count == 0:
@@ -251,21 +255,29 @@ def dice_slice_indices(mask: np.ndarray, count: int) -> np.ndarray:
     return np.unique(brain[np.round(np.linspace(0, brain.size - 1, count)).astype(int)])
 
 
-def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config,
-                    compute: Compute) -> dict[str, float]:
-    """Mean Dice of complete/core/enhancing over the validation cases (no post-processing).
+def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config, compute: Compute,
+                    frequencies: Sequence[float] | None = None) -> dict[float, dict[str, float]]:
+    """Mean Dice of complete/core/enhancing over the validation cases, per prior-correction exponent.
 
     Uses :func:`brats_cnn.segment.predict_fast` on whole volumes (``train.dice_slices = 0``, the
     default) or on that many evenly spaced brain slices per case; the networks are 2-D, so a slice's
-    prediction does not depend on which other slices are predicted.
+    prediction does not depend on which other slices are predicted. No post-processing.
+
+    Returns:
+        ``{alpha: {region: Dice}}`` for ``alpha = 0`` (the network's own output) and, when the training
+        class ``frequencies`` are given, every ``train.selection_alphas`` value (the prior correction
+        of :mod:`brats_cnn.calibrate`, which ``calibrate`` later tunes on the same cases).
     """
-    from brats_cnn.labels import from_class_indices, region_masks
-    from brats_cnn.metrics import dice
+    from brats_cnn.calibrate import apply_class_prior, region_dice
     from brats_cnn.preprocess import load_cached_case
     from brats_cnn.segment import predict_fast
 
     convention = config.data.label_convention
-    scores: dict[str, list[float]] = {region: [] for region in REGIONS}
+    if frequencies is not None and min(frequencies) <= 0:  # a class absent from training: no prior to correct to
+        log.info("a class has no training voxels; validation Dice without prior correction only")
+        frequencies = None
+    alphas = sorted({0.0, *(config.train.selection_alphas if frequencies is not None else ())})
+    scores: dict[float, dict[str, list[float]]] = {a: {region: [] for region in REGIONS} for a in alphas}
     plain = unwrap_network(network)
     was_training = plain.training
     for folder in folders:
@@ -273,16 +285,16 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
         slices = dice_slice_indices(case.mask, config.train.dice_slices)
         image = np.transpose(case.image[slices], (1, 2, 3, 0)).astype(np.float32)  # (z,4,X,Y) -> (4,X,Y,z)
         mask = np.transpose(case.mask[slices], (1, 2, 0))
+        truth = np.transpose(case.label[slices], (1, 2, 0))
         probabilities = predict_fast(plain, image, mask, compute=compute, batch_size=config.segment.batch_size,
                                      slices_per_batch=config.segment.slices_per_batch,
                                      background_value=config.preprocess.background_value)
-        predicted = region_masks(from_class_indices(probabilities.argmax(0), convention), convention)
-        truth = region_masks(from_class_indices(np.transpose(case.label[slices], (1, 2, 0)), convention),
-                             convention)
-        for region in REGIONS:
-            scores[region].append(dice(truth[region], predicted[region]))
+        for alpha in alphas:
+            corrected = apply_class_prior(probabilities, frequencies, alpha) if alpha else probabilities
+            for region, value in region_dice(corrected.argmax(0), truth, convention).items():
+                scores[alpha][region].append(value)
     plain.train(was_training)
-    return {region: float(np.mean(values)) for region, values in scores.items()}
+    return {a: {region: float(np.mean(values)) for region, values in per.items()} for a, per in scores.items()}
 
 
 # ---- metrics files -------------------------------------------------------------------------------
@@ -346,6 +358,7 @@ class RunState:
     interval: Any = None
     interval_seconds: float = 0.0
     pending: list = field(default_factory=list)
+    last_saved: float = 0.0
 
 
 def _rng_states(compute: Compute, dist: Distributed) -> list:
@@ -386,7 +399,7 @@ def _all_ranks_agree(flag: bool, dist: Distributed, device: torch.device) -> boo
     return bool(value.item())
 
 
-# ---- the command ---------------------------------------------------------------------------------
+# ---- the run -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TrainingResult:
@@ -397,6 +410,39 @@ class TrainingResult:
     best_checkpoint: Path
     history: tuple[dict, ...]
     network: torch.nn.Module
+
+
+@dataclass
+class Run:
+    """Everything the training loop works with, set up once by :func:`setup_run`.
+
+    ``network`` is the plain module (what checkpoints hold); ``model`` is what the step calls (the
+    same module, or its DDP / ``torch.compile`` wrapper).
+    """
+
+    out: Path
+    config: Config
+    compute: Compute
+    dist: Distributed
+    data: TrainingData
+    calibration: dict
+    train_pairs: list
+    steps_per_epoch: int
+    total_steps: int
+    validation: PatchBatches | None
+    network: torch.nn.Module
+    model: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    state: RunState
+    resumed_rng: list | None
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
 
 
 def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides: Sequence[str],
@@ -432,10 +478,210 @@ def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser:
              out / "last.pt")
 
 
+def epoch_batches(run: Run, epoch: int) -> PatchBatches:
+    """The training batches of one epoch: class-balanced centres (per run or per epoch), this rank's part."""
+    cfg = run.config
+    keys = (epoch,) if cfg.sampling.resample_each_epoch else ()
+    num_classes = get_convention(cfg.data.label_convention).num_classes
+    centres = sample_balanced_centres(run.train_pairs, cfg.sampling.total_patches, num_classes,
+                                      make_rng(cfg.train.seed, CENTRE_STREAM, *keys))
+    return PatchBatches(run.data.train_dirs, centres, batch_size=cfg.train.batch_size,
+                        patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
+                        rotation_angles=cfg.sampling.rotation_angles,
+                        arbitrary_rotation=cfg.sampling.arbitrary_rotation, seed=cfg.train.seed, epoch=epoch,
+                        rank=run.dist.rank, world_size=run.dist.world_size)
+
+
+def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, overrides: Sequence[str],
+              device: str, resume: bool, manifest: Path | None) -> Run:
+    """Config, device and precision, process group, data split, network, optimiser and resume state."""
+    cfg, resumed = _load_run_config(grade, out, config, overrides, resume)
+    if cfg.grade != grade:
+        raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
+    check_patch_size(cfg.model.architecture, cfg.sampling.patch_size)  # before any preprocessing
+    dist = init_distributed(device)
+    compute = compute_settings(resolve_device(device, dist.local_rank), cfg.compute)
+    tc = cfg.train
+    if tc.deterministic:  # cuBLAS needs this workspace setting for deterministic matmuls
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not tc.deterministic
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the run folder ({exc.strerror})", out) from exc
+        save_config(cfg, out / "config.yaml")
+    log.info("device %s, precision %s, channels_last %s", compute.device, compute.precision, compute.channels_last)
+
+    data_ = prepare_data(data, out, cfg, grade, manifest, dist)
+    num_classes = get_convention(cfg.data.label_convention).num_classes
+    train_pairs = cases_label_mask(data_.train_dirs)
+    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.calibrate)
+    calibration = {"class_frequencies": class_frequencies(train_pairs, num_classes).tolist()}
+    validation = None
+    if data_.validation_dirs and dist.is_main:
+        val_centres = sample_balanced_centres(cases_label_mask(data_.validation_dirs),
+                                              cfg.sampling.validation_patches, num_classes,
+                                              make_rng(tc.seed, VALIDATION_STREAM))
+        validation = PatchBatches(data_.validation_dirs, val_centres, batch_size=tc.batch_size,
+                                  patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
+                                  shuffle=False)
+
+    torch.manual_seed(tc.seed)
+    network = build_network(cfg.model, num_classes, patch_size=cfg.sampling.patch_size)
+    optimiser = torch.optim.SGD(network.parameters(), lr=tc.lr_start, momentum=tc.momentum, nesterov=True,
+                                weight_decay=tc.weight_decay)
+    state = RunState(interval=torch.zeros(3, dtype=torch.float64))
+    if resumed is not None:
+        _restore(state, resumed, network, optimiser, out)
+    compute.network(network)
+    for slot in optimiser.state.values():  # momentum buffers follow the weights (device and layout)
+        for key, value in slot.items():
+            if torch.is_tensor(value) and value.dim() == 4:
+                slot[key] = value.to(compute.device).contiguous(memory_format=compute.memory_format)
+            elif torch.is_tensor(value):
+                slot[key] = value.to(compute.device)
+    state.interval = state.interval.to(compute.device)
+    model = network
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[compute.device.index] if compute.device.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+    run = Run(out=out, config=cfg, compute=compute, dist=dist, data=data_, calibration=calibration,
+              train_pairs=train_pairs, steps_per_epoch=0, total_steps=0, validation=validation, network=network,
+              model=model, optimiser=optimiser, state=state,
+              resumed_rng=(resumed.training_state or {}).get("rng") if resumed is not None else None)
+    first = epoch_batches(run, 0)
+    log.info("training centres per class: %s", first.centres.class_counts(num_classes).tolist())
+    run.steps_per_epoch = len(first)
+    if run.steps_per_epoch == 0:
+        raise ConfigError(f"sampling.total_patches={cfg.sampling.total_patches} gives no full batch of "
+                          f"{tc.batch_size} patches")
+    run.total_steps = tc.epochs * run.steps_per_epoch
+    return run
+
+
+def save_last(run: Run) -> None:
+    """``last.pt`` with everything needed to continue at ``run.state``; also ``steps.csv`` (rank 0 writes)."""
+    state = run.state
+    rng = _rng_states(run.compute, run.dist)
+    _flush_step_losses(state)
+    if not run.dist.is_main:
+        return
+    write_step_losses(run.out, state.step_rows)
+    training_state = {"optimiser": run.optimiser.state_dict(), "step": state.step, "best_score": state.best_score,
+                      "epoch_in_progress": state.epoch, "next_batch": state.batch,
+                      "interval": state.interval.tolist(), "rng": rng, "world_size": run.dist.world_size,
+                      "train_cases": [p.name for p in run.data.train_dirs],
+                      "validation_cases": [p.name for p in run.data.validation_dirs]}
+    save_checkpoint(run.last_path, network=run.network, config=run.config, normaliser=run.data.normaliser,
+                    label_convention=run.config.data.label_convention, epoch=state.epoch,
+                    training_state=training_state, calibration=run.calibration)
+
+
+def record_validation(run: Run, epoch: int, lr: float) -> None:
+    """One metrics row: the training interval since the last row, validation, and ``best.pt`` if better."""
+    state, cfg = run.state, run.config
+    totals = state.interval.clone()
+    if run.dist.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    seen = totals[2].item()
+    train_loss = (totals[0] / totals[2]).item() if seen else math.nan
+    train_accuracy = (totals[1] / totals[2]).item() if seen else math.nan
+    if run.dist.is_main:
+        val_loss, val_accuracy, dice, score_alpha = math.nan, math.nan, None, None
+        if run.validation is not None:
+            loader = make_loader(run.validation, cfg, run.compute.device, cfg.train.seed)
+            val_loss, val_accuracy = evaluate_patches(run.network, loader, run.compute)
+            if cfg.train.validate_dice:
+                per_alpha = validation_dice(run.network, run.data.validation_dirs, cfg, run.compute,
+                                            run.calibration["class_frequencies"])
+                dice = per_alpha[0.0]
+                score_alpha = max(per_alpha, key=lambda a: (np.mean(list(per_alpha[a].values())), -a))
+            run.network.train()
+        score = (float(np.mean(list(per_alpha[score_alpha].values()))) if dice else
+                 val_accuracy if math.isfinite(val_accuracy) else -train_loss)
+        state.history.append({
+            "epoch": epoch + 1, "step": state.step, "lr": lr, "train_loss": train_loss,
+            "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
+            "val_accuracy": _json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
+            "score": score, "score_alpha": score_alpha, "epoch_seconds": round(state.interval_seconds, 3),
+            "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1)})
+        write_metrics(run.out, state.history)
+        if score > state.best_score:
+            state.best_score = score
+            save_checkpoint(run.best_path, network=run.network, config=cfg, normaliser=run.data.normaliser,
+                            label_convention=cfg.data.label_convention, epoch=state.epoch, training_state=None,
+                            calibration=run.calibration)
+        log.info("epoch %d, step %d: loss %.4f acc %.3f | val loss %s acc %s dice %s | score %.4f (alpha %s) | "
+                 "%.0f patches/s", epoch + 1, state.step, train_loss, train_accuracy, f"{val_loss:.4f}",
+                 f"{val_accuracy:.3f}", dice and {k: round(v, 3) for k, v in dice.items()}, score, score_alpha,
+                 state.history[-1]["patches_per_second"])
+    state.interval.zero_()
+    state.interval_seconds = 0.0
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """Train one epoch from ``run.state.batch`` on; validate and checkpoint when due."""
+    from tqdm import tqdm
+
+    state, tc = run.state, run.config.train
+    if state.batch == 0:
+        torch.manual_seed(torch_seed(tc.seed, epoch, run.dist.rank))
+    elif run.resumed_rng is not None:  # continuing inside the epoch a checkpoint was written in
+        _restore_rng(run.resumed_rng, run.compute, run.dist)
+    loader = make_loader(epoch_batches(run, epoch), run.config, run.compute.device, seed=tc.seed * 1000 + epoch,
+                         start=state.batch)
+    run.model.train()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", initial=state.batch,
+               total=run.steps_per_epoch, disable=not (run.dist.is_main and progress_wanted()), dynamic_ncols=True,
+               leave=False)
+    started = time.perf_counter()
+    for patches, labels in bar:
+        lr = learning_rate(state.step, run.total_steps, tc.lr_start, tc.lr_end)
+        for group in run.optimiser.param_groups:
+            group["lr"] = lr
+        labels = run.compute.batch(labels)
+        loss, logits = train_step(run.model, run.optimiser, run.compute.batch(patches), labels, run.compute)
+        state.step += 1
+        state.batch += 1
+        state.pending.append((state.step, lr, loss))
+        state.interval += torch.stack([loss.double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
+                                       torch.tensor(float(labels.numel()), device=labels.device, dtype=torch.float64)])
+        end_of_epoch = state.batch == run.steps_per_epoch
+        validate_now = end_of_epoch or (tc.validate_every_steps > 0 and state.step % tc.validate_every_steps == 0)
+        checkpoint_now = validate_now or (tc.checkpoint_every_steps > 0 and state.step % tc.checkpoint_every_steps == 0)
+        if state.step % PROGRESS_INTERVAL == 0:
+            seen = max(state.interval[2].item(), 1.0)
+            bar.set_postfix(loss=f"{state.interval[0].item() / seen:.4f}",
+                            acc=f"{state.interval[1].item() / seen:.3f}", lr=f"{lr:.2e}")
+            if not checkpoint_now and tc.checkpoint_minutes > 0:
+                checkpoint_now = _all_ranks_agree(time.monotonic() - state.last_saved >= 60 * tc.checkpoint_minutes,
+                                                  run.dist, run.compute.device)
+        if checkpoint_now:
+            state.interval_seconds += time.perf_counter() - started
+            if end_of_epoch:
+                state.epoch, state.batch = epoch + 1, 0
+            if validate_now:
+                record_validation(run, epoch, lr)
+            save_last(run)
+            run.dist.barrier()
+            state.last_saved = time.monotonic()
+            started = time.perf_counter()
+    bar.close()
+    state.epoch, state.batch = epoch + 1, 0
+
+
 def run_training(grade: str, data: Path, out: Path, config: str | Path | None = None,
                  overrides: Sequence[str] = (), device: str = "auto", resume: bool = False,
                  manifest: Path | None = None) -> TrainingResult:
     """Train the HGG or LGG network (the ``brats-cnn train`` command).
+
+    Reads top to bottom: :func:`setup_run` (config, device, data, network, resume state), then
+    :func:`train_epoch` for every remaining epoch (which validates with :func:`record_validation` and
+    checkpoints with :func:`save_last` when due).
 
     Args:
         grade: ``"hgg"`` or ``"lgg"``: the cases to train on and the bundled default config.
@@ -448,191 +694,12 @@ def run_training(grade: str, data: Path, out: Path, config: str | Path | None = 
             middle of an epoch.
         manifest: CSV ``case_id,grade`` (default ``<data>/manifest.csv`` when present).
     """
-    from tqdm import tqdm
-
-    grade = grade.lower()
-    if grade not in ("hgg", "lgg"):
-        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
-    out = Path(out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-
-    # 1. config, resume state, device, precision, process group
-    cfg, resumed = _load_run_config(grade, out, config, overrides, resume)
-    if cfg.grade != grade:
-        raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
-    dist = init_distributed(device)
-    compute = compute_settings(resolve_device(device, dist.local_rank), cfg.compute)
-    device_ = compute.device
-    tc = cfg.train
-    if tc.deterministic:  # cuBLAS needs this workspace setting for deterministic matmuls
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not tc.deterministic
-    if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot create the run folder ({exc.strerror})", out) from exc
-        save_config(cfg, out / "config.yaml")
-    log.info("device %s, precision %s, channels_last %s", device_, compute.precision, compute.channels_last)
-
-    # 2. data: cache, split, centres
-    data_ = prepare_data(data, out, cfg, grade, manifest, dist)
-    num_classes = get_convention(cfg.data.label_convention).num_classes
-    background = cfg.preprocess.background_value
-    train_pairs = cases_label_mask(data_.train_dirs)
-    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.calibrate)
-    calibration = {"class_frequencies": class_frequencies(train_pairs, num_classes).tolist()}
-
-    def centres_for(epoch: int):
-        keys = (epoch,) if cfg.sampling.resample_each_epoch else ()
-        return sample_balanced_centres(train_pairs, cfg.sampling.total_patches, num_classes,
-                                       make_rng(tc.seed, CENTRE_STREAM, *keys))
-
-    def batches_for(epoch: int) -> PatchBatches:
-        return PatchBatches(data_.train_dirs, centres_for(epoch), batch_size=tc.batch_size,
-                            patch_size=cfg.sampling.patch_size, background=background,
-                            rotation_angles=cfg.sampling.rotation_angles,
-                            arbitrary_rotation=cfg.sampling.arbitrary_rotation, seed=tc.seed, epoch=epoch,
-                            rank=dist.rank, world_size=dist.world_size)
-
-    log.info("training centres per class: %s", centres_for(0).class_counts(num_classes).tolist())
-    steps_per_epoch = len(batches_for(0))
-    if steps_per_epoch == 0:
-        raise ConfigError(f"sampling.total_patches={cfg.sampling.total_patches} gives no full batch of "
-                          f"{tc.batch_size} patches")
-    total_steps = tc.epochs * steps_per_epoch
-    validation = None
-    if data_.validation_dirs and dist.is_main:
-        val_centres = sample_balanced_centres(cases_label_mask(data_.validation_dirs), cfg.sampling.validation_patches,
-                                              num_classes, make_rng(tc.seed, VALIDATION_STREAM))
-        validation = PatchBatches(data_.validation_dirs, val_centres, batch_size=tc.batch_size,
-                                  patch_size=cfg.sampling.patch_size, background=background, shuffle=False)
-
-    # 3. network, optimiser and run state (restored when resuming)
-    torch.manual_seed(tc.seed)
-    network = build_network(cfg.model, num_classes)
-    optimiser = torch.optim.SGD(network.parameters(), lr=tc.lr_start, momentum=tc.momentum, nesterov=True,
-                                weight_decay=tc.weight_decay)
-    state = RunState(interval=torch.zeros(3, dtype=torch.float64))
-    if resumed is not None:
-        _restore(state, resumed, network, optimiser, out)
-    compute.network(network)
-    for slot in optimiser.state.values():  # momentum buffers follow the weights (device and layout)
-        for key, value in slot.items():
-            if torch.is_tensor(value) and value.dim() == 4:
-                slot[key] = value.to(device_).contiguous(memory_format=compute.memory_format)
-            elif torch.is_tensor(value):
-                slot[key] = value.to(device_)
-    state.interval = state.interval.to(device_)
-    model = network
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[device_.index] if device_.type == "cuda" else None)
-    if tc.compile:
-        model = torch.compile(model)
-
-    def save_last() -> None:
-        """``last.pt`` with everything needed to continue at ``state`` (rank 0 writes)."""
-        rng = _rng_states(compute, dist)
-        _flush_step_losses(state)
-        if not dist.is_main:
-            return
-        write_step_losses(out, state.step_rows)
-        training_state = {"optimiser": optimiser.state_dict(), "step": state.step, "best_score": state.best_score,
-                          "epoch_in_progress": state.epoch, "next_batch": state.batch,
-                          "interval": state.interval.tolist(), "rng": rng, "world_size": dist.world_size,
-                          "train_cases": [p.name for p in data_.train_dirs],
-                          "validation_cases": [p.name for p in data_.validation_dirs]}
-        save_checkpoint(last_path, network=network, config=cfg, normaliser=data_.normaliser,
-                        label_convention=cfg.data.label_convention, epoch=state.epoch,
-                        training_state=training_state, calibration=calibration)
-
-    def record(epoch: int, lr: float) -> None:
-        """One metrics row: the training interval since the last row, validation, best.pt, last.pt."""
-        totals = state.interval.clone()
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(totals)
-        seen = totals[2].item()
-        train_loss = (totals[0] / totals[2]).item() if seen else math.nan
-        train_accuracy = (totals[1] / totals[2]).item() if seen else math.nan
-        if dist.is_main:
-            val_loss, val_accuracy, dice = math.nan, math.nan, None
-            if validation is not None:
-                val_loss, val_accuracy = evaluate_patches(network, make_loader(validation, cfg, device_, tc.seed),
-                                                          compute)
-                if tc.validate_dice:
-                    dice = validation_dice(network, data_.validation_dirs, cfg, compute)
-                network.train()
-            score = (float(np.mean(list(dice.values()))) if dice else
-                     val_accuracy if math.isfinite(val_accuracy) else -train_loss)
-            state.history.append({
-                "epoch": epoch + 1, "step": state.step, "lr": lr, "train_loss": train_loss,
-                "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
-                "val_accuracy": _json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
-                "score": score, "epoch_seconds": round(state.interval_seconds, 3),
-                "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1)})
-            write_metrics(out, state.history)
-            if score > state.best_score:
-                state.best_score = score
-                save_checkpoint(best_path, network=network, config=cfg, normaliser=data_.normaliser,
-                                label_convention=cfg.data.label_convention, epoch=state.epoch, training_state=None,
-                                calibration=calibration)
-            log.info("epoch %d, step %d: loss %.4f acc %.3f | val loss %s acc %s dice %s | %.0f patches/s",
-                     epoch + 1, state.step, train_loss, train_accuracy, f"{val_loss:.4f}", f"{val_accuracy:.3f}",
-                     dice and {k: round(v, 3) for k, v in dice.items()}, state.history[-1]["patches_per_second"])
-        state.interval.zero_()
-        state.interval_seconds = 0.0
-
-    # 4. epochs: train, validate every `validate_every_steps` and at each epoch end, checkpoint often
-    last_saved = time.monotonic()
-    for epoch in range(state.epoch, tc.epochs):
-        if state.batch == 0:
-            torch.manual_seed(torch_seed(tc.seed, epoch, dist.rank))
-        elif resumed is not None and "rng" in resumed.training_state:
-            _restore_rng(resumed.training_state["rng"], compute, dist)
-        loader = make_loader(batches_for(epoch), cfg, device_, seed=tc.seed * 1000 + epoch, start=state.batch)
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", initial=state.batch,
-                   total=steps_per_epoch, disable=not (dist.is_main and progress_wanted()), dynamic_ncols=True,
-                   leave=False)
-        started = time.perf_counter()
-        for patches, labels in bar:
-            lr = learning_rate(state.step, total_steps, tc.lr_start, tc.lr_end)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            labels = compute.batch(labels)
-            loss, logits = train_step(model, optimiser, compute.batch(patches), labels, compute)
-            state.step += 1
-            state.batch += 1
-            state.pending.append((state.step, lr, loss))
-            state.interval += torch.stack([loss.double() * labels.numel(),
-                                           (logits.argmax(1) == labels).sum().double(),
-                                           torch.tensor(float(labels.numel()), device=device_, dtype=torch.float64)])
-            end_of_epoch = state.batch == steps_per_epoch
-            validate_now = end_of_epoch or (tc.validate_every_steps > 0 and state.step % tc.validate_every_steps == 0)
-            checkpoint_now = validate_now or (tc.checkpoint_every_steps > 0
-                                              and state.step % tc.checkpoint_every_steps == 0)
-            if not checkpoint_now and tc.checkpoint_minutes > 0 and state.step % PROGRESS_INTERVAL == 0:
-                checkpoint_now = _all_ranks_agree(time.monotonic() - last_saved >= 60 * tc.checkpoint_minutes,
-                                                  dist, device_)
-            if state.step % PROGRESS_INTERVAL == 0:
-                seen = max(state.interval[2].item(), 1.0)
-                bar.set_postfix(loss=f"{state.interval[0].item() / seen:.4f}",
-                                acc=f"{state.interval[1].item() / seen:.3f}", lr=f"{lr:.2e}")
-            if checkpoint_now:
-                state.interval_seconds += time.perf_counter() - started
-                if end_of_epoch:
-                    state.epoch, state.batch = epoch + 1, 0
-                if validate_now:
-                    record(epoch, lr)
-                save_last()
-                dist.barrier()
-                last_saved = time.monotonic()
-                started = time.perf_counter()
-        bar.close()
-        state.epoch, state.batch = epoch + 1, 0
-
-    if dist.world_size > 1:
+    grade = check_grade(grade)
+    run = setup_run(grade, data, Path(out), config, overrides, device, resume, manifest)
+    run.state.last_saved = time.monotonic()
+    for epoch in range(run.state.epoch, run.config.train.epochs):
+        train_epoch(run, epoch)
+    if run.dist.world_size > 1:
         torch.distributed.destroy_process_group()
-    return TrainingResult(out, last_path, best_path, tuple(state.history), unwrap_network(network).cpu())
+    return TrainingResult(run.out, run.last_path, run.best_path, tuple(run.state.history),
+                          unwrap_network(run.network).cpu())
