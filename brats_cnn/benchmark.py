@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from brats_cnn.config import Config, load_config
+from brats_cnn.config import Config, check_grade, load_config
 from brats_cnn.errors import ConfigError
 from brats_cnn.model import FLOPS_PER_HGG_PATCH, PATCH_SIZE, build_network
 
@@ -181,9 +181,7 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
     from brats_cnn.labels import get_convention
     from brats_cnn.train import make_loader, train_step
 
-    grade = grade.lower()
-    if grade not in ("hgg", "lgg"):
-        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
+    grade = check_grade(grade)
     if batch_size < 1 or iterations < 2:
         raise ConfigError(f"--batch-size must be >= 1 and --iterations >= 2, got {batch_size} and {iterations}")
     config = config or load_config(f"pereira_{grade}")
@@ -191,10 +189,12 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
     configured = compute_settings(device_, config.compute)
     load_before = os.getloadavg()
     torch.manual_seed(config.train.seed)
-    initial = build_network(config.model, get_convention(config.data.label_convention).num_classes)
-    flops = forward_flops(initial, config.sampling.patch_size)
-    flops_per_patch = FLOPS_PER_HGG_PATCH if config.model.architecture == "hgg" else float(flops)
     side = config.sampling.patch_size
+    initial = build_network(config.model, get_convention(config.data.label_convention).num_classes,
+                            patch_size=side)
+    flops = forward_flops(initial, side)
+    flops_per_patch = (FLOPS_PER_HGG_PATCH if config.model.architecture == "hgg" and side == PATCH_SIZE
+                       else float(flops))
     host_patches = torch.randn(batch_size, 4, side, side)
     host_labels = torch.randint(0, initial.num_classes, (batch_size,))
 

@@ -13,6 +13,7 @@ torch is imported inside the functions so that importing this module stays cheap
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,36 @@ def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but CUDA is not available (torch {torch.__version__})")
     return torch.device(name if ":" in name else f"cuda:{local_rank}")
+
+
+@dataclass(frozen=True)
+class TorchrunEnvironment:
+    """This process's place among the processes launched by torchrun (``world_size == 1``: not launched)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def torchrun_environment() -> TorchrunEnvironment:
+    """``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` as torchrun sets them; rank 0 of 1 when ``WORLD_SIZE <= 1``.
+
+    Raises:
+        ConfigError: a variable that is not an integer, or a rank outside ``[0, WORLD_SIZE)``.
+    """
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {name} must be an integer, got '{text}'") from None
+    if values["WORLD_SIZE"] <= 1:
+        return TorchrunEnvironment()
+    if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise ConfigError(f"environment variable RANK={values['RANK']} is outside [0, WORLD_SIZE="
+                          f"{values['WORLD_SIZE']})")
+    return TorchrunEnvironment(values["RANK"], values["LOCAL_RANK"], values["WORLD_SIZE"])
 
 
 def cpu_has_native_bf16() -> bool:

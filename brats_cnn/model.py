@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from brats_cnn.config import Config, ModelConfig, config_to_dict
-from brats_cnn.errors import CheckpointError
+from brats_cnn.errors import CheckpointError, ConfigError
 
 # "c<N>" = 3x3 convolution with N filters + LeakyReLU, "p" = 3x3 stride-2 max-pooling.
 LAYERS: dict[str, tuple[str, ...]] = {
@@ -26,18 +26,35 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "lgg": ("c64", "c64", "p", "c128", "c128", "p"),  # Table II
 }
 FC_WIDTH = 256
-PATCH_SIZE = 33
+PATCH_SIZE = 33  # the paper's patch side; the network takes its size from config.sampling.patch_size
 IN_CHANNELS = 4
 FLOPS_PER_HGG_PATCH = 357.5e6  # multiply-adds x 2, forward, one 33x33 patch (SPEC.md)
 
 
 def feature_size(architecture: str, patch_size: int = PATCH_SIZE) -> int:
-    """Spatial size of the last feature map (7 for a 33x33 patch)."""
+    """Spatial size of the last feature map (7 for a 33x33 patch); < 1 when the patch is too small."""
     size = patch_size
     for op in LAYERS[architecture]:
         if op == "p":
             size = (size - 3) // 2 + 1
     return size
+
+
+def check_patch_size(architecture: str, patch_size: int) -> None:
+    """Raise a one-line ConfigError unless the ``architecture`` network can take ``patch_size`` patches.
+
+    The side must be odd (the label is the centre voxel's) and the last feature map must be odd
+    and at least 1x1: the fast sliding window (``segment.predict_fast``) centres the first FC
+    layer's window on each voxel. For the paper's pooling (3x3, stride 2, twice) that allows
+    ``8k - 1`` and ``8k + 1``: 7, 9, 15, 17, 23, 25, 31, 33, ...
+    """
+    valid = [p for p in range(3, 4 * max(int(patch_size), 16) + 8, 2)
+             if feature_size(architecture, p) >= 1 and feature_size(architecture, p) % 2 == 1]
+    if patch_size not in valid:
+        near = [max((p for p in valid if p < patch_size), default=None), min(p for p in valid if p > patch_size)]
+        raise ConfigError(f"sampling.patch_size={patch_size} does not fit the {architecture.upper()} network "
+                          f"(odd side with an odd final feature map needed); nearest valid sizes: "
+                          f"{', '.join(str(p) for p in near if p is not None)}")
 
 
 class PereiraCNN(nn.Module):
@@ -89,10 +106,15 @@ class PereiraCNN(nn.Module):
         return self.classifier(self.features(patches))
 
 
-def build_network(config: ModelConfig, num_classes: int) -> PereiraCNN:
-    """The network described by ``config`` with ``num_classes`` outputs."""
+def build_network(config: ModelConfig, num_classes: int, *, patch_size: int) -> PereiraCNN:
+    """The network described by ``config`` for ``patch_size`` patches with ``num_classes`` outputs.
+
+    ``patch_size`` is ``config.sampling.patch_size`` of the full config (the patches the network
+    is trained and run on); ConfigError if the architecture cannot take it (:func:`check_patch_size`).
+    """
+    check_patch_size(config.architecture, patch_size)
     return PereiraCNN(config.architecture, num_classes, dropout=config.dropout,
-                      leaky_relu_slope=config.leaky_relu_slope)
+                      leaky_relu_slope=config.leaky_relu_slope, patch_size=patch_size)
 
 
 def count_parameters(network: nn.Module) -> int:
@@ -243,7 +265,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
     try:
         config = config_from_dict(payload["config"], str(path))
         normaliser = NormaliserState.from_dict(payload["normaliser"])
-        network = build_network(config.model, int(payload["num_classes"]))
+        network = build_network(config.model, int(payload["num_classes"]), patch_size=config.sampling.patch_size)
         if network.architecture != payload["architecture"]:
             raise ValueError(f"architecture {payload['architecture']!r} does not match the config's "
                              f"{network.architecture!r}")

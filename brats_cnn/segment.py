@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from brats_cnn import progress_wanted
-from brats_cnn.device import Compute, compute_settings, resolve_device
+from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
 from brats_cnn.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # heavy imports stay lazy
@@ -348,10 +348,11 @@ def bundled_weights(grade: str) -> Any:
 def _checkpoint_path(model: Any, grade: str | None) -> Any:
     from pathlib import Path
 
-    from brats_cnn.errors import CheckpointError, ConfigError
+    from brats_cnn.config import check_grade
+    from brats_cnn.errors import CheckpointError
 
-    if grade is not None and grade.lower() not in ("hgg", "lgg"):
-        raise ConfigError(f"--grade must be hgg or lgg, got '{grade}'")
+    if grade is not None:
+        grade = check_grade(grade)
     if model is not None:
         return Path(model)  # with --grade as well, run_segment checks the checkpoint's grade
     if grade is None:  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
@@ -374,16 +375,6 @@ def resolve_mode(mode: str, device: "torch.device") -> str:
     if mode == "auto":
         return "exact" if device.type == "cuda" else "fast"
     return mode
-
-
-def _distributed_rank() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` from torchrun's environment; ``(0, 0, 1)`` otherwise."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 0, 1
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
 def _find_cases(inputs: Any) -> list:
@@ -588,8 +579,9 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     from brats_cnn.model import load_checkpoint
 
     checkpoint_path = _checkpoint_path(model, grade)
-    rank, local_rank, world = _distributed_rank()
-    torch_device = resolve_device(device, local_rank)
+    torchrun = torchrun_environment()
+    rank, world = torchrun.rank, torchrun.world_size
+    torch_device = resolve_device(device, torchrun.local_rank)
     checkpoint = load_checkpoint(checkpoint_path, map_location=torch_device)
     if model is not None and grade is not None and checkpoint.grade != grade.lower():
         raise ConfigError(f"checkpoint is for grade '{checkpoint.grade}' but --grade {grade.lower()} was given",

@@ -470,7 +470,8 @@ def checkpoints(pristine, tmp_path_factory) -> dict[str, Path]:
     config = load_config("smoke", ["preprocess.n4.sequences=[]"])
     normaliser = fit_normaliser([load_case(ref) for ref in list_cases(pristine)], config)
     torch.manual_seed(0)
-    network = build_network(config.model, get_convention("brats2017").num_classes)
+    network = build_network(config.model, get_convention("brats2017").num_classes,
+                            patch_size=config.sampling.patch_size)
     good = save_checkpoint(folder / "hgg.pt", network=network, config=config, normaliser=normaliser,
                            label_convention="brats2017", epoch=1)
     payload = torch.load(good, weights_only=True)

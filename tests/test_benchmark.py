@@ -29,12 +29,19 @@ def test_time_batches_counts_calls_after_warm_up():
     assert len(calls) == 7 and seconds.shape == (5,) and np.all(seconds >= 0)
 
 
-def test_run_benchmark_on_a_tiny_cache(tmp_path):
+# LGG, 4 classes, by hand (see above) for 33x33 patches and for 25x25 ones (25 -> 12 -> 5)
+LGG_FLOPS = {33: 201_898_496,
+             25: 2 * (25**2 * 64 * 36 + 25**2 * 64 * 576 + 12**2 * 128 * 576 + 12**2 * 128 * 1152
+                      + 128 * 5 * 5 * 256 + 256 * 256 + 256 * 4)}
+
+
+@pytest.mark.parametrize("patch_size", [33, 25])
+def test_run_benchmark_on_a_tiny_cache(tmp_path, patch_size):
     from brats_cnn.phantom import write_phantom_dataset
     from brats_cnn.preprocess import preprocess_dataset
 
     config = load_config("smoke", ["preprocess.n4.sequences=[]", "model.architecture=lgg",
-                                   "train.num_workers=0"])
+                                   "train.num_workers=0", f"sampling.patch_size={patch_size}"])
     write_phantom_dataset(tmp_path / "raw", 2, grades=["HGG", "HGG"], shape=(40, 40, 12))
     preprocess_dataset(tmp_path / "raw", tmp_path / "cache", config=config, fit=True)
     out = tmp_path / "bench.json"
@@ -42,13 +49,13 @@ def test_run_benchmark_on_a_tiny_cache(tmp_path):
                             config=config)
     saved = json.loads(out.read_text())
     assert saved["architecture"] == "lgg" and saved["batch_size"] == 4
-    assert saved["flops_per_patch_forward"] == 201_898_496
+    assert saved["flops_per_patch_forward"] == LGG_FLOPS[patch_size]  # the network has the config's patch size
     for name in ("forward", "train_step", "pipeline"):
         row = saved[name]
         assert row["iterations"] == 2 and row["mean_s"] > 0
         assert row["patches_per_s"] == pytest.approx(4 / row["mean_s"])
     assert saved["train_step"]["gflops_per_s"] == pytest.approx(
-        3 * 201_898_496 * 4 / saved["train_step"]["mean_s"] / 1e9)
+        3 * LGG_FLOPS[patch_size] * 4 / saved["train_step"]["mean_s"] / 1e9)
     assert saved["pipeline_ratio"] == pytest.approx(
         saved["pipeline"]["patches_per_s"] / saved["train_step"]["patches_per_s"])
     assert "pipeline / model-only rate" in format_table(results)

@@ -226,7 +226,7 @@ def model_and_cases(tmp_path_factory) -> tuple[Path, Path]:
                                    "postprocess.min_component_voxels=1"])
     normaliser = fit_normaliser([load_case(ref) for ref in list_cases(data)[:2]], config)
     torch.manual_seed(0)
-    network = build_network(config.model, 4)
+    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
     model = save_checkpoint(root / "model.pt", network=network, config=config, normaliser=normaliser,
                             label_convention="brats2017")
     return model, data

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from brats_cnn import normalise
 from brats_cnn.config import load_config
-from brats_cnn.errors import CheckpointError
-from brats_cnn.model import (CHECKPOINT_FORMAT_VERSION, PereiraCNN, build_network, count_parameters,
-                             load_checkpoint, save_checkpoint, unwrap_network)
+from brats_cnn.errors import CheckpointError, ConfigError
+from brats_cnn.model import (CHECKPOINT_FORMAT_VERSION, PereiraCNN, build_network, check_patch_size,
+                             count_parameters, feature_size, load_checkpoint, save_checkpoint, unwrap_network)
 
 
 @pytest.mark.parametrize(("architecture", "classes", "expected"), [
@@ -48,10 +49,41 @@ def test_xavier_init_weights_within_glorot_bound_and_zero_bias():
 
 def test_build_network_follows_the_config():
     lgg = load_config("pereira_lgg")
-    net = build_network(lgg.model, 4)
+    net = build_network(lgg.model, 4, patch_size=lgg.sampling.patch_size)
     assert net.architecture == "lgg"
     dropouts = [m.p for m in net.modules() if isinstance(m, nn.Dropout)]
     assert dropouts == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(("architecture", "patch_size", "final"), [
+    ("hgg", 33, 7), ("lgg", 33, 7), ("hgg", 25, 5), ("lgg", 25, 5), ("hgg", 9, 1)])
+def test_network_is_built_for_the_configured_patch_size(architecture, patch_size, final):
+    config = load_config(f"pereira_{architecture}", [f"sampling.patch_size={patch_size}"])
+    net = build_network(config.model, 4, patch_size=config.sampling.patch_size).eval()
+    assert net.patch_size == patch_size and feature_size(architecture, patch_size) == final
+    assert net.classifier[2].in_features == 128 * final * final  # the first FC layer reads the last map
+    assert net(torch.zeros(2, 4, patch_size, patch_size)).shape == (2, 4)
+
+
+@pytest.mark.parametrize(("patch_size", "nearest"), [(32, "31, 33"), (29, "25, 31"), (5, "7"), (27, "25, 31")])
+def test_a_patch_size_the_network_cannot_take_is_one_config_error(patch_size, nearest):
+    config = load_config("pereira_hgg", [f"sampling.patch_size={patch_size}"])
+    with pytest.raises(ConfigError) as err:
+        build_network(config.model, 4, patch_size=config.sampling.patch_size)
+    assert str(err.value) == (f"sampling.patch_size={patch_size} does not fit the HGG network (odd side with an "
+                              f"odd final feature map needed); nearest valid sizes: {nearest}")
+    with pytest.raises(ConfigError):
+        check_patch_size("lgg", patch_size)
+
+
+def test_a_checkpoint_keeps_its_patch_size(tmp_path):
+    config = load_config("smoke", ["sampling.patch_size=25"])
+    state = _any_normaliser_state(normalise)
+    net = build_network(config.model, 4, patch_size=25)
+    path = save_checkpoint(tmp_path / "m.pt", network=net, config=config, normaliser=state,
+                           label_convention="brats2017")
+    loaded = load_checkpoint(path).network
+    assert loaded.patch_size == 25 and loaded.classifier[2].in_features == 128 * 5 * 5
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -64,7 +96,7 @@ class _FakeNormaliser:
 def _write(path: Path, **changes) -> Path:
     """A valid checkpoint payload, with ``changes`` applied, saved with plain torch.save."""
     config = load_config("smoke")
-    net = build_network(config.model, 4)
+    net = build_network(config.model, 4, patch_size=config.sampling.patch_size)
     save_checkpoint(path, network=net, config=config, normaliser=_FakeNormaliser(),
                     label_convention="brats2017", epoch=3)
     if changes:
@@ -82,11 +114,10 @@ _DELETE = object()
 
 
 def test_checkpoint_round_trip(tmp_path):
-    normalise = pytest.importorskip("brats_cnn.normalise")
     config = load_config("smoke", ["model.dropout=0.2"])
     state = _any_normaliser_state(normalise)
     torch.manual_seed(1)
-    net = build_network(config.model, 4)
+    net = build_network(config.model, 4, patch_size=config.sampling.patch_size)
     optimiser = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     net(torch.randn(2, 4, 33, 33)).sum().backward()
     optimiser.step()
@@ -181,7 +212,6 @@ def test_unexpected_key_is_rejected(tmp_path):
 
 
 def test_wrong_weights_are_rejected(tmp_path):
-    pytest.importorskip("brats_cnn.normalise")
     path = _write(tmp_path / "m.pt", num_classes=5)
     with pytest.raises(CheckpointError, match="inconsistent checkpoint"):
         load_checkpoint(path)

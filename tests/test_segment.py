@@ -17,9 +17,9 @@ from brats_cnn.segment import (predict_exact, predict_fast, resolve_mode, run_se
 BACKGROUND = 0.5  # a non-zero background value shows that border patches are padded with it
 
 
-def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0) -> PereiraCNN:
+def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0, patch_size: int = 33) -> PereiraCNN:
     torch.manual_seed(seed)
-    net = PereiraCNN(architecture, classes).eval()
+    net = PereiraCNN(architecture, classes, patch_size=patch_size).eval()
     with torch.no_grad():  # non-zero biases so that every layer matters
         for module in net.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -27,9 +27,9 @@ def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0) -> Pere
     return net
 
 
-def _centre_tap_network(architecture: str) -> PereiraCNN:
+def _centre_tap_network(architecture: str, patch_size: int = 33) -> PereiraCNN:
     """Convolutions with only the centre tap: the patch's zero padding is never read."""
-    net = _network(architecture)
+    net = _network(architecture, patch_size=patch_size)
     with torch.no_grad():
         for module in net.features:
             if isinstance(module, torch.nn.Conv2d):
@@ -48,12 +48,13 @@ def _volume(shape=(4, 12, 11, 2), seed=0, brain=0.5):
 
 
 def _naive_reference(net: PereiraCNN, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """One forward pass per brain voxel on its own background-padded 33x33 patch."""
-    padded = np.pad(image, ((0, 0), (16, 16), (16, 16), (0, 0)), constant_values=BACKGROUND)
+    """One forward pass per brain voxel on its own background-padded patch (33x33 for the paper's nets)."""
+    size, half = net.patch_size, net.patch_size // 2
+    padded = np.pad(image, ((0, 0), (half, half), (half, half), (0, 0)), constant_values=BACKGROUND)
     probs = np.zeros((net.num_classes, *mask.shape), dtype=np.float32)
     probs[0] = 1.0
     voxels = list(zip(*np.nonzero(mask)))
-    patches = np.stack([padded[:, x:x + 33, y:y + 33, z] for x, y, z in voxels])  # one patch per voxel
+    patches = np.stack([padded[:, x:x + size, y:y + size, z] for x, y, z in voxels])  # one patch per voxel
     with torch.no_grad():
         out = torch.softmax(net(torch.from_numpy(patches)), dim=1).numpy()
     for (x, y, z), p in zip(voxels, out):
@@ -61,8 +62,9 @@ def _naive_reference(net: PereiraCNN, image: np.ndarray, mask: np.ndarray) -> np
     return probs
 
 
-def test_exact_equals_naive_per_voxel_reference():
-    net = _network()
+@pytest.mark.parametrize("patch_size", [33, 25])
+def test_exact_equals_naive_per_voxel_reference(patch_size):
+    net = _network(patch_size=patch_size)
     image, mask = _volume()
     expected = _naive_reference(net, image, mask)
     got = predict_exact(net, image, mask, batch_size=97, device="cpu", background_value=BACKGROUND)
@@ -72,11 +74,12 @@ def test_exact_equals_naive_per_voxel_reference():
     assert (got[0][~mask] == 1).all() and (got[1:][:, ~mask] == 0).all()
 
 
-@pytest.mark.parametrize("architecture", ["hgg", "lgg"])
-def test_fast_equals_exact_when_patch_padding_is_never_read(architecture):
+@pytest.mark.parametrize(("architecture", "patch_size"), [("hgg", 33), ("lgg", 33), ("hgg", 25), ("lgg", 9)])
+def test_fast_equals_exact_when_patch_padding_is_never_read(architecture, patch_size):
     # With centre-tap convolutions the only difference between the modes (the zero padding at
-    # the edge of each patch) disappears, so this checks the weight reuse, dilations and alignment.
-    net = _centre_tap_network(architecture)
+    # the edge of each patch) disappears, so this checks the weight reuse, dilations and alignment,
+    # also for other patch sizes than the paper's 33.
+    net = _centre_tap_network(architecture, patch_size)
     image, mask = _volume((4, 10, 9, 3), seed=1)
     exact = predict_exact(net, image, mask, batch_size=256, device="cpu", background_value=BACKGROUND)
     fast = predict_fast(net, image, mask, batch_size=100, device="cpu", background_value=BACKGROUND,
@@ -144,7 +147,7 @@ def phantom_setup(tmp_path_factory):
     refs = write_phantom_dataset(root / "data", 3, seed=5, shape=PHANTOM_SHAPE)
     state = fit_normaliser([make_phantom(PHANTOM_SHAPE, seed=5)], config)
     torch.manual_seed(0)
-    network = build_network(config.model, 4)
+    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
     model = save_checkpoint(root / "model.pt", network=network, config=config, normaliser=state,
                             label_convention="brats2017")
     return root, refs, model

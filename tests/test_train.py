@@ -116,6 +116,36 @@ def test_train_from_raw_data_via_the_cli(raw_dataset, tmp_path):
     assert best.epoch == max(history, key=lambda r: r["score"])["epoch"]
 
 
+def test_training_uses_the_configured_patch_size(cache, tmp_path):
+    # the network, the training patches and the validation Dice (fast sliding window) all follow
+    # sampling.patch_size; the checkpoint keeps it and segments with it
+    from brats_cnn.segment import predict_exact, predict_fast
+
+    result = run_training("hgg", cache, tmp_path / "p25", config="smoke", device="cpu",
+                          overrides=TINY + ["sampling.patch_size=25", "train.epochs=1", "train.validate_dice=true",
+                                            "train.dice_slices=2"])
+    rows = result.history
+    assert len(rows) == 1 and 0.0 <= rows[0]["dice_complete"] <= 1.0 and rows[0]["train_loss"] > 0
+    ckpt = load_checkpoint(tmp_path / "p25" / "last.pt")
+    assert ckpt.config.sampling.patch_size == 25 and ckpt.network.patch_size == 25
+    assert ckpt.network.classifier[2].in_features == 128 * 5 * 5  # LGG net: 25 -> 12 -> 5
+    image, mask = np.zeros((4, 9, 8, 1), np.float32), np.ones((9, 8, 1), bool)
+    image[:, 2:6, 3:5] = 1.0
+    exact = predict_exact(ckpt.network, image, mask, device="cpu")
+    fast = predict_fast(ckpt.network, image, mask, device="cpu")
+    assert exact.shape == fast.shape == (4, 9, 8, 1)
+    np.testing.assert_allclose(exact.sum(0), 1.0, atol=1e-5)
+
+
+def test_a_patch_size_the_network_cannot_take_stops_before_any_work(raw_dataset, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run_training("hgg", raw_dataset, tmp_path / "run", config="smoke", device="cpu",
+                     overrides=TINY + ["sampling.patch_size=29"])
+    assert str(err.value) == ("sampling.patch_size=29 does not fit the LGG network (odd side with an odd final "
+                              "feature map needed); nearest valid sizes: 25, 31")
+    assert not (tmp_path / "run" / "cache").exists()
+
+
 def _weights(network):
     return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
