@@ -141,7 +141,7 @@ def evaluate(
     pred_convention: Optional[str] = typer.Option(None, "--pred-convention", help="Convention of the predictions (default: same as ground truth)."),
     manifest: Optional[Path] = ManifestOpt,
     images: Optional[Path] = typer.Option(None, "--images", help="Folder with the cases' images for overlay figures (default: --gt)."),
-    hd95: str = typer.Option("brats", "--hd95", help="HD95 definition: brats (pooled distances, as BraTS/MedPy) or monai (max of the two one-way percentiles)."),
+    hd95: str = typer.Option("brats", "--hd95", help="HD95 definition: brats (pooled distances, as BraTS/MedPy), monai (max of the two one-way percentiles) or surfel (area-weighted surface elements, as the BraTS 2023 lesion-wise code)."),
     lesion_wise: str = typer.Option("gli", "--lesion-wise", help="Lesion-wise metrics (BraTS 2023+) with a challenge preset: gli, ssa, ped, men, met, or none."),
     lesion_dilation: Optional[int] = typer.Option(None, "--lesion-dilation", help="Override the preset's ground-truth dilation (voxels)."),
     lesion_min_volume: Optional[float] = typer.Option(None, "--lesion-min-volume", help="Override the preset's lesion volume threshold (mm^3; lesions at or below it are ignored)."),

@@ -300,6 +300,7 @@ class EvaluateSettings:
         lesion = None if self.lesion_params is None else {
             "preset": self.lesion_preset, "dilation": self.lesion_params.dilation,
             "min_volume_mm3": self.lesion_params.min_volume_mm3, "hd95_penalty_mm": LESION_HD95_PENALTY,
+            "hd95_definition": self.lesion_params.hd95_definition,
             "connectivity": 26}
         return {"label_convention": self.label_convention, "pred_convention": self.pred_convention,
                 "hd95_definition": self.hd95_definition, "hd95_definition_text": HD95_DEFINITIONS[self.hd95_definition],
@@ -336,7 +337,8 @@ def evaluate_settings(label_convention: str = "brats2017", pred_convention: str 
                 raise InputError(f"lesion dilation ({lesion_dilation}) and minimum volume ({lesion_min_volume}) "
                                  "must not be negative")
             params = LesionWiseParams(params.dilation if lesion_dilation is None else int(lesion_dilation),
-                                      params.min_volume_mm3 if lesion_min_volume is None else float(lesion_min_volume))
+                                      params.min_volume_mm3 if lesion_min_volume is None else float(lesion_min_volume),
+                                      params.hd95_definition)
             preset = f"{preset} (changed)"
     return EvaluateSettings(label_convention, pred_convention, hd95_definition, preset, params, only_predicted)
 

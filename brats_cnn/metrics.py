@@ -13,15 +13,18 @@ sensitivity    TP / (TP+FN)         truth empty: 1.0 if the prediction is empty 
 specificity    TN / (TN+FP)         truth covers every voxel: 1.0 if the prediction does too, else 0.0
 =============  ===================  =====================================================
 
-HD95 (mm) is the 95th percentile of the distances between the two masks' surfaces, in two
+HD95 (mm) is the 95th percentile of the distances between the two masks' surfaces, in three
 definitions (see :func:`hd95`): ``"brats"`` (default) pools the distances of both directions
 before taking the percentile, as the BraTS evaluation package and MedPy do; ``"monai"`` takes the
-larger of the two one-way 95th percentiles, as MONAI's ``compute_hausdorff_distance`` does. It is
-0.0 when both masks are empty and :data:`HD95_ONE_EMPTY` (373.13 mm) when exactly one is.
+larger of the two one-way 95th percentiles, as MONAI's ``compute_hausdorff_distance`` does;
+``"surfel"`` takes the larger of the two one-way percentiles of surface elements on the
+voxel-corner lattice weighted by their area (:func:`surfel_distances`), the scheme of the BraTS
+2023 lesion-wise code. It is 0.0 when both masks are empty and :data:`HD95_ONE_EMPTY` (373.13 mm)
+when exactly one is.
 
-A surface is the mask minus its erosion by the face-connected (6-neighbour) structuring element,
-with everything outside the array counted as background, so mask voxels on the array border are
-surface voxels.
+For ``brats`` and ``monai``, a surface is the mask minus its erosion by the face-connected
+(6-neighbour) structuring element, with everything outside the array counted as background, so
+mask voxels on the array border are surface voxels.
 
 Lesion-wise DSC and HD95 (BraTS 2023+, :func:`lesion_wise_metrics`) score each ground-truth lesion
 on its own and average over lesions; see that function for the matching rules and
@@ -30,6 +33,7 @@ on its own and average over lesions; see that function for the matching rules an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,6 +48,9 @@ HD95_DEFINITIONS: dict[str, str] = {
              "(BraTS evaluation package, MedPy hd95)",
     "monai": "larger of the two one-way 95th percentiles of the surface distances "
              "(MONAI compute_hausdorff_distance, percentile=95)",
+    "surfel": "larger of the two one-way 95th percentiles of the distances between surface elements on "
+              "the voxel-corner lattice, weighted by their marching-cubes area (the scheme of DeepMind's "
+              "surface_distance, used by the BraTS 2023 lesion-wise code)",
 }
 METRIC_NAMES: tuple[str, ...] = ("dsc", "ppv", "sensitivity", "specificity", "hd95",
                                  "vol_pred_ml", "vol_gt_ml")
@@ -160,6 +167,69 @@ def surface_distances(mask_ref: np.ndarray, mask_pred: np.ndarray,
     return to_pred_surface[surface_ref], to_ref_surface[surface_pred]
 
 
+# Bit of each corner of a 2x2x2 cell of voxels in the corner code (first axis slowest).
+_CORNER_BITS = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=32)
+def corner_code_areas(spacing: tuple[float, float, float]) -> np.ndarray:
+    """Surface area (mm^2) inside one cell of 2x2x2 voxel centres, for each of the 256 corner codes.
+
+    The surface is the marching-cubes iso-surface at 0.5 (Lorensen's table, skimage) of the cell's
+    0/1 corner values, vertices at edge midpoints, scaled by ``spacing``. Codes 0 and 255: 0.
+
+    Returns:
+        ``(256,)`` float64.
+    """
+    from skimage.measure import marching_cubes
+
+    areas = np.zeros(256)
+    scale = np.asarray(spacing, dtype=np.float64)
+    for code in range(1, 255):
+        cell = ((code & _CORNER_BITS) > 0).astype(np.float32)
+        vertices, faces, _, _ = marching_cubes(cell, level=0.5, method="lorensen")
+        triangles = (vertices.astype(np.float64) * scale)[faces]
+        edges = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
+        areas[code] = 0.5 * np.linalg.norm(edges, axis=1).sum()
+    return areas
+
+
+def surfel_distances(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float]
+                     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Distances between surface elements of two non-empty 3-D masks, with the elements' areas.
+
+    Surface elements sit on the lattice of voxel corners: a corner whose 8 surrounding voxels are
+    neither all inside nor all outside a mask is on its surface, with the area
+    :func:`corner_code_areas` gives its configuration. Distances (mm) go from each element of one
+    mask to the nearest element of the other (exact Euclidean distance transform on the lattice).
+
+    Returns:
+        ``((ref_to_pred, ref_areas), (pred_to_ref, pred_areas))``: float64 arrays, one value per
+        surface element of ``mask_ref`` and of ``mask_pred``.
+    """
+    ref, pred = _check_pair(mask_ref, mask_pred)
+    if ref.ndim != 3 or not ref.any() or not pred.any():
+        raise ValueError("surface elements need two non-empty 3-D masks")
+    spacing = tuple(float(s) for s in spacing)
+    box = ndimage.find_objects((ref | pred).astype(np.uint8))[0]
+    areas = corner_code_areas(spacing)
+    codes = [ndimage.correlate(np.pad(m[box], 1).astype(np.uint8), _CORNER_BITS, mode="constant", cval=0)[1:, 1:, 1:]
+             for m in (ref, pred)]
+    borders = [(c != 0) & (c != 255) for c in codes]
+    to_ref, to_pred = (ndimage.distance_transform_edt(~b, sampling=spacing) for b in borders)
+    return ((to_pred[borders[0]], areas[codes[0][borders[0]]]),
+            (to_ref[borders[1]], areas[codes[1][borders[1]]]))
+
+
+def _weighted_percentile(distances: np.ndarray, weights: np.ndarray, percent: float) -> float:
+    """The smallest distance at which the cumulative weight (sorted by distance) reaches ``percent`` %."""
+    order = np.lexsort((weights, distances))
+    sorted_distances, sorted_weights = distances[order], weights[order]
+    cumulative = np.cumsum(sorted_weights) / np.sum(sorted_weights)
+    index = int(np.searchsorted(cumulative, percent / 100.0))
+    return float(sorted_distances[min(index, sorted_distances.size - 1)])
+
+
 def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
          definition: str = "brats") -> float:
     """95th-percentile Hausdorff distance in mm.
@@ -167,8 +237,10 @@ def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
     Args:
         mask_ref, mask_pred: boolean arrays of the same shape.
         spacing: voxel size in mm per axis.
-        definition: ``"brats"`` (pooled distances of both directions, as BraTS and MedPy) or
-            ``"monai"`` (max of the two one-way percentiles, as MONAI); see :data:`HD95_DEFINITIONS`.
+        definition: ``"brats"`` (pooled distances of both directions, as BraTS and MedPy),
+            ``"monai"`` (max of the two one-way percentiles, as MONAI) or ``"surfel"`` (max of the
+            two one-way area-weighted percentiles of surface elements, :func:`surfel_distances`;
+            3-D only); see :data:`HD95_DEFINITIONS`.
 
     Returns:
         HD95 in mm; 0.0 when both masks are empty, :data:`HD95_ONE_EMPTY` when exactly one is.
@@ -182,6 +254,8 @@ def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
         return 0.0
     if ref_any != pred_any:
         return HD95_ONE_EMPTY
+    if definition == "surfel":
+        return float(max(_weighted_percentile(d, a, 95) for d, a in surfel_distances(ref, pred, spacing)))
     ref_to_pred, pred_to_ref = surface_distances(ref, pred, spacing)
     if definition == "brats":
         return float(np.percentile(np.concatenate([ref_to_pred, pred_to_ref]), 95))
@@ -245,7 +319,8 @@ def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: 
             ``brats2023``, ``msd``); ``pred_convention`` that of ``labels_pred`` (default: the same).
         spacing: voxel size in mm per axis.
         lesion_params: when given, each region also gets the lesion-wise metrics and counts of
-            :func:`lesion_wise_metrics` (keys :data:`LESION_METRIC_NAMES`).
+            :func:`lesion_wise_metrics` (keys :data:`LESION_METRIC_NAMES`); their HD95 follows
+            ``lesion_params.hd95_definition``, not ``hd95_definition``.
 
     Returns:
         ``{region: {metric: value}}`` for the regions of :data:`brats_cnn.labels.REGIONS`.
@@ -259,7 +334,7 @@ def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: 
         mask_pred = region_mask(pred, pred_convention or convention, region)
         out[region] = mask_metrics(mask_ref, mask_pred, spacing, hd95_definition, n_voxels=n_voxels)
         if lesion_params is not None:
-            out[region].update(lesion_wise_metrics(mask_ref, mask_pred, spacing, lesion_params, hd95_definition))
+            out[region].update(lesion_wise_metrics(mask_ref, mask_pred, spacing, lesion_params))
     return out
 
 
@@ -281,10 +356,13 @@ class LesionWiseParams:
             ground-truth components form one lesion and which predicted components match a lesion.
         min_volume_mm3: ground-truth lesions whose volume is at most this (mm^3) are left out of
             the score and the counts (predicted components matching them are not false positives).
+        hd95_definition: HD95 of a matched lesion (see :func:`hd95`); ``"surfel"``, the scheme of
+            the organisers' lesion-wise code, by default.
     """
 
     dilation: int
     min_volume_mm3: float
+    hd95_definition: str = "surfel"
 
 
 # The organisers' parameters per challenge (BraTS 2023 lesion-wise evaluation).
@@ -331,7 +409,7 @@ def ground_truth_lesions(mask_ref: np.ndarray, dilation: int) -> tuple[np.ndarra
 
 
 def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
-                        params: LesionWiseParams, hd95_definition: str = "brats") -> dict[str, float | int]:
+                        params: LesionWiseParams) -> dict[str, float | int]:
     """BraTS 2023+ lesion-wise DSC and HD95 of one region, with the lesion counts.
 
     Rules (the organisers' lesion-wise evaluation):
@@ -340,7 +418,7 @@ def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Se
       components of the prediction (of any size);
     * a predicted component matches a ground-truth lesion when it overlaps that lesion dilated
       ``params.dilation`` times; a lesion is scored against the union of its matched components
-      (DSC, and HD95 by ``hd95_definition``); a lesion without a match is *missed*: DSC 0, HD95
+      (DSC, and HD95 by ``params.hd95_definition``); a lesion without a match is *missed*: DSC 0, HD95
       :data:`LESION_HD95_PENALTY`;
     * predicted components that match no lesion are *false positives*, each scored DSC 0 and
       HD95 :data:`LESION_HD95_PENALTY`;
@@ -352,8 +430,7 @@ def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Se
     Args:
         mask_ref, mask_pred: ``(X, Y, Z)`` bool of the same shape.
         spacing: voxel size in mm per axis (volumes and distances).
-        params: dilation and volume threshold (:data:`LESION_PRESETS`).
-        hd95_definition: see :func:`hd95`.
+        params: dilation, volume threshold and HD95 definition (:data:`LESION_PRESETS`).
 
     Returns:
         ``lesion_dsc``, ``lesion_hd95`` (mm), and the counts ``gt_lesions`` (kept ground-truth
@@ -397,7 +474,7 @@ def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Se
         matched_mask = np.isin(components[union_box], matched)
         overlap = int(np.count_nonzero(lesion_mask & matched_mask))
         dsc_sum += 2.0 * overlap / (int(lesion_sizes[lesion_id]) + int(component_sizes[matched].sum()))
-        hd_sum += hd95(lesion_mask, matched_mask, spacing, hd95_definition)
+        hd_sum += hd95(lesion_mask, matched_mask, spacing, params.hd95_definition)
     n_fp = int(n_components - np.count_nonzero(matched_any[1:]))
     denominator = kept + n_fp
     return {

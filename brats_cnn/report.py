@@ -245,7 +245,7 @@ table{border-collapse:collapse;font-size:13px;margin:6px 0 12px}
 th,td{border:1px solid #d8d8d8;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f3f5} td.l,th.l{text-align:left}
 tr.paper td{color:#6b4e00;background:#fffbe8}
-.meta td{text-align:left;border:none;padding:1px 12px 1px 0} .meta{margin:0}
+.meta td{text-align:left;border:none;padding:1px 12px 1px 0;white-space:normal} .meta{margin:0}
 .bad{background:#fff0f0;border:1px solid #e0a0a0;padding:8px 12px;border-radius:4px}
 .warn{background:#fff8e6;border:1px solid #e6c77a;padding:8px 12px;border-radius:4px}
 .grid{display:flex;flex-wrap:wrap;gap:10px} .grid figure{margin:0}
@@ -262,7 +262,7 @@ def png_data_uri(png: bytes) -> str:
 def _fmt(value: Any, metric: str) -> str:
     if value is None:
         return "&ndash;"
-    return f"{value:.2f}" if metric == "hd95" or metric.startswith("vol") else f"{value:.3f}"
+    return f"{value:.2f}" if "hd95" in metric or metric.startswith("vol") else f"{value:.3f}"
 
 
 def _summary_tables(statistics: Mapping[str, Any]) -> str:
@@ -341,8 +341,9 @@ def _lesion_settings_text(lesion: Mapping[str, Any] | None) -> str:
     if not lesion:
         return "not computed"
     return (f"preset {lesion['preset']}: 26-connected components, ground truth dilated {lesion['dilation']} "
-            f"time(s) for merging and matching, lesions of at most {lesion['min_volume_mm3']:g} mm^3 ignored, "
-            f"missed and false-positive lesions DSC 0 / HD95 {lesion['hd95_penalty_mm']:g} mm")
+            f"time(s) for merging and matching, lesions of at most {lesion['min_volume_mm3']:g} mm\u00b3 ignored, "
+            f"missed and false-positive lesions DSC 0 / HD95 {lesion['hd95_penalty_mm']:g} mm; lesion HD95: "
+            f"{lesion.get('hd95_definition', 'brats')}")
 
 
 def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *,

@@ -242,7 +242,7 @@ def _counts(result):
 
 
 def test_presets():
-    assert (GLI.dilation, GLI.min_volume_mm3) == (3, 50.0)
+    assert (GLI.dilation, GLI.min_volume_mm3, GLI.hd95_definition) == (3, 50.0, "surfel")
     assert (metrics.lesion_preset("MET").dilation, metrics.lesion_preset("met").min_volume_mm3) == (1, 2.0)
     with pytest.raises(ValueError, match="unknown lesion-wise preset 'abc'"):
         metrics.lesion_preset("abc")
@@ -255,7 +255,7 @@ def test_lesion_split_by_the_prediction_is_one_detected_lesion():
     r = _lesion_wise(ref, pred)
     assert _counts(r) == (1, 1, 0, 0)
     assert r["lesion_dsc"] == pytest.approx(2 * 180 / (216 + 180))
-    assert r["lesion_hd95"] == pytest.approx(metrics.hd95(ref, pred, (1, 1, 1)))
+    assert r["lesion_hd95"] == pytest.approx(metrics.hd95(ref, pred, (1, 1, 1), "surfel"))
 
 
 def test_ground_truth_parts_within_the_dilation_are_one_lesion():
@@ -265,7 +265,7 @@ def test_ground_truth_parts_within_the_dilation_are_one_lesion():
     gli = _lesion_wise(ref, pred, GLI)                          # one lesion of 128 voxels, half found
     assert _counts(gli) == (1, 1, 0, 0)
     assert gli["lesion_dsc"] == pytest.approx(2 * 64 / (128 + 64))
-    assert gli["lesion_hd95"] == pytest.approx(metrics.hd95(ref, pred, (1, 1, 1)))
+    assert gli["lesion_hd95"] == pytest.approx(metrics.hd95(ref, pred, (1, 1, 1), "surfel"))
     men = _lesion_wise(ref, pred, MEN)                          # two lesions: one perfect, one missed
     assert _counts(men) == (2, 1, 1, 0)
     assert men["lesion_dsc"] == pytest.approx(0.5)
@@ -279,7 +279,7 @@ def test_one_predicted_component_merging_two_lesions_counts_for_both():
     assert _counts(r) == (2, 2, 0, 0)
     assert r["lesion_dsc"] == pytest.approx(2 * 64 / (64 + 192))  # each lesion against the whole component
     first = _cube(LESION_SHAPE, (5, 5, 5), (9, 9, 9))
-    assert r["lesion_hd95"] == pytest.approx(metrics.hd95(first, pred, (1, 1, 1)))  # the two are mirror images
+    assert r["lesion_hd95"] == pytest.approx(metrics.hd95(first, pred, (1, 1, 1), "surfel"))  # mirror images
 
 
 def test_small_lesions_are_ignored_but_every_false_positive_counts():
@@ -341,7 +341,8 @@ def _naive_lesion_wise(ref, pred, spacing, params):
         if lesion.sum() * np.prod(spacing) <= params.min_volume_mm3:
             continue
         found = np.isin(pred_labels, list(ids)) if ids else np.zeros_like(pred)
-        scores.append((metrics.dice(lesion, found), metrics.hd95(lesion, found, spacing) if ids else 374.0))
+        scores.append((metrics.dice(lesion, found),
+                       metrics.hd95(lesion, found, spacing, params.hd95_definition) if ids else 374.0))
     n_fp = n_pred - len(hit)
     scores += [(0.0, 374.0)] * n_fp
     if not scores:
@@ -361,7 +362,65 @@ def test_lesion_wise_agrees_with_a_naive_full_array_version(seed):
     pred = ndimage.binary_dilation(ref, iterations=1) & (rng.random(shape) > 0.15)
     pred |= _cube(shape, (0, 0, 0), (2, 2, 2))                  # a false positive on the border
     spacing = (1.0, 1.2, 1.5)
-    for params in (GLI, MEN, metrics.LesionWiseParams(0, 10.0)):
+    for params in (GLI, MEN, metrics.LesionWiseParams(0, 10.0, hd95_definition="brats")):
         r = metrics.lesion_wise_metrics(ref, pred, spacing, params)
         dsc, hd = _naive_lesion_wise(ref, pred, spacing, params)
         assert r["lesion_dsc"] == pytest.approx(dsc, abs=1e-12) and r["lesion_hd95"] == pytest.approx(hd, abs=1e-9)
+
+
+# ---------------------------------------------------------------- HD95 of surface elements ("surfel")
+
+CORNER_BITS = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]])
+
+
+def test_corner_code_areas_by_hand():
+    iso = metrics.corner_code_areas((1.0, 1.0, 1.0))
+    assert iso[0] == 0.0 and iso[255] == 0.0
+    assert iso[1] == pytest.approx(np.sqrt(3) / 8) and iso[128] == pytest.approx(np.sqrt(3) / 8)  # one corner
+    assert iso[3] == pytest.approx(np.sqrt(2) / 2)              # two corners along the last axis: a tilted square
+    assert iso[15] == pytest.approx(1.0)                          # one face of the cell: a flat square
+    aniso = metrics.corner_code_areas((1.0, 1.3, 2.5))
+    a, b, c = np.array([0.5, 0, 0]), np.array([0, 0.65, 0]), np.array([0, 0, 1.25])
+    assert aniso[128] == pytest.approx(0.5 * np.linalg.norm(np.cross(b - a, c - a)))
+    assert aniso[15] == pytest.approx(1.3 * 2.5)                  # half the cells along axis 0 -> plane of 1.3 x 2.5
+
+
+def _brute_surfel_hd95(ref, pred, spacing):
+    """Surface elements by an explicit loop over voxel corners, distances by cdist."""
+    areas = metrics.corner_code_areas(tuple(spacing))
+
+    def elements(mask):
+        padded = np.pad(mask, 1).astype(int)
+        points, weights = [], []
+        for i, j, k in np.ndindex(*(n - 1 for n in padded.shape)):
+            code = int((padded[i:i + 2, j:j + 2, k:k + 2] * CORNER_BITS).sum())
+            if 0 < code < 255:
+                points.append((i, j, k))
+                weights.append(areas[code])
+        return np.array(points) * np.asarray(spacing), np.array(weights)
+
+    (points_a, weights_a), (points_b, weights_b) = elements(ref), elements(pred)
+    distances = cdist(points_a, points_b)
+
+    def percentile(d, w):
+        order = np.lexsort((w, d))
+        cumulative = np.cumsum(w[order]) / np.sum(w[order])
+        return d[order][min(int(np.searchsorted(cumulative, 0.95)), d.size - 1)]
+
+    return max(percentile(distances.min(axis=1), weights_a), percentile(distances.min(axis=0), weights_b))
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_surfel_hd95_agrees_with_a_brute_force_version(seed):
+    ref, pred = _random_blobs(seed, shape=(14, 12, 10))
+    for spacing in ((1.0, 1.0, 1.0), (1.0, 1.3, 2.5)):
+        assert metrics.hd95(ref, pred, spacing, "surfel") == pytest.approx(_brute_surfel_hd95(ref, pred, spacing),
+                                                                          abs=1e-9)
+
+
+def test_surfel_hd95_simple_cases():
+    cube = _cube((10, 10, 10), (2, 2, 2), (6, 6, 6))
+    assert metrics.hd95(cube, cube, (1, 1, 1), "surfel") == 0.0
+    shifted = _cube((10, 10, 10), (4, 2, 2), (8, 6, 6))         # 2 voxels along x: faces 2 mm apart
+    assert metrics.hd95(cube, shifted, (1, 1, 1), "surfel") == pytest.approx(2.0)
+    assert metrics.hd95(cube, np.zeros_like(cube), (1, 1, 1), "surfel") == HD95_ONE_EMPTY
