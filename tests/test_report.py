@@ -55,14 +55,50 @@ def test_metrics_csv(tmp_path):
     assert lines[-1][CSV_MISSING] == "1" and len(lines) == 13
 
 
-def test_figures_are_png():
-    png = report.boxplot_png(_rows(), {"a": "LGG"})
+def _decode(png: bytes) -> np.ndarray:
+    """``(H, W, 3)`` float RGB in [0, 1] of PNG bytes."""
+    import io
+
+    from matplotlib import image
+
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    flair = np.arange(100, dtype=np.float32).reshape(10, 10)
+    return image.imread(io.BytesIO(png), format="png")[..., :3]
+
+
+def _pixels_of(rgb: np.ndarray, colour: str, alpha: float = 1.0, tolerance: float = 0.03) -> int:
+    """Pixels of ``colour`` drawn with ``alpha`` over white."""
+    from matplotlib.colors import to_rgb
+
+    expected = alpha * np.array(to_rgb(colour)) + (1 - alpha)
+    return int(np.count_nonzero(np.abs(rgb - expected).max(axis=-1) < tolerance))
+
+
+def test_boxplot_shows_one_panel_per_metric_and_a_box_per_region():
+    rgb = _decode(report.boxplot_png(_rows(), {"a": "LGG"}))
+    height, width = rgb.shape[:2]
+    # 5 panels (no lesion-wise values in these rows) of 3.0 x 3.4 inches at 90 dpi, tight bounding box
+    assert 0.8 * 5 * 3.0 * 90 < width <= 1.05 * 5 * 3.0 * 90 and 0.8 * 3.4 * 90 < height <= 1.05 * 3.4 * 90
+    for region, colour in report.REGION_COLOURS.items():  # box faces: the region colour at alpha 0.45
+        assert _pixels_of(rgb, colour, alpha=0.45) > 200, region
+    assert np.count_nonzero(rgb.max(axis=-1) < 0.2) > 500  # black points, medians, text
+
+
+def test_overlay_draws_the_ground_truth_contours_and_none_for_an_empty_prediction():
+    flair = np.arange(100, dtype=np.float32).reshape(10, 10) + 1
     mask = np.zeros((10, 10), bool)
-    mask[3:6, 3:6] = True
-    masks = {"complete": mask, "core": mask, "enhancing": np.zeros_like(mask)}
-    assert report.overlay_png(flair, masks, masks, "case")[:4] == b"\x89PNG"
+    mask[3:7, 3:7] = True
+    empty = np.zeros_like(mask)
+    rgb = _decode(report.overlay_png(flair, {"complete": mask, "core": empty, "enhancing": empty},
+                                     {"complete": empty, "core": empty, "enhancing": empty}, "case"))
+    height, width = rgb.shape[:2]
+    assert 0.8 * 6.4 * 80 < width <= 1.05 * 6.4 * 80 and 0.8 * 3.6 * 80 < height <= 1.05 * 3.6 * 80  # tight box
+    left, right = rgb[:, : width // 2], rgb[:, width // 2:]
+    yellow = report.REGION_COLOURS["complete"]
+    assert _pixels_of(left, yellow, tolerance=0.1) > 20  # the ground-truth contour in the left panel
+    # the legend (bottom strip) shows every colour; above it the right panel has no contour at all
+    assert _pixels_of(right[: int(0.85 * height)], yellow, tolerance=0.1) == 0
+    grey = left[(np.ptp(left, axis=-1) < 0.01)]  # the FLAIR ramp: many grey levels, not a blank image
+    assert len(np.unique(np.round(grey[:, 0], 2))) > 20
 
 
 def test_largest_cross_section():
