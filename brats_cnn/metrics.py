@@ -124,11 +124,6 @@ def specificity(mask_ref: np.ndarray, mask_pred: np.ndarray) -> float:
     return specificity_from_counts(*compute_tp_fp_fn_tn(mask_ref, mask_pred))
 
 
-def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """Volume of a boolean mask in millilitres; ``spacing`` is the voxel size in mm per axis."""
-    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
-
-
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Mask minus its face-connected erosion (outside the array counts as background)."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
