@@ -568,19 +568,22 @@ def _as_preprocess_config(config: Any) -> PreprocessConfig:
     return config.preprocess if hasattr(config, "preprocess") else config
 
 
-def case_statistics(case: Any, config: Any, channel_order: Sequence[str] = CHANNELS) -> CaseStatistics:
+def case_statistics(case: Any, config: Any, channel_order: Sequence[str] = CHANNELS, *,
+                    correct: Callable[..., np.ndarray] = correct_bias) -> CaseStatistics:
     """Fitting pass over one case: brain mask, N4, then landmarks and moments per sequence.
 
     Args:
         case: a :class:`brats_cnn.io.Case` (needs ``image``, ``case_id``, ``spacing``, ``source``).
         config: ``PreprocessConfig`` or a full ``Config``.
+        correct: the bias correction, called as :func:`correct_bias` is; ``brats-cnn preprocess``
+            passes one that reuses a kept N4 result (the arithmetic stays :func:`correct_bias`).
     """
     pre = _as_preprocess_config(config)
     source = getattr(case, "source", None) or case.case_id
     check_case_image(case.image, channel_order, source)
     mask = brain_mask(case.image)
-    corrected = correct_bias(case.image, mask, pre.n4, spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),
-                             channel_order=channel_order, source=source)
+    corrected = correct(case.image, mask, pre.n4, spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),
+                        channel_order=channel_order, source=source)
     return corrected_image_statistics(str(case.case_id), corrected, mask, pre, channel_order, source=source)
 
 
@@ -712,15 +715,18 @@ def standardise_sequence(volume: np.ndarray, mask: np.ndarray, standard: NyulSta
     return zscore(nyul, sequence_data_mask(volume, mask), mean, std, background_value)
 
 
-def normalise_case(case: Any, state: NormaliserState, config: Any) -> tuple[np.ndarray, np.ndarray]:
+def normalise_case(case: Any, state: NormaliserState, config: Any, *,
+                   correct: Callable[..., np.ndarray] = correct_bias) -> tuple[np.ndarray, np.ndarray]:
     """N4 -> Nyul -> z-score with a fitted state; never refits.
 
-    N4 settings come from ``state`` (as fitted), the background value from ``config``.
+    N4 settings come from ``state`` (as fitted), the background value from ``config``. The one
+    path of the pipeline: ``preprocess`` (hence ``train``) and ``segment`` both call it.
 
     Args:
         case: a :class:`brats_cnn.io.Case` (``image`` ``(4, X, Y, Z)`` raw intensities).
         state: fitted :class:`NormaliserState`.
         config: ``PreprocessConfig`` or a full ``Config``.
+        correct: the bias correction, as in :func:`case_statistics`.
 
     Returns:
         ``(image, mask)``: ``(4, X, Y, Z)`` float32 with non-brain voxels (and brain voxels where
@@ -731,7 +737,6 @@ def normalise_case(case: Any, state: NormaliserState, config: Any) -> tuple[np.n
     source = getattr(case, "source", None) or getattr(case, "case_id", None)
     check_case_image(case.image, state.channel_order, source)
     mask = brain_mask(case.image)
-    corrected = correct_bias(case.image, mask, state.n4_config(),
-                             spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),
-                             channel_order=state.channel_order, source=source)
+    corrected = correct(case.image, mask, state.n4_config(), spacing=getattr(case, "spacing", (1.0, 1.0, 1.0)),
+                        channel_order=state.channel_order, source=source)
     return standardise_image(corrected, mask, state, float(pre.background_value), source=source), mask

@@ -39,6 +39,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -327,18 +328,23 @@ def check_cases(refs: Sequence[Any], config: Any, out: Path, workers: int) -> di
     return dict(sorted(problems.items(), key=lambda item: order.index(item[0])))
 
 
-def _bias_corrected(case: Any, mask: np.ndarray, n4: Any, order: Sequence[str], percase: Path,
-                    key: str) -> np.ndarray:
-    """``(C, X, Y, Z)`` float32 N4-corrected image, from ``percase`` when kept there under ``key``.
+def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spacing: Sequence[float],
+                          channel_order: Sequence[str], source: Any, percase: Path, key: str) -> np.ndarray:
+    """:func:`normalise.correct_bias`, reusing its result when kept in ``percase`` under ``key``.
 
-    Only the brain voxels of the corrected sequences are kept: outside the brain mask every
-    sequence is 0 and N4 keeps zeros, so the rest of the image is the raw one.
+    Passed (bound to ``percase`` and ``key``) as ``correct=`` to :func:`normalise.case_statistics`
+    and :func:`normalise.normalise_case`, so that a rerun does not run N4 again. Only the brain
+    voxels of the corrected sequences are kept: outside the brain mask every sequence is 0 and N4
+    keeps zeros, so the rest of the image is the raw one.
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 N4-corrected image.
     """
     from brats_cnn import normalise
 
-    n4_channels = [c for c, name in enumerate(order) if name in n4.sequences]
+    n4_channels = [c for c, name in enumerate(channel_order) if name in n4.sequences]
     if not n4_channels:
-        return np.array(case.image, dtype=np.float32, copy=True)
+        return normalise.correct_bias(image, mask, n4, spacing=spacing, channel_order=channel_order, source=source)
     kept = percase / f"n4-{key[:24]}.npy"
     if kept.is_file():
         try:
@@ -346,12 +352,11 @@ def _bias_corrected(case: Any, mask: np.ndarray, n4: Any, order: Sequence[str], 
         except (OSError, ValueError):
             values = None
         if values is not None and values.shape == (len(n4_channels), int(mask.sum())):
-            corrected = np.array(case.image, dtype=np.float32, copy=True)
+            corrected = np.array(image, dtype=np.float32, copy=True)
             for row, c in enumerate(n4_channels):
                 corrected[c][mask] = values[row]
             return corrected
-    corrected = normalise.correct_bias(case.image, mask, n4, spacing=case.spacing, channel_order=order,
-                                       source=case.source)
+    corrected = normalise.correct_bias(image, mask, n4, spacing=spacing, channel_order=channel_order, source=source)
     percase.mkdir(parents=True, exist_ok=True)
     for stale in percase.glob("n4-*.npy"):
         stale.unlink(missing_ok=True)
@@ -366,12 +371,8 @@ def _fit_one(ref: Any, config: Any, percase: Path, n4: str, statistics: str) -> 
 
     try:
         case = _load(ref, config, load_label=False)
-        order = tuple(config.data.channel_order)
-        normalise.check_case_image(case.image, order, case.source)
-        mask = normalise.brain_mask(case.image)
-        corrected = _bias_corrected(case, mask, config.preprocess.n4, order, percase, n4)
-        stats = normalise.corrected_image_statistics(ref.case_id, corrected, mask, config.preprocess, order,
-                                                     source=case.source)
+        stats = normalise.case_statistics(case, config.preprocess, tuple(config.data.channel_order),
+                                          correct=partial(_kept_bias_correction, percase=percase, key=n4))
     except InputError as exc:
         return CaseFailure(ref.case_id, str(exc))
     write_json_atomic(percase / STATISTICS_FILE, {"key": statistics, "statistics": stats.to_dict()})
@@ -389,16 +390,12 @@ def _write_one(ref: Any, state: Any, config: Any, case_dir: Path, key: str, perc
     started = time.perf_counter()
     try:
         case = _load(ref, config, load_label=True)
-        order = state.channel_order
-        normalise.check_case_image(case.image, order, case.source)
-        mask = normalise.brain_mask(case.image)
-        corrected = _bias_corrected(case, mask, state.n4_config(), order, percase, n4)
-        image = normalise.standardise_image(corrected, mask, state, float(config.preprocess.background_value),
-                                            source=case.source)
+        image, mask = normalise.normalise_case(case, state, config.preprocess,
+                                               correct=partial(_kept_bias_correction, percase=percase, key=n4))
     except InputError as exc:
         return CaseFailure(ref.case_id, str(exc))
-    coverage = normalise.sequence_coverage(corrected, mask)
-    del corrected
+    order = state.channel_order
+    coverage = normalise.sequence_coverage(case.image, mask)  # N4 keeps zeros: the raw image's coverage
 
     (case_dir / META_FILE).unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
     dtype = np.dtype(config.preprocess.cache_dtype)

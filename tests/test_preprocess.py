@@ -78,6 +78,24 @@ def test_fit_writes_the_cache_format(dataset, fitted_cache, config):
     np.testing.assert_allclose(pooled.std(axis=1), 1, atol=2e-3)
 
 
+def test_preprocess_runs_the_nyul_map_of_normalise(dataset, fitted_cache, tmp_path, monkeypatch):
+    # one path: a change to normalise.apply_nyul changes what preprocess (and so train) writes
+    from brats_cnn import normalise
+
+    state = load_normaliser(fitted_cache / "normaliser.json")
+    real = normalise.apply_nyul
+    monkeypatch.setattr(normalise, "apply_nyul", lambda *args, **kwargs: real(*args, **kwargs) + 7.0)
+    run_preprocess(dataset, tmp_path, normaliser=fitted_cache / "normaliser.json", config="smoke",
+                   overrides=OVERRIDES)
+    for folder in list_cached_cases(fitted_cache):
+        before, after = load_cached_case(folder), load_cached_case(tmp_path / folder.name)
+        for c, name in enumerate(state.channel_order):
+            data = np.asarray(before.mask) & (np.asarray(before.image[:, c]) != 0)  # z-scored data voxels
+            shift = np.asarray(after.image[:, c], np.float32)[data] - np.asarray(before.image[:, c], np.float32)[data]
+            np.testing.assert_allclose(shift, 7.0 / state.std[name], atol=2e-2)
+            np.testing.assert_array_equal(np.asarray(after.image[:, c])[~np.asarray(before.mask)], 0)
+
+
 def test_rerun_skips_and_changed_config_recomputes(dataset, fitted_cache, tmp_path):
     before = _mtimes(fitted_cache)
     again = run_preprocess(dataset, fitted_cache, fit=True, config="smoke", overrides=OVERRIDES)

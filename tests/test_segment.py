@@ -175,6 +175,18 @@ def test_run_segment_one_case_writes_labels_sidecar_and_probabilities(phantom_se
     assert sidecar["brats_cnn_version"]
 
 
+def test_run_segment_runs_the_nyul_map_of_normalise(phantom_setup, tmp_path, monkeypatch):
+    # one path: segment standardises through normalise.apply_nyul, once per sequence and case
+    from brats_cnn import normalise
+
+    root, refs, model = phantom_setup
+    calls = []
+    real = normalise.apply_nyul
+    monkeypatch.setattr(normalise, "apply_nyul", lambda *a, **k: calls.append(k.get("data_only")) or real(*a, **k))
+    run_segment([refs[0].image_paths[0].parent], model=model, out=tmp_path / "s.nii.gz", mode="fast", device="cpu")
+    assert calls == [True] * 4
+
+
 def test_run_segment_dataset_skips_existing_and_overwrites(phantom_setup, tmp_path):
     root, refs, model = phantom_setup
     first = run_segment([root / "data"], model=model, out=tmp_path, device="cpu", postprocess=False)
