@@ -181,11 +181,12 @@ def benchmark(
 def demo(
     out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo makes."),
     device: str = DeviceOpt,
+    quick: bool = typer.Option(False, "--quick", help="Tiny phantoms and a few training batches: checks that every stage runs (seconds); scores mean nothing."),
 ) -> None:
     """Generate phantom cases, train the smoke config, segment a held-out case and write a report."""
     from brats_cnn.demo import run_demo
 
-    run_demo(out=out, device=device)
+    run_demo(out=out, device=device, quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:

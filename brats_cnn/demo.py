@@ -23,6 +23,12 @@ DEMO_CONFIG = "smoke"
 DEMO_SHAPE = (64, 64, 40)  # voxels of each phantom case (X, Y, Z)
 DEMO_TRAIN_CASES = 4  # the last one is held out for validation by the training loop
 DEMO_TEST_SEED = 1000  # seed of the held-out phantom (training cases use 0..n-1)
+# --quick (the test suite's setting): small phantoms, no N4, the LGG network on a few batches. It
+# checks that every stage runs and connects; its scores mean nothing.
+QUICK_SHAPE = (40, 40, 12)
+QUICK_OVERRIDES = ("preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=256",
+                   "sampling.validation_patches=64", "train.batch_size=32", "train.epochs=1", "train.dice_slices=2",
+                   "postprocess.min_component_voxels=10")
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,11 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(out: Path = Path("demo_output"), device: str = "auto") -> DemoResult:
-    """Run the demo into ``out`` and print where everything is."""
+def run_demo(out: Path = Path("demo_output"), device: str = "auto", quick: bool = False) -> DemoResult:
+    """Run the demo into ``out`` and print where everything is.
+
+    ``quick``: :data:`QUICK_SHAPE` phantoms and :data:`QUICK_OVERRIDES` (seconds instead of minutes).
+    """
     from brats_cnn.evaluate import run_evaluate
     from brats_cnn.phantom import write_phantom_dataset
     from brats_cnn.segment import run_segment
@@ -48,13 +57,13 @@ def run_demo(out: Path = Path("demo_output"), device: str = "auto") -> DemoResul
     run_dir, seg_dir, report_dir = out / "run", out / "segmentations", out / "report"
 
     print(f"[1/4] writing {DEMO_TRAIN_CASES} training phantoms and 1 test phantom to {out / 'data'}")
-    write_phantom_dataset(train_root, DEMO_TRAIN_CASES, seed=0, shape=DEMO_SHAPE,
-                          grades=["HGG"] * DEMO_TRAIN_CASES)
-    test_refs = write_phantom_dataset(test_root, 1, seed=DEMO_TEST_SEED, shape=DEMO_SHAPE, grades=["HGG"])
+    shape = QUICK_SHAPE if quick else DEMO_SHAPE
+    write_phantom_dataset(train_root, DEMO_TRAIN_CASES, seed=0, shape=shape, grades=["HGG"] * DEMO_TRAIN_CASES)
+    test_refs = write_phantom_dataset(test_root, 1, seed=DEMO_TEST_SEED, shape=shape, grades=["HGG"])
 
     print(f"[2/4] training the HGG network with the '{DEMO_CONFIG}' config into {run_dir}")
     run_training(grade="hgg", data=train_root, out=run_dir, config=DEMO_CONFIG, device=device,
-                 resume=(run_dir / "last.pt").is_file())
+                 overrides=QUICK_OVERRIDES if quick else (), resume=(run_dir / "last.pt").is_file())
 
     print(f"[3/4] segmenting the held-out case into {seg_dir}")
     run_segment(inputs=[test_root], model=run_dir / "best.pt", grade=None, out=seg_dir, mode=None,
