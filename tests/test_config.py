@@ -17,6 +17,26 @@ def _error(func, *args, **kwargs) -> str:
     return str(info.value)
 
 
+def _leaf_keys(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in values.items():
+        keys += _leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
+    return keys
+
+
+@pytest.mark.parametrize("grade", ["hgg", "lgg"])
+def test_the_paper_configs_list_every_key_marked_paper_or_choice(grade):
+    # README: every number of the method lives in configs/pereira_<grade>.yaml, marked (paper) or (choice)
+    path = C.bundled_config_dir() / f"pereira_{grade}.yaml"
+    written = _leaf_keys(yaml.safe_load(path.read_text()))
+    missing = sorted(set(_leaf_keys(C.config_to_dict(C.default_config(grade)))) - set(written))
+    assert not missing, f"add {missing} to {path.name}, each marked (paper) or (choice)"
+    values = [line for line in path.read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":")]
+    unmarked = [line for line in values[2:] if "(paper" not in line and "(choice" not in line]  # after name, grade
+    assert not unmarked and len(values) == len(written)
+
+
 @pytest.mark.parametrize("grade,epochs,dropout,t_vol,patches,architecture", [
     ("hgg", 20, 0.1, 10_000, 450_000, "hgg"),
     ("lgg", 25, 0.5, 3_000, 335_000, "lgg"),
