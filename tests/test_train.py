@@ -71,6 +71,30 @@ def test_dice_slices_are_evenly_spaced_over_the_brain():
     assert train.dice_slice_indices(mask, 50).tolist() == list(range(4, 15))
 
 
+def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch):
+    # train.train_step (train and benchmark) and train.evaluate_patches both use train.loss_function
+    from brats_cnn.device import Compute
+    from brats_cnn.model import PereiraCNN
+
+    compute = Compute(torch.device("cpu"), bf16=False, channels_last=False)
+    torch.manual_seed(0)
+    net = PereiraCNN("lgg", 4, patch_size=9)
+    patches, labels = torch.randn(6, 4, 9, 9), torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        logits = net.eval()(patches)
+    loss, accuracy = train.evaluate_patches(net, [(patches, labels)], compute)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    calls = []
+    monkeypatch.setattr(train, "loss_function", lambda out, target: calls.append(len(target)) or 0 * out.sum())
+    before = _weights(net)
+    net.train()
+    step_loss, _ = train.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), patches, labels, compute)
+    assert step_loss.item() == 0 and calls == [6]
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # zero loss, zero gradient
+    assert train.evaluate_patches(net, [(patches, labels)], compute)[0] == 0.0 and calls == [6, 6]
+
+
 def test_cuda_requested_without_cuda_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
