@@ -587,6 +587,10 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
         raise ConfigError(f"checkpoint is for grade '{checkpoint.grade}' but --grade {grade.lower()} was given",
                           checkpoint_path)
     config = load_config(None, list(overrides or ()), base=config_to_dict(checkpoint.config))
+    if config.sampling.patch_size != checkpoint.network.patch_size:  # the trained network fixes it
+        raise ConfigError(f"sampling.patch_size={config.sampling.patch_size} cannot be changed at segmentation: "
+                          f"the network was trained on {checkpoint.network.patch_size}x"
+                          f"{checkpoint.network.patch_size} patches", checkpoint_path)
     chosen_mode = resolve_mode(mode or config.segment.mode, torch_device)
     if config.segment.prior_alpha > 0:  # fail before any work
         prior_frequencies(checkpoint, checkpoint_path)

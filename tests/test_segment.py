@@ -231,6 +231,10 @@ def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
         run_segment([root / "data"], out=tmp_path)
     with pytest.raises(ConfigError, match="one file"):
         run_segment([root / "data"], model=model, out=tmp_path / "x.nii.gz", device="cpu")
+    with pytest.raises(ConfigError) as err:  # the trained network fixes the patch size
+        run_segment([root / "data"], model=model, out=tmp_path, device="cpu", overrides=["sampling.patch_size=25"])
+    assert str(err.value) == (f"{model}: sampling.patch_size=25 cannot be changed at segmentation: the network "
+                              "was trained on 33x33 patches")
     with pytest.raises(BratsCnnError, match="brats2013"):
         run_segment([root / "data"], model=model, out=tmp_path, device="cpu", label_convention="brats2013")
 
