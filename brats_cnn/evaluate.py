@@ -173,10 +173,11 @@ def find_label_maps(gt: str | Path, manifest: str | Path | None = None) -> list[
         for path in _label_files(folder):
             add(label_file_case_id(path.name), path, None, None)
     subfolders = sorted(p for p in gt.iterdir() if p.is_dir() and not p.name.startswith("."))
+    case_folders = [(p, None) for p in subfolders
+                    if p.name.upper() not in io.GRADES and p.name not in ("labelsTr", "labelsTs", "imagesTr", "imagesTs")]
     for grade_folder in [p for p in subfolders if p.name.upper() in io.GRADES]:
-        subfolders += [(p, grade_folder.name.upper()) for p in sorted(grade_folder.iterdir()) if p.is_dir()]
-    for entry in subfolders:
-        folder, grade = entry if isinstance(entry, tuple) else (entry, None)
+        case_folders += [(p, grade_folder.name.upper()) for p in sorted(grade_folder.iterdir()) if p.is_dir()]
+    for folder, grade in case_folders:
         files = _label_files(folder)
         named = [f for f in files if label_file_case_id(f.name) == folder.name]
         chosen = named or (files if len(files) == 1 else [])

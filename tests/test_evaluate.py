@@ -363,3 +363,15 @@ def test_ground_truth_with_incomplete_images_needs_only_label_maps(tmp_path):
     assert summary["grades"] == {"P1": None, "P2": "LGG"}
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<figure>") == 1                                     # the complete case only
+
+
+def test_label_maps_only_in_grade_folders_and_labels_tr(tmp_path):
+    lab = _labels()
+    gt = tmp_path / "gt"
+    _save(lab, gt / "HGG" / "P1" / "P1_seg.nii.gz")                     # no images at all
+    _save(lab, gt / "LGG" / "P2" / "P2_seg.nii.gz")
+    _save(lab, gt / "labelsTr" / "P3.nii.gz")
+    found = evaluate.find_ground_truth(gt)
+    assert [(t.case_id, t.grade, t.case_ref) for t in found] == [("P1", "HGG", None), ("P2", "LGG", None),
+                                                                 ("P3", None, None)]
+    assert found[2].label_path == gt / "labelsTr" / "P3.nii.gz"
