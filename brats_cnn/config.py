@@ -8,6 +8,7 @@ the paper's HGG setting. Unknown keys and values of the wrong type raise :class:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -148,6 +149,100 @@ _CHOICES = {
 _RETIRED_KEYS = {"train": ("amp",), "segment": ("amp", "cpu_bf16")}
 
 
+# Valid values of every numeric or list key, checked when a config is loaded (YAML, --set or a
+# checkpoint's stored config): ``key -> (test of one value, what is expected)``. For a list key the
+# test applies to each item and the list must not be empty. tests/test_config.py walks every field
+# and fails for a field that has neither a range here nor a choice in _CHOICES (or is in _FREE_KEYS).
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: math.isfinite(v) and v >= low), f">= {low:g}"
+
+
+def _positive() -> tuple[Any, str]:
+    return (lambda v: math.isfinite(v) and v > 0), "finite and > 0"
+
+
+def _fraction(low_open: bool, high_open: bool) -> tuple[Any, str]:
+    def test(v: float) -> bool:
+        return math.isfinite(v) and (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
+    return test, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+
+
+def _finite() -> tuple[Any, str]:
+    return math.isfinite, "finite"
+
+
+def _right_angle() -> tuple[Any, str]:
+    return (lambda v: v % 90 == 0), "multiples of 90 degrees"
+
+
+def _sequence() -> tuple[Any, str]:
+    return (lambda v: v in ("t1", "t1c", "t2", "flair")), "sequences from t1, t1c, t2, flair"
+
+
+_RANGES: dict[str, tuple[Any, str]] = {
+    "data.channel_order": _sequence(),
+    "data.validation_cases": _at_least(0),
+    "preprocess.n4.sequences": _sequence(),
+    "preprocess.n4.shrink_factor": _at_least(1),
+    "preprocess.n4.iterations": _at_least(1),
+    "preprocess.n4.convergence_threshold": _at_least(0),
+    "preprocess.nyul.pc1": _finite(),
+    "preprocess.nyul.pc2": _finite(),
+    "preprocess.nyul.landmarks": _finite(),
+    "preprocess.nyul.s1": _finite(),
+    "preprocess.nyul.s2": _finite(),
+    "preprocess.background_value": _finite(),
+    "preprocess.workers": _at_least(1),
+    "preprocess.min_coverage": _fraction(False, False),
+    "sampling.patch_size": _at_least(1),
+    "sampling.total_patches": _at_least(1),
+    "sampling.rotation_angles": _right_angle(),
+    "sampling.validation_patches": _at_least(1),
+    "model.dropout": _fraction(False, True),
+    "model.leaky_relu_slope": _at_least(0),
+    "train.epochs": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.lr_start": _positive(),
+    "train.lr_end": _positive(),
+    "train.momentum": _fraction(False, True),
+    "train.weight_decay": _at_least(0),
+    "train.seed": _at_least(0),
+    "train.num_workers": _at_least(0),
+    "train.dice_slices": _at_least(0),
+    "train.selection_alphas": _at_least(0),
+    "train.validate_every_steps": _at_least(0),
+    "train.checkpoint_minutes": _at_least(0),
+    "train.checkpoint_every_steps": _at_least(0),
+    "segment.batch_size": _at_least(1),
+    "segment.slices_per_batch": _at_least(1),
+    "segment.memory_fraction": _fraction(True, False),
+    "segment.prior_alpha": _at_least(0),
+    "segment.tta_rotations": _right_angle(),
+    "postprocess.min_component_voxels": _at_least(0),
+}
+# Keys whose every value of the right type is valid (free text, switches).
+_FREE_KEYS = ("name", "preprocess.strict", "sampling.arbitrary_rotation", "sampling.resample_each_epoch",
+              "train.compile", "train.validate_dice", "train.deterministic", "postprocess.keep_largest",
+              "compute.channels_last")
+# List keys that may be empty (no N4 at all).
+_MAY_BE_EMPTY = ("preprocess.n4.sequences",)
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    """ConfigError unless ``value`` (already of the key's type) is in the key's range."""
+    test, expected = _RANGES[key]
+    if isinstance(value, tuple):
+        if (not value and key not in _MAY_BE_EMPTY) or not all(test(v) for v in value):
+            raise ConfigError(f"key '{key}' must be a {'' if key in _MAY_BE_EMPTY else 'non-empty '}list of "
+                              f"{expected}, got {list(value)}", source)
+        if key in ("data.channel_order", "preprocess.n4.sequences") and len(set(value)) != len(value):
+            raise ConfigError(f"key '{key}' names a sequence twice: {list(value)}", source)
+        if key == "data.channel_order" and len(value) != 4:
+            raise ConfigError(f"key '{key}' must name each of t1, t1c, t2, flair once, got {list(value)}", source)
+    elif not test(value):
+        raise ConfigError(f"key '{key}' must be {expected}, got {value!r}", source)
+
+
 _FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -202,6 +297,8 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
         kwargs[name] = _convert(value, hints[name], key, source)
         if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
             raise ConfigError(f"key '{key}' must be one of {list(_CHOICES[key])}, got {value!r}", source)
+        if key in _RANGES:
+            _check_range(key, kwargs[name], source)
     return cls(**kwargs)
 
 
@@ -220,7 +317,15 @@ def config_from_dict(values: dict, source: str = "<config>") -> Config:
     for section, keys in _RETIRED_KEYS.items():
         if isinstance(values.get(section), dict):
             values[section] = {k: v for k, v in values[section].items() if k not in keys}
-    return _build(Config, values, "", source)
+    config = _build(Config, values, "", source)
+    nyul = config.preprocess.nyul
+    percentiles = (nyul.pc1, *nyul.landmarks, nyul.pc2)
+    if not (all(0 <= p <= 100 for p in percentiles) and all(a < b for a, b in zip(percentiles, percentiles[1:]))):
+        raise ConfigError(f"preprocess.nyul: pc1 < landmarks < pc2 must increase strictly within [0, 100], "
+                          f"got {list(percentiles)}", source)
+    if not nyul.s1 < nyul.s2:
+        raise ConfigError(f"preprocess.nyul: s1 < s2 required, got s1={nyul.s1}, s2={nyul.s2}", source)
+    return config
 
 
 def config_to_dict(config: Any) -> dict:

@@ -195,3 +195,77 @@ def test_retired_precision_keys_are_dropped_from_stored_configs_but_refused_from
                                           "'compute.precision' (auto, bf16 or float32)")
     assert _error(C.load_config, None, ["compute.precision=fp16"]) == (
         "--set: key 'compute.precision' must be one of ['auto', 'bf16', 'float32'], got 'fp16'")
+
+
+# ---- ranges: every field of every config dataclass (issue 14) --------------------------------------
+
+def _fields(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += _fields(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, default))
+    return out
+
+
+# one value outside each kind of range, and the boundary value that is still valid
+_OUTSIDE = {">= 0": (-1, 0), ">= 1": (0, 1), "finite and > 0": (0, 1e-9), "in [0, 1]": (1.5, 1.0),
+            "in [0, 1)": (1.0, 0.0), "in (0, 1]": (0.0, 1.0), "finite": (float("nan"), -1e6),
+            "multiples of 90 degrees": (45, 270), "sequences from t1, t1c, t2, flair": ("t3", "t2")}
+
+
+def _yaml(value: object) -> str:
+    return ".nan" if value != value else str(value)
+
+
+def test_every_config_field_has_a_range_a_choice_or_is_free():
+    fields = _fields(C.Config)
+    assert len(fields) >= 50
+    unchecked = [key for key, _ in fields if key not in C._RANGES and key not in C._CHOICES
+                 and key not in C._FREE_KEYS]
+    assert not unchecked, f"give these config keys a range in config._RANGES: {unchecked}"
+    assert set(C._RANGES) <= {key for key, _ in fields}
+
+
+@pytest.mark.parametrize("key", sorted(C._RANGES))
+def test_a_value_outside_the_range_is_one_config_error_naming_the_key(key):
+    test, expected = C._RANGES[key]
+    bad, boundary = _OUTSIDE[expected]
+    default = dict(_fields(C.Config))[key]
+    as_list = isinstance(default, tuple)
+    assert all(test(v) for v in default) if as_list else test(default)  # the defaults are in range
+    override = f"{key}=[{_yaml(bad)}]" if as_list else f"{key}={_yaml(bad)}"
+    message = _error(C.load_config, "smoke", [override])
+    assert f"key '{key}'" in message and expected in message and message.startswith("--set: ")
+    if not key.startswith("preprocess.nyul."):  # there the relations pc1 < ... < pc2 decide, see below
+        value = [boundary] if as_list else boundary
+        if key == "data.channel_order":
+            value = ["t2", "t1", "t1c", "flair"]
+        loaded = C.load_config("smoke", [f"{key}={value}".replace("'", "")])
+        node = loaded
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == (tuple(value) if as_list else value)
+
+
+def test_ranges_from_the_issue_and_from_a_yaml_file(tmp_path):
+    for override, phrase in [("segment.batch_size=-1", "key 'segment.batch_size' must be >= 1, got -1"),
+                             ("segment.batch_size=0", "key 'segment.batch_size' must be >= 1, got 0"),
+                             ("segment.slices_per_batch=-3", "must be >= 1, got -3"),
+                             ("train.batch_size=-64", "key 'train.batch_size' must be >= 1, got -64"),
+                             ("train.epochs=0", "key 'train.epochs' must be >= 1, got 0"),
+                             ("train.lr_start=.nan", "key 'train.lr_start' must be finite and > 0, got nan"),
+                             ("train.lr_end=0", "key 'train.lr_end' must be finite and > 0, got 0.0"),
+                             ("segment.memory_fraction=0", "must be in (0, 1], got 0.0"),
+                             ("data.channel_order=[t1,t1,t2,flair]", "names a sequence twice"),
+                             ("data.channel_order=[t1,t1c,t2]", "must name each of t1, t1c, t2, flair once"),
+                             ("train.selection_alphas=[]", "must be a non-empty list"),
+                             ("preprocess.nyul.pc1=99.5", "pc1 < landmarks < pc2 must increase strictly"),
+                             ("preprocess.nyul.s2=-1", "s1 < s2 required")]:
+        assert phrase in _error(C.load_config, "smoke", [override]), override
+    assert C.load_config("smoke", ["preprocess.n4.sequences=[]"]).preprocess.n4.sequences == ()
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  momentum: 1.0\n")
+    assert _error(C.load_config, path) == f"{path}: key 'train.momentum' must be in [0, 1), got 1.0"
