@@ -216,7 +216,8 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
         network.eval()
         forward_s = time_batches(forward, iterations, device_)
         network.train()
-        step_s = time_batches(lambda: train_step(network, optimiser, patches, labels, compute), iterations, device_)
+        step_s = time_batches(lambda: train_step(network, optimiser, patches, labels, compute, config.train),
+                              iterations, device_)
         variants[name] = {
             "precision": compute.precision, "channels_last": compute.channels_last,
             "forward": _summary(forward_s, batch_size, flops_per_patch * batch_size),
@@ -230,7 +231,8 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
 
         def pipeline_step() -> None:
             batch, target = next(batches)
-            train_step(network, optimiser, configured.batch(batch), configured.batch(target), configured)
+            train_step(network, optimiser, configured.batch(batch), configured.batch(target), configured,
+                       config.train)
 
         pipeline_s = time_batches(pipeline_step, len(dataset) - WARMUP_ITERATIONS, device_)
 

@@ -80,6 +80,8 @@ class TrainConfig:
     lr_start: float = 0.003  # (paper) decayed linearly ...
     lr_end: float = 0.00003  # (paper) ... to this over the whole run
     momentum: float = 0.9  # (paper) Nesterov
+    loss: str = "cross_entropy"  # (paper) categorical cross-entropy; "focal" (choice) for Lin et al.'s focal loss
+    focal_gamma: float = 2.0  # (choice) focusing exponent of the focal loss
     weight_decay: float = 0.0  # (choice)
     seed: int = 0  # (choice)
     num_workers: int = 2  # data-loader workers (choice)
@@ -142,6 +144,7 @@ _CHOICES = {
     "preprocess.cache_dtype": ("float16", "float32"),
     "postprocess.connectivity": (1, 2, 3),
     "compute.precision": ("auto", "bf16", "float32"),
+    "train.loss": ("cross_entropy", "focal"),
 }
 
 # Keys of earlier versions, dropped when a stored config (e.g. in a bundled checkpoint) is read:
@@ -205,6 +208,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.lr_start": _positive(),
     "train.lr_end": _positive(),
     "train.momentum": _fraction(False, True),
+    "train.focal_gamma": _at_least(0),
     "train.weight_decay": _at_least(0),
     "train.seed": _at_least(0),
     "train.num_workers": _at_least(0),

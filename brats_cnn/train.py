@@ -205,13 +205,31 @@ def make_loader(dataset: PatchBatches, config: Config, device: torch.device, see
 
 # ---- one training step (also timed by ``brats-cnn benchmark``) ----------------------------------
 
-def loss_function(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The training loss: mean cross-entropy, computed in float32 also under bf16 autocast."""
-    return F.cross_entropy(logits.float(), labels)
+LOSSES = ("cross_entropy", "focal")
+
+
+def loss_function(logits: torch.Tensor, labels: torch.Tensor, config: Any = None) -> torch.Tensor:
+    """The training loss of ``train.loss``, a mean over the batch, computed in float32 (also under bf16).
+
+    ``cross_entropy`` (the paper's; default, also when ``config`` is None) or ``focal``
+    (Lin et al. 2017: ``-(1 - p_t) ** gamma * log p_t`` with ``gamma = train.focal_gamma``; gamma 0 is
+    cross-entropy). ``config`` is a ``TrainConfig``.
+
+    Args:
+        logits: ``(B, C)`` network outputs.
+        labels: ``(B,)`` int64 class indices.
+    """
+    kind = getattr(config, "loss", "cross_entropy")
+    if kind == "cross_entropy":
+        return F.cross_entropy(logits.float(), labels)
+    if kind == "focal":
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
+        return -((1 - log_p.exp()) ** config.focal_gamma * log_p).mean()
+    raise ConfigError(f"train.loss must be one of {list(LOSSES)}, got '{kind}'")
 
 
 def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches: torch.Tensor,
-               labels: torch.Tensor, compute: Compute) -> tuple[torch.Tensor, torch.Tensor]:
+               labels: torch.Tensor, compute: Compute, config: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward and one optimiser step on a batch already on ``compute.device``.
 
     Returns:
@@ -219,7 +237,7 @@ def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches
     """
     with compute.autocast():
         logits = model(patches)
-    loss = loss_function(logits, labels)
+    loss = loss_function(logits, labels, config)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
@@ -229,7 +247,8 @@ def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches
 # ---- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute) -> tuple[float, float]:
+def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute,
+                     config: Any = None) -> tuple[float, float]:
     """Mean :func:`loss_function` and accuracy over labelled patch batches (eval mode)."""
     network.eval()
     loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
@@ -239,7 +258,7 @@ def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute) ->
         labels = compute.batch(labels)
         with compute.autocast():
             logits = network(compute.batch(patches))
-        loss_sum += loss_function(logits, labels).double() * labels.numel()
+        loss_sum += loss_function(logits, labels, config).double() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
     if count == 0:
@@ -594,7 +613,7 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
         val_loss, val_accuracy, dice, score_alpha = math.nan, math.nan, None, None
         if run.validation is not None:
             loader = make_loader(run.validation, cfg, run.compute.device, cfg.train.seed)
-            val_loss, val_accuracy = evaluate_patches(run.network, loader, run.compute)
+            val_loss, val_accuracy = evaluate_patches(run.network, loader, run.compute, cfg.train)
             if cfg.train.validate_dice:
                 per_alpha = validation_dice(run.network, run.data.validation_dirs, cfg, run.compute,
                                             run.calibration["class_frequencies"])
@@ -644,7 +663,7 @@ def train_epoch(run: Run, epoch: int) -> None:
         for group in run.optimiser.param_groups:
             group["lr"] = lr
         labels = run.compute.batch(labels)
-        loss, logits = train_step(run.model, run.optimiser, run.compute.batch(patches), labels, run.compute)
+        loss, logits = train_step(run.model, run.optimiser, run.compute.batch(patches), labels, run.compute, tc)
         state.step += 1
         state.batch += 1
         state.pending.append((state.step, lr, loss))

@@ -86,13 +86,40 @@ def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     calls = []
-    monkeypatch.setattr(train, "loss_function", lambda out, target: calls.append(len(target)) or 0 * out.sum())
+    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None: calls.append(len(target)) or 0 * out.sum())
     before = _weights(net)
     net.train()
     step_loss, _ = train.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), patches, labels, compute)
     assert step_loss.item() == 0 and calls == [6]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # zero loss, zero gradient
     assert train.evaluate_patches(net, [(patches, labels)], compute)[0] == 0.0 and calls == [6, 6]
+
+
+def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkeypatch):
+    from brats_cnn.config import load_config
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    focal = load_config("smoke", ["train.loss=focal", "train.focal_gamma=2"]).train
+    p_t = torch.tensor([np.exp(2) / (np.exp(2) + 1), 1 / (1 + np.e), 0.5])
+    expected = (-((1 - p_t) ** 2) * torch.log(p_t)).mean()
+    assert train.loss_function(logits, labels, focal).item() == pytest.approx(expected.item(), rel=1e-6)
+    gamma0 = load_config("smoke", ["train.loss=focal", "train.focal_gamma=0"]).train
+    assert train.loss_function(logits, labels, gamma0).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="train.loss"):
+        load_config("smoke", ["train.loss=dice"])
+    # the config's loss reaches the benchmark's train step too (one place to change it)
+    from brats_cnn import benchmark
+
+    seen = []
+    real = train.loss_function
+    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None: seen.append(config.loss)
+                        or real(out, target, config))
+    config = load_config("smoke", ["train.loss=focal", "preprocess.n4.sequences=[]", "model.architecture=lgg",
+                                   "train.num_workers=0", "sampling.patch_size=9"])
+    benchmark.run_benchmark("hgg", "cpu", batch_size=2, iterations=2, config=config)
+    assert seen and set(seen) == {"focal"}
 
 
 def test_cuda_requested_without_cuda_is_an_error():
