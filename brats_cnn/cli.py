@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Brain tumour segmentation with the CNN of Pereira et al. (IEEE TMI 2016), and BraTS-style scoring.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help: flags shown as flags, not as "<bool>"
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -95,13 +96,13 @@ def train(
 
 @app.command()
 def segment(
-    inputs: List[Path] = typer.Argument(..., help="Case(s): a 4-D case.nii.gz, a case folder, one of a case's files, or a dataset folder."),
+    inputs: List[Path] = typer.Argument(..., metavar="CASE", help="Case(s): a 4-D case.nii.gz, a case folder, one of a case's files, or a dataset folder."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint file."),
     grade: Optional[str] = typer.Option(None, "--grade", help="hgg or lgg: use the bundled model of that grade (with --model: the grade the checkpoint must have)."),
     out: Path = typer.Option(Path("segmentations"), "--out", "-o", help="Output file (one case) or folder."),
     mode: Optional[str] = typer.Option(None, "--mode", help="exact, fast or auto (exact on CUDA, fast on CPU)."),
     device: str = DeviceOpt,
-    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write per-class probabilities (float16)."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write per-class probabilities (float32 NIfTI)."),
     label_convention: Optional[str] = typer.Option(None, "--label-convention", help="Convention of the written labels (default: the checkpoint's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute cases whose output exists."),
     no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Skip small-component removal."),

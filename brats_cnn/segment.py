@@ -624,6 +624,8 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
                          save_probabilities=save_probabilities,
                          progress=(chosen_mode == "exact" or not show_cases) and progress_wanted())
             outputs.append(target.labels)
+            log.info("%s: wrote %s%s", ref.case_id, target.labels,
+                     f" and {target.probabilities}" if save_probabilities else "")
         except (BratsCnnError, OSError, ValueError, RuntimeError) as exc:  # a bad case must not stop a batch
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning("%s: failed: %s", ref.case_id, message)
