@@ -46,6 +46,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.exists():  # mkstemp makes 0600 files; give the output the usual umask permissions
             os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a quota, a file-size limit: name the output, not the hidden temp file
+        raise BratsCnnError(f"cannot write output ({exc.strerror or exc})", path) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

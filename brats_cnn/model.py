@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from brats_cnn.config import Config, ModelConfig, config_to_dict
+from brats_cnn import CHANNELS
+from brats_cnn.config import GRADES, Config, ModelConfig, config_to_dict
 from brats_cnn.errors import CheckpointError, ConfigError
 
 # "c<N>" = 3x3 convolution with N filters + LeakyReLU, "p" = 3x3 stride-2 max-pooling.
@@ -214,9 +215,26 @@ def save_checkpoint(path: str | Path, *, network: nn.Module, config: Config, nor
         "training_state": training_state,
         "calibration": calibration,
     }
+    bad = non_finite_weights(payload["state_dict"])
+    if bad:  # a diverged network is never written: it would segment everything as background
+        raise CheckpointError(f"refused to write a checkpoint with non-finite weights ({bad})", path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as RuntimeError, naming no file
+            first = " ".join(str(exc).split())[-160:] or type(exc).__name__
+            raise CheckpointError(f"cannot write checkpoint ({first})", path) from exc
     return Path(path)
+
+
+def non_finite_weights(state_dict: dict) -> str | None:
+    """``"<n> NaN/inf value(s) in <first tensor>"`` if any floating tensor is not finite, else None."""
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                return f"{count} NaN/inf value(s) in {name}"
+    return None
 
 
 def _read_checkpoint_payload(path: Path, map_location: Any) -> dict:
@@ -270,6 +288,17 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
             raise ValueError(f"architecture {payload['architecture']!r} does not match the config's "
                              f"{network.architecture!r}")
         network.load_state_dict(payload["state_dict"], strict=True)
+        bad = non_finite_weights(payload["state_dict"])
+        if bad:
+            raise CheckpointError(f"checkpoint has non-finite weights ({bad}); the run it comes from diverged",
+                                  path)
+        if str(payload["grade"]) not in GRADES or str(payload["grade"]) != config.grade:
+            raise CheckpointError(f"checkpoint grade {payload['grade']!r} is not valid (expected "
+                                  f"{' or '.join(GRADES)}, the grade of its config '{config.grade}')", path)
+        order = [str(c) for c in payload["channel_order"]]
+        if sorted(order) != sorted(CHANNELS) or tuple(order) != tuple(config.data.channel_order):
+            raise CheckpointError(f"checkpoint channel order {order} is not valid (expected each of "
+                                  f"{list(CHANNELS)} once, as in its config)", path)
     except CheckpointError:
         raise
     except Exception as exc:  # any inconsistency inside a well-formed file

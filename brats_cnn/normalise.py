@@ -468,6 +468,14 @@ class NormaliserState:
             if len(state.landmarks[name]) != len(state.percentiles):
                 raise InputError(f"normaliser state: sequence '{name}' has {len(state.landmarks[name])} "
                                  f"landmarks for {len(state.percentiles)} percentiles", source)
+            # z = (x - mean) / std: a zero or non-finite std makes every brain voxel inf or NaN
+            if not (math.isfinite(state.std[name]) and state.std[name] > 0 and math.isfinite(state.mean[name])):
+                raise InputError(f"normaliser state: sequence '{name}' has z-score mean {state.mean[name]} and "
+                                 f"std {state.std[name]}; expected a finite mean and a finite std > 0", source)
+            landmarks = state.landmarks[name]
+            if not all(math.isfinite(v) for v in landmarks) or any(b <= a for a, b in zip(landmarks, landmarks[1:])):
+                raise InputError(f"normaliser state: sequence '{name}' has Nyul landmarks {list(landmarks)}; "
+                                 "expected finite, strictly increasing values", source)
         return state
 
 

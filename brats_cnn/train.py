@@ -45,7 +45,7 @@ from brats_cnn.calibrate import class_frequencies
 from brats_cnn.config import Config, check_grade, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
 from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
-from brats_cnn.errors import CheckpointError, ConfigError, InputError
+from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
 from brats_cnn.model import build_network, check_patch_size, load_checkpoint, save_checkpoint, unwrap_network
@@ -474,10 +474,41 @@ def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides
         resumed = load_checkpoint(last_path)
         if resumed.grade != grade:
             raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
-        return load_config(None, overrides, base=config_to_dict(resumed.config)), resumed
+        resumed_config = load_config(None, overrides, base=config_to_dict(resumed.config))
+        _refuse_changed_settings(resumed.config, resumed_config, last_path)
+        return resumed_config, resumed
     if last_path.is_file():
         raise ConfigError("run folder already holds last.pt; pass --resume or choose another --out", out)
+    written = out / "config.yaml"
+    if config is not None and Path(config).is_file() and written.is_file() and written.samefile(config):
+        raise ConfigError(f"refusing to write over an input of this command (--config {config}); copy the config "
+                          "elsewhere or choose another --out", written)
     return load_config(config or f"pereira_{grade}", overrides), None
+
+
+# Settings that ``train --resume --set`` may change: they affect speed, memory or when last.pt is
+# written, never the schedule, the data or the arithmetic of the run (docs/reliability.md lists them).
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.num_workers", "train.compile", "train.deterministic", "train.checkpoint_minutes",
+    "train.checkpoint_every_steps", "preprocess.workers", "compute.channels_last",
+    "segment.batch_size", "segment.slices_per_batch", "segment.memory_fraction")
+
+
+def _refuse_changed_settings(stored: Config, requested: Config, last_path: Path) -> None:
+    """ConfigError naming the first setting outside :data:`RESUMABLE_KEYS` that ``--set`` changes."""
+    def leaves(values: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in values.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    before, after = leaves(config_to_dict(stored)), leaves(config_to_dict(requested))
+    changed = [key for key in before if before[key] != after[key] and key not in RESUMABLE_KEYS]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"--resume cannot change {key} (the run has {before[key]!r}, --set gives {after[key]!r}): "
+                          f"it would change the schedule or the data of the run; with --resume only "
+                          f"{', '.join(RESUMABLE_KEYS)} may change; start a new run in another --out", last_path)
 
 
 def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser: torch.optim.Optimizer,
@@ -491,7 +522,7 @@ def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser:
     state.batch = int(saved.get("next_batch", 0))
     state.best_score = float(saved["best_score"])
     state.interval = torch.tensor(saved.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64)
-    state.history = _read_history(out, state.step)
+    state.history = list(saved["history"]) if "history" in saved else _read_history(out, state.step)
     state.step_rows = _read_step_losses(out, state.step)
     log.info("resuming at epoch %d, batch %d (step %d) from %s", state.epoch + 1, state.batch, state.step,
              out / "last.pt")
@@ -593,6 +624,7 @@ def save_last(run: Run) -> None:
     training_state = {"optimiser": run.optimiser.state_dict(), "step": state.step, "best_score": state.best_score,
                       "epoch_in_progress": state.epoch, "next_batch": state.batch,
                       "interval": state.interval.tolist(), "rng": rng, "world_size": run.dist.world_size,
+                      "history": state.history,
                       "train_cases": [p.name for p in run.data.train_dirs],
                       "validation_cases": [p.name for p in run.data.validation_dirs]}
     save_checkpoint(run.last_path, network=run.network, config=run.config, normaliser=run.data.normaliser,
@@ -628,7 +660,6 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
             "val_accuracy": _json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
             "score": score, "score_alpha": score_alpha, "epoch_seconds": round(state.interval_seconds, 3),
             "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1)})
-        write_metrics(run.out, state.history)
         if score > state.best_score:
             state.best_score = score
             save_checkpoint(run.best_path, network=run.network, config=cfg, normaliser=run.data.normaliser,
@@ -640,6 +671,29 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
                  state.history[-1]["patches_per_second"])
     state.interval.zero_()
     state.interval_seconds = 0.0
+
+
+def check_finite_losses(run: Run) -> None:
+    """Stop the run at the first non-finite loss of the last :data:`PROGRESS_INTERVAL` steps.
+
+    Called every ``PROGRESS_INTERVAL`` steps (where the progress bar syncs the device anyway) and
+    before every checkpoint, so no checkpoint is written after the loss left the finite range:
+    ``last.pt`` and ``best.pt`` keep the last good state. All processes stop together.
+    """
+    recent = run.state.pending[-PROGRESS_INTERVAL:]
+    if not recent:
+        return
+    finite = torch.isfinite(torch.stack([loss.detach().float() for _, _, loss in recent]))
+    all_finite = finite.all().to(torch.int32).reshape(1)
+    if run.dist.world_size > 1:
+        torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
+    if bool(all_finite.item()):
+        return
+    first = int((~finite).nonzero()[0]) if not bool(finite.all()) else 0
+    step, lr, loss = recent[first]
+    raise BratsCnnError(f"training diverged: the loss is {float(loss)} at step {step} (lr {lr:.3g}); stopped "
+                        f"without writing a checkpoint of this state (last.pt and best.pt, if any, are from "
+                        f"before it); lower train.lr_start or check the data", run.out)
 
 
 def train_epoch(run: Run, epoch: int) -> None:
@@ -673,6 +727,7 @@ def train_epoch(run: Run, epoch: int) -> None:
         validate_now = end_of_epoch or (tc.validate_every_steps > 0 and state.step % tc.validate_every_steps == 0)
         checkpoint_now = validate_now or (tc.checkpoint_every_steps > 0 and state.step % tc.checkpoint_every_steps == 0)
         if state.step % PROGRESS_INTERVAL == 0:
+            check_finite_losses(run)
             seen = max(state.interval[2].item(), 1.0)
             bar.set_postfix(loss=f"{state.interval[0].item() / seen:.4f}",
                             acc=f"{state.interval[1].item() / seen:.3f}", lr=f"{lr:.2e}")
@@ -683,9 +738,12 @@ def train_epoch(run: Run, epoch: int) -> None:
             state.interval_seconds += time.perf_counter() - started
             if end_of_epoch:
                 state.epoch, state.batch = epoch + 1, 0
+            check_finite_losses(run)
             if validate_now:
                 record_validation(run, epoch, lr)
             save_last(run)
+            if validate_now and run.dist.is_main:  # after the checkpoints: metrics.csv never runs ahead of them
+                write_metrics(run.out, state.history)
             run.dist.barrier()
             state.last_saved = time.monotonic()
             started = time.perf_counter()
