@@ -157,7 +157,12 @@ def _match_files(files: Sequence[Path], pattern: re.Pattern) -> dict[str, dict[s
     for file in files:
         match = pattern.match(file.name)
         if match:
-            found.setdefault(match["id"], {})[match["tag"].lower()] = file
+            tagged = found.setdefault(match["id"], {})
+            tag = match["tag"].lower()
+            if tag in tagged:  # X_t1.nii.gz and X_t1.nii, or X_T1 and X_t1: which one is meant is unknown
+                raise InputError(f"two files for {tag} of case {match['id']}: {tagged[tag].name} and {file.name}; "
+                                 "keep one", file.parent)
+            tagged[tag] = file
     return found
 
 
@@ -617,11 +622,29 @@ def _store_channel(out: np.ndarray, index: int, data: np.ndarray, path: Path) ->
         raise InputError(f"image has {bad} NaN or infinite voxel(s); expected finite intensities", path)
 
 
+def _unscaled_background(data: np.ndarray, img: Any, path: Path) -> np.ndarray:
+    """Voxels stored as 0 stay 0 after the header's ``scl_slope``/``scl_inter`` scaling.
+
+    nibabel applies ``value = stored * scl_slope + scl_inter``; with an intercept the stored 0 of
+    the skull-stripped background becomes ``scl_inter``, and the brain mask (any sequence non-zero)
+    would then cover the whole volume. Intensities inside the brain keep the scaling (Nyul and the
+    z-score are invariant to it); the background is put back to 0.
+    """
+    inter = getattr(img.dataobj, "inter", 0.0)  # nibabel moves the header's scaling to the data proxy
+    if inter is None or not np.isfinite(inter) or inter == 0:
+        return data
+    stored = np.asarray(img.dataobj.get_unscaled())
+    log.debug("%s: scl_inter %g: the %d voxels stored as 0 are background (0)", path, inter,
+              int(np.count_nonzero(stored == 0)))
+    return np.where(stored == 0, np.zeros((), data.dtype), data)
+
+
 def _load_images(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, Any, tuple[float, float, float]]:
     """Read the four images of a case: (image (4,X,Y,Z) float32, affine, header, spacing)."""
     if ref.layout == "msd":
         path = ref.image_paths[0]
         data, img = _read_nifti(path)
+        data = _unscaled_background(data, img, path)
         if data.ndim != 4 or data.shape[3] != len(MSD_CHANNELS):
             raise InputError(f"image has shape {tuple(data.shape)}; expected a 3-D volume or a 4-D (X, Y, Z, 4) "
                              "image with channels FLAIR, T1w, T1gd, T2w (Decathlon Task01)", path)
@@ -637,6 +660,7 @@ def _load_images(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, Any, tuple[float
             header = None
         else:
             data, img = _read_nifti(path)
+            data = _unscaled_background(data, img, path)
             affine, header = img.affine, img.header
             spacing = tuple(float(z) for z in header.get_zooms()[:3])
         data = _as_3d(data, path)
@@ -711,8 +735,9 @@ def _reference_geometry(reference: Case | LabelMap) -> tuple[np.ndarray, Any, tu
     return reference.affine, reference.header, tuple(reference.labels.shape)
 
 
-def _write_nifti(array: np.ndarray, affine: np.ndarray, header: Any, path: Path, dtype: Any) -> Path:
-    """Write atomically, keeping the reference header's qform/sform codes."""
+def _write_nifti(array: np.ndarray, affine: np.ndarray, header: Any, path: Path, dtype: Any,
+                 description: str | None = None) -> Path:
+    """Write atomically, keeping the reference header's qform/sform codes (``descrip`` if given)."""
     import nibabel as nib
 
     header = header.copy() if header is not None else header_from_affine(affine, array.shape[:3])
@@ -722,15 +747,19 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, header: Any, path: Path,
     img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(affine, code=qform_code)
     img.set_sform(affine, code=sform_code)
+    if description is not None:
+        img.header["descrip"] = description.encode()[:79]
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return Path(path)
 
 
-def save_label_map(labels: np.ndarray, reference: Case | LabelMap, path: str | Path) -> Path:
+def save_label_map(labels: np.ndarray, reference: Case | LabelMap, path: str | Path,
+                   description: str | None = None) -> Path:
     """Write ``labels`` ``(X, Y, Z)`` integer values 0..255 as uint8 NIfTI, atomically.
 
-    The reference's affine and header (qform/sform codes) are kept.
+    The reference's affine and header (qform/sform codes) are kept; ``description`` goes to the
+    header's ``descrip`` field (``segment`` marks its outputs so that it knows them again).
     """
     path = Path(path)
     affine, header, shape = _reference_geometry(reference)
@@ -741,17 +770,18 @@ def save_label_map(labels: np.ndarray, reference: Case | LabelMap, path: str | P
         raise InputError("label map has non-integer values; expected integer labels", path)
     if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint8).max):
         raise InputError(f"label values must be 0..255 for uint8, got {labels.min()}..{labels.max()}", path)
-    return _write_nifti(labels, affine, header, path, np.uint8)
+    return _write_nifti(labels, affine, header, path, np.uint8, description)
 
 
-def save_volume(array: np.ndarray, reference: Case | LabelMap, path: str | Path, dtype: Any = np.float32) -> Path:
+def save_volume(array: np.ndarray, reference: Case | LabelMap, path: str | Path, dtype: Any = np.float32,
+                description: str | None = None) -> Path:
     """Write any ``(X, Y, Z)`` or ``(X, Y, Z, C)`` array as NIfTI on the reference's grid, atomically."""
     path = Path(path)
     affine, header, shape = _reference_geometry(reference)
     array = np.asarray(array)
     if tuple(array.shape[:3]) != shape:
         raise InputError(f"volume shape {array.shape} does not start with the reference shape {shape}", path)
-    return _write_nifti(array, affine, header, path, dtype)
+    return _write_nifti(array, affine, header, path, dtype, description)
 
 
 def _write_mha(array: np.ndarray, affine: np.ndarray, path: Path, dtype: Any) -> Path:

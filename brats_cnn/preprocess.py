@@ -232,9 +232,12 @@ def _init_worker(threads: int) -> None:
 
 
 def _load(ref: Any, config: Any, load_label: bool):
+    """The case on the 1 mm grid the network is trained on (resampled if its voxels are not 1 mm)."""
     from brats_cnn.io import load_case
+    from brats_cnn.resample import needs_resampling, to_isotropic
 
-    return load_case(ref, label_convention=config.data.label_convention, load_label=load_label)
+    case = load_case(ref, label_convention=config.data.label_convention, load_label=load_label)
+    return to_isotropic(case) if needs_resampling(case.spacing) else case
 
 
 @dataclass(frozen=True)
@@ -643,7 +646,9 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
     else:
         state = _loaded_state(normaliser, config, out)
         summary = {"fit_key": None}
-    normalise.save_normaliser(state, out / NORMALISER_FILE)
+    saved_state = out / NORMALISER_FILE
+    if not (isinstance(normaliser, (str, Path)) and saved_state.exists() and saved_state.samefile(normaliser)):
+        normalise.save_normaliser(state, saved_state)  # (--normaliser <out>/normaliser.json is kept as it is)
     save_config(config, out / CONFIG_FILE)
 
     # 3. the cases

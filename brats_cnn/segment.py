@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -474,6 +475,46 @@ def prior_frequencies(checkpoint: Any, checkpoint_path: Any) -> list:
     return frequencies
 
 
+OUTPUT_DESCRIPTION = "brats-cnn segment"  # NIfTI descrip of every label map/probability map segment writes
+
+
+def _is_segment_output(path: Any) -> bool:
+    """True if ``path`` is a NIfTI file that ``segment`` wrote (its header's descrip), or a sidecar of it."""
+    import json
+
+    if path.name.endswith(".json"):
+        try:
+            return "brats_cnn_version" in json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    import nibabel as nib
+
+    try:
+        return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").decode(errors="replace") == OUTPUT_DESCRIPTION
+    except Exception:  # not a NIfTI file at all
+        return False
+
+
+def _refuse_overwriting(pairs: list, checkpoint_path: Any, save_probabilities: bool, overwrite: bool) -> None:
+    """InputError before any work if an output would replace an input, or (without ``--overwrite``) a file
+    that ``segment`` did not write."""
+    import os
+
+    inputs = [Path(checkpoint_path)] + [p for ref, _ in pairs for p in (*ref.image_paths, ref.label_path) if p]
+    for ref, target in pairs:
+        outputs = [target.labels, target.sidecar] + ([target.probabilities] if save_probabilities else [])
+        for output in outputs:
+            if not output.exists():
+                continue
+            for source in inputs:
+                if os.path.samefile(output, source):
+                    raise InputError(f"refusing to write over an input of this command ({source}); choose "
+                                     "another --out", output)
+            if not overwrite and not _is_segment_output(output):
+                raise InputError("exists and was not written by brats-cnn segment; pass --overwrite to replace "
+                                 "it, or choose another --out", output)
+
+
 def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path: Any, config: Any, mode: str,
                  device: "torch.device", convention: str, postprocess: bool, save_probabilities: bool,
                  progress: bool) -> dict:
@@ -487,6 +528,7 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     from brats_cnn.normalise import normalise_case
     from brats_cnn.calibrate import apply_class_prior
     from brats_cnn.postprocess import postprocess_labels
+    from brats_cnn.resample import needs_resampling, resample_volume, to_isotropic
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -497,7 +539,8 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
         timings[stage] = round(now - clock, 3)
         clock = now
 
-    case = load_case(ref, load_label=False)
+    grid = load_case(ref, load_label=False)  # the input grid: the outputs are written on it
+    case = to_isotropic(grid) if needs_resampling(grid.spacing) else grid  # the network's 1 mm grid
     lap("load")
     image, mask = normalise_case(case, checkpoint.normaliser, config.preprocess)
     image = _reorder_channels(image, checkpoint.channel_order)
@@ -517,10 +560,25 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     labels = from_class_indices(classes, checkpoint.label_convention)
     if convention != checkpoint.label_convention:
         labels = convert_labels(labels, checkpoint.label_convention, convention)
-    save_label_map(labels, case, target.labels)
-    if save_probabilities:
-        # NIfTI-1 has no float16 datatype code (nibabel refuses it), so probabilities are float32
-        save_volume(np.moveaxis(probabilities, 0, -1), case, target.probabilities, dtype=np.float32)
+    if case is not grid:  # back to the input grid: labels nearest neighbour, probabilities linear
+        shape = grid.image.shape[1:]
+        labels = resample_volume(labels, case.spacing, shape, grid.spacing, "nearest")
+        if save_probabilities:
+            probabilities = np.stack([resample_volume(p, case.spacing, shape, grid.spacing, "linear")
+                                      for p in probabilities])
+    written = []
+    try:  # a case that fails while writing leaves none of its outputs under a final name
+        save_label_map(labels, grid, target.labels, description=OUTPUT_DESCRIPTION)
+        written.append(target.labels)
+        if save_probabilities:
+            # NIfTI-1 has no float16 datatype code (nibabel refuses it), so probabilities are float32
+            save_volume(np.moveaxis(probabilities, 0, -1), grid, target.probabilities, dtype=np.float32,
+                        description=OUTPUT_DESCRIPTION)
+            written.append(target.probabilities)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     lap("write")
     sidecar = {
         "case_id": ref.case_id,
@@ -540,10 +598,16 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
                         "connectivity": config.postprocess.connectivity,
                         "keep_largest": config.postprocess.keep_largest, "removed_voxels": removed},
         "brain_voxels": int(mask.sum()),
+        "resampled_to_1mm": case is not grid,
         "timings_s": timings,
         "brats_cnn_version": __version__,
     }
-    write_json_atomic(target.sidecar, sidecar)
+    try:
+        write_json_atomic(target.sidecar, sidecar)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return sidecar
 
 
@@ -600,6 +664,7 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     if not refs:
         raise InputError("no cases found in the inputs")
     pairs = list(zip(refs, _targets(refs, out)))[rank::world]
+    _refuse_overwriting(pairs, checkpoint_path, save_probabilities, overwrite)  # before any work
     for folder in sorted({target.labels.parent for _, target in pairs}):  # fail before any work
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -608,7 +673,7 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     log.info("segmenting %d case(s) in %s mode on %s%s", len(pairs), chosen_mode, torch_device,
              f" (rank {rank} of {world})" if world > 1 else "")
 
-    outputs, skipped, failures = [], [], {}
+    outputs, skipped, failures, last_error = [], [], {}, None
     show_cases = len(pairs) > 1
     from tqdm import tqdm
 
@@ -631,9 +696,12 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
             log.warning("%s: failed: %s", ref.case_id, message)
             log.debug("traceback of %s", ref.case_id, exc_info=True)
             failures[ref.case_id] = message
+            last_error = exc
     if skipped:
         log.info("skipped %d case(s) whose output exists (use --overwrite to recompute)", len(skipped))
     if failures:
         listed = "; ".join(f"{case_id} ({message})" for case_id, message in failures.items())
+        if len(pairs) == 1 and isinstance(last_error, BratsCnnError):
+            raise last_error  # one case: its own one-line error, naming the input file that is wrong
         raise BratsCnnError(f"{len(failures)} of {len(pairs)} case(s) failed: {listed}", Path(out))
     return SegmentResult(outputs, skipped, failures)
