@@ -371,6 +371,10 @@ def score_folder(pred: str | Path, truths: list[GroundTruth], settings: Evaluate
     predictions, failures = find_predictions(pred)
     failed_ids = {f.case_id for f in failures}
     extra = sorted(set(predictions) - {t.case_id for t in truths})
+    if extra:  # a typo in a file name must not pass as a missing case silently (summary.json: extra_predictions)
+        log.warning("%d prediction file(s) in %s match no ground-truth case and are not scored (unmatched): %s",
+                    len(extra), pred, ", ".join(predictions[c].name for c in extra[:10])
+                    + (", ..." if len(extra) > 10 else ""))
     missing = [t.case_id for t in truths if t.case_id not in predictions and t.case_id not in failed_ids]
     if missing:
         scored = len(truths) - len(missing) - len(failed_ids)

@@ -266,8 +266,10 @@ def test_missing_predictions_warn_once_and_only_predicted_leaves_them_out(label_
     with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
         evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "all")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "1 of 3 ground-truth cases have no prediction" in warnings[0]
-    assert "--only-predicted scores only the 2 predicted case(s)" in warnings[0]
+    # one line for the unmatched prediction Z (issue 14), one for the missing case C
+    assert len(warnings) == 2 and "1 prediction file(s)" in warnings[0] and "(unmatched): Z-seg.nii.gz" in warnings[0]
+    assert "1 of 3 ground-truth cases have no prediction" in warnings[1]
+    assert "--only-predicted scores only the 2 predicted case(s)" in warnings[1]
     infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert any(m.startswith("C: no prediction, scored as an empty one") for m in infos)
     assert not any(m.startswith("C scored") for m in infos)
