@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -51,18 +51,22 @@ def available_metrics(rows_by_name: Mapping[str, Rows], candidates: Sequence[str
             if all(m in r and r[m] not in (None, "") for rows in rows_by_name.values() for r in rows)]
 
 
-def paired_differences(rows_by_name: Mapping[str, Rows], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per pair, case, region and metric: both values and ``difference = first - second``."""
+def paired_values(rows_by_name: Mapping[str, Rows], metrics: Sequence[str]) -> Iterator[tuple]:
+    """``(first, second, region, metric, cases, first values, second values)`` of every pair of predictions."""
     cases = common_cases(rows_by_name)
-    out = []
     for (a, rows_a), (b, rows_b) in itertools.combinations(rows_by_name.items(), 2):
         for region in REGIONS:
             for metric in metrics:
-                va, vb = values_by_case(rows_a, cases, region, metric), values_by_case(rows_b, cases, region, metric)
-                out += [{"first": a, "second": b, "case_id": c, "region": region, "metric": metric,
-                         "first_value": float(x), "second_value": float(y), "difference": float(x - y)}
-                        for c, x, y in zip(cases, va, vb)]
-    return out
+                yield (a, b, region, metric, cases, values_by_case(rows_a, cases, region, metric),
+                       values_by_case(rows_b, cases, region, metric))
+
+
+def paired_differences(rows_by_name: Mapping[str, Rows], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per pair, case, region and metric: both values and ``difference = first - second``."""
+    return [{"first": a, "second": b, "case_id": c, "region": region, "metric": metric,
+             "first_value": float(x), "second_value": float(y), "difference": float(x - y)}
+            for a, b, region, metric, cases, va, vb in paired_values(rows_by_name, metrics)
+            for c, x, y in zip(cases, va, vb)]
 
 
 def wilcoxon_test(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
@@ -81,19 +85,15 @@ def wilcoxon_test(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
 
 def pairwise_tests(rows_by_name: Mapping[str, Rows], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """One row per pair, region and metric: n, both means, mean/median difference, Wilcoxon statistic and p."""
-    cases = common_cases(rows_by_name)
     out = []
-    for (a, rows_a), (b, rows_b) in itertools.combinations(rows_by_name.items(), 2):
-        for region in REGIONS:
-            for metric in metrics:
-                va, vb = values_by_case(rows_a, cases, region, metric), values_by_case(rows_b, cases, region, metric)
-                statistic, p_value = wilcoxon_test(va, vb) if cases else (float("nan"), float("nan"))
-                out.append({"first": a, "second": b, "region": region, "metric": metric, "n": len(cases),
-                            "first_mean": float(va.mean()) if cases else None,
-                            "second_mean": float(vb.mean()) if cases else None,
-                            "mean_difference": float((va - vb).mean()) if cases else None,
-                            "median_difference": float(np.median(va - vb)) if cases else None,
-                            "wilcoxon_statistic": statistic, "p_value": p_value})
+    for a, b, region, metric, cases, va, vb in paired_values(rows_by_name, metrics):
+        statistic, p_value = wilcoxon_test(va, vb) if cases else (float("nan"), float("nan"))
+        out.append({"first": a, "second": b, "region": region, "metric": metric, "n": len(cases),
+                    "first_mean": float(va.mean()) if cases else None,
+                    "second_mean": float(vb.mean()) if cases else None,
+                    "mean_difference": float((va - vb).mean()) if cases else None,
+                    "median_difference": float(np.median(va - vb)) if cases else None,
+                    "wilcoxon_statistic": statistic, "p_value": p_value})
     return out
 
 
