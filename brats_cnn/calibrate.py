@@ -180,8 +180,10 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
     model = Path(model) if model else run / "best.pt"
     out = Path(out) if out else run / CALIBRATED_NAME
     cache = Path(cache) if cache else run / "cache"
-    if out.resolve() == model.resolve():
-        raise ConfigError("--out must differ from the checkpoint being calibrated", out)
+    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / "last.pt"),
+                         ("the run's best.pt", run / "best.pt")):
+        if out.resolve() == source.resolve() or out.with_suffix(".json").resolve() == source.resolve():
+            raise ConfigError(f"--out would write over {name} ({source}); choose another file", out)
     checkpoint = load_checkpoint(model)
     train_dirs, val_dirs = _validation_cases(run, cache)
     convention = checkpoint.label_convention

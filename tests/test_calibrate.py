@@ -118,8 +118,12 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
                 overrides=["segment.prior_alpha=0.5"])
     sidecar = json.loads((out / "a.json").read_text())
     assert sidecar["prior_alpha"] == 0.5 and sidecar["tta_rotations"] == [0]
-    with pytest.raises(ConfigError, match="--out must differ"):
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--out would write over the checkpoint being calibrated"):
         run_calibrate(run, model=run / "best.pt", out=run / "best.pt", device="cpu", tta=False)
+    with pytest.raises(ConfigError, match="--out would write over the run's last.pt"):
+        run_calibrate(run, out=run / "last.pt", device="cpu", tta=False)
+    assert (run / "last.pt").read_bytes() == before
 
 
 def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_work(tiny_run, tmp_path):
