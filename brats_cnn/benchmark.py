@@ -138,10 +138,9 @@ def _pipeline_batches(cache: Path, config: Config, batch_size: int, batches: int
 
 def _variants(device: torch.device, configured: Any) -> dict[str, Any]:
     """The precision x memory-format combinations timed side by side (bf16 only where it is native)."""
-    from brats_cnn.device import Compute, cpu_has_native_bf16
+    from brats_cnn.device import Compute, has_native_bf16
 
-    bf16_ok = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
-        device.type == "cpu" and cpu_has_native_bf16())
+    bf16_ok = has_native_bf16(device)
     variants = {}
     for bf16 in (False, True):
         for channels_last in (False, True):

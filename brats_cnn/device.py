@@ -129,6 +129,14 @@ class Compute:
         return tensor
 
 
+def has_native_bf16(device: "torch.device") -> bool:
+    """Whether ``device`` runs bf16 natively: a CUDA GPU with bf16, or a CPU with native bf16 kernels."""
+    import torch
+
+    return ((device.type == "cuda" and torch.cuda.is_bf16_supported())
+            or (device.type == "cpu" and cpu_has_native_bf16()))
+
+
 def compute_settings(device: "torch.device", config: Any = None) -> Compute:
     """The :class:`Compute` for ``device`` from a ``ComputeConfig`` (defaults when None).
 
@@ -140,10 +148,7 @@ def compute_settings(device: "torch.device", config: Any = None) -> Compute:
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"compute.precision must be one of {list(PRECISION_CHOICES)}, got '{precision}'")
     if precision == "auto":
-        import torch
-
-        bf16 = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
-                or (device.type == "cpu" and cpu_has_native_bf16()))
+        bf16 = has_native_bf16(device)
     else:
         bf16 = precision == "bf16"
     return Compute(device=device, bf16=bf16, channels_last=channels_last)

@@ -453,8 +453,8 @@ def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str
     total = None
     for angle in rotations:
         turns = (angle // 90) % 4
-        turned_image = np.ascontiguousarray(np.rot90(image, turns, axes=(1, 2)))
-        turned_mask = np.ascontiguousarray(np.rot90(mask, turns, axes=(0, 1)))
+        turned_image = np.ascontiguousarray(np.rot90(image, turns, axes=(1, 2))) if turns else image
+        turned_mask = np.ascontiguousarray(np.rot90(mask, turns, axes=(0, 1))) if turns else mask
         if mode == "exact":
             probs = predict_exact(network, turned_image, turned_mask, memory_fraction=config.segment.memory_fraction,
                                   **common)
@@ -462,8 +462,10 @@ def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str
             probs = predict_fast(network, turned_image, turned_mask, slices_per_batch=config.segment.slices_per_batch,
                                  **common)
         probs = np.rot90(probs, -turns, axes=(1, 2))
-        total = probs.copy() if total is None else total + probs
-    return np.ascontiguousarray(total / np.float32(len(rotations)), dtype=np.float32)
+        total = probs if total is None else total + probs  # predict_* return fresh arrays: no copy needed
+    if len(rotations) > 1:
+        total = total / np.float32(len(rotations))
+    return np.ascontiguousarray(total, dtype=np.float32)  # no copy for the plain (untransformed) prediction
 
 
 def prior_frequencies(checkpoint: Any, checkpoint_path: Any) -> list:
