@@ -365,7 +365,9 @@ class RunState:
 
     ``epoch`` is the epoch in progress (0-based) and ``batch`` the next batch of it, so an
     end-of-epoch checkpoint holds ``(epoch + 1, 0)``. ``interval`` sums (loss, correct, patches)
-    since the last metrics row; ``pending`` holds the (step, lr, loss tensor) not yet in steps.csv.
+    since the last metrics row and ``interval_seconds`` the training time they took (both kept in
+    ``last.pt``, so the patches/s of a row that spans a resume counts only time spent training);
+    ``pending`` holds the (step, lr, loss tensor) not yet in steps.csv.
     """
 
     epoch: int = 0
@@ -522,6 +524,7 @@ def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser:
     state.batch = int(saved.get("next_batch", 0))
     state.best_score = float(saved["best_score"])
     state.interval = torch.tensor(saved.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64)
+    state.interval_seconds = float(saved.get("interval_seconds", 0.0))  # older checkpoints: rate of one row too high
     state.history = list(saved["history"]) if "history" in saved else _read_history(out, state.step)
     state.step_rows = _read_step_losses(out, state.step)
     log.info("resuming at epoch %d, batch %d (step %d) from %s", state.epoch + 1, state.batch, state.step,
@@ -623,7 +626,8 @@ def save_last(run: Run) -> None:
     write_step_losses(run.out, state.step_rows)
     training_state = {"optimiser": run.optimiser.state_dict(), "step": state.step, "best_score": state.best_score,
                       "epoch_in_progress": state.epoch, "next_batch": state.batch,
-                      "interval": state.interval.tolist(), "rng": rng, "world_size": run.dist.world_size,
+                      "interval": state.interval.tolist(), "interval_seconds": state.interval_seconds,
+                      "rng": rng, "world_size": run.dist.world_size,
                       "history": state.history,
                       "train_cases": [p.name for p in run.data.train_dirs],
                       "validation_cases": [p.name for p in run.data.validation_dirs]}

@@ -263,6 +263,32 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, mo
     assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
 
 
+def test_patches_per_second_of_a_row_spanning_a_resume_counts_the_time_before_it(cache, tmp_path, monkeypatch):
+    # a mid-epoch checkpoint at step 2 (validation at 3): the step-3 row covers steps 1-3, two of them
+    # trained before the interruption; its time must include theirs, not only step 3's
+    mid = TINY + ["train.validate_every_steps=3", "train.checkpoint_every_steps=2"]
+    real_step, calls = train.train_step, []
+
+    def interrupt_at_step_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupt_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=mid, device="cpu")
+    monkeypatch.setattr(train, "train_step", real_step)
+    state = load_checkpoint(tmp_path / "b" / "last.pt").training_state
+    assert (state["step"], state["next_batch"], state["interval"][2]) == (2, 2, 2 * 8)
+    assert state["interval_seconds"] > 0
+    resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True)
+    row = resumed.history[0]
+    assert row["step"] == 3
+    assert row["epoch_seconds"] >= round(state["interval_seconds"], 3)
+    assert row["patches_per_second"] == pytest.approx(3 * 8 / row["epoch_seconds"], rel=1e-2)
+
+
 def test_resume_without_checkpoint_and_grade_mismatch(cache, tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         run_training("hgg", cache, tmp_path, device="cpu", resume=True)
