@@ -143,10 +143,12 @@ def evaluate(
     manifest: Optional[Path] = ManifestOpt,
     images: Optional[Path] = typer.Option(None, "--images", help="Folder with the cases' images for overlay figures (default: --gt)."),
     hd95: str = typer.Option("brats", "--hd95", help="HD95 definition: brats (pooled distances, as BraTS/MedPy), monai (max of the two one-way percentiles) or surfel (area-weighted surface elements, as the BraTS 2023 lesion-wise code)."),
-    lesion_wise: str = typer.Option("gli", "--lesion-wise", help="Lesion-wise metrics (BraTS 2023+) with a challenge preset: gli, ssa, ped, men, met, or none."),
-    lesion_dilation: Optional[int] = typer.Option(None, "--lesion-dilation", help="Override the preset's ground-truth dilation (voxels)."),
-    lesion_min_volume: Optional[float] = typer.Option(None, "--lesion-min-volume", help="Override the preset's lesion volume threshold (mm^3; lesions at or below it are ignored)."),
+    lesion_wise: Optional[str] = typer.Option(None, "--lesion-wise", help="Lesion-wise metrics (BraTS 2023+) with a challenge preset: gli, ssa, ped, men, met, or none (default: evaluate.lesion_wise.preset of the config, gli)."),
+    lesion_dilation: Optional[int] = typer.Option(None, "--lesion-dilation", help="Override the preset's ground-truth dilation (voxels; default: evaluate.lesion_wise.dilation of the config)."),
+    lesion_min_volume: Optional[float] = typer.Option(None, "--lesion-min-volume", help="Override the preset's lesion volume threshold (mm^3; lesions at or below it are ignored; default: evaluate.lesion_wise.min_volume_mm3 of the config)."),
     only_predicted: bool = typer.Option(False, "--only-predicted", help="Score only the cases that have a prediction (default: a missing one is scored as empty, as BraTS does)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file or bundled name; its evaluate section is used (the --lesion-* flags win over it)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set evaluate.lesion_wise.preset=met (repeatable)."),
 ) -> None:
     """Score segmentations as BraTS does (DSC, PPV, sensitivity, specificity, HD95, volumes, lesion-wise DSC/HD95); compare several with repeated --pred."""
     from brats_cnn import report
@@ -154,7 +156,8 @@ def evaluate(
 
     options = dict(gt=gt, out=out, label_convention=label_convention, pred_convention=pred_convention,
                    manifest=manifest, images=images, hd95_definition=hd95, lesion_wise=lesion_wise,
-                   lesion_dilation=lesion_dilation, lesion_min_volume=lesion_min_volume, only_predicted=only_predicted)
+                   lesion_dilation=lesion_dilation, lesion_min_volume=lesion_min_volume, only_predicted=only_predicted,
+                   config=config, overrides=list(set_ or []))
     if len(pred) > 1:
         typer.echo(report.terminal_comparison(run_compare(preds=pred, **options)))
     else:

@@ -121,6 +121,23 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class LesionWiseConfig:
+    """BraTS 2023+ lesion-wise scoring of ``brats-cnn evaluate`` (``metrics.LESION_PRESETS``).
+
+    ``--lesion-wise``, ``--lesion-dilation`` and ``--lesion-min-volume`` win over these values.
+    """
+
+    preset: str = "gli"  # (choice) challenge preset: gli, ssa, ped (dilation 3, 50 mm^3), men (1, 50 mm^3), met (1, 2 mm^3); none = off
+    dilation: int | None = None  # (choice) ground-truth dilation in voxels; null = the preset's
+    min_volume_mm3: float | None = None  # (choice) lesions of at most this volume (mm^3) are ignored; null = the preset's
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    lesion_wise: LesionWiseConfig = field(default_factory=LesionWiseConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "pereira_hgg"
     grade: str = "hgg"
@@ -132,6 +149,7 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 GRADES: tuple[str, ...] = ("hgg", "lgg")  # the paper's two models (Tables I and II)
@@ -145,6 +163,8 @@ _CHOICES = {
     "postprocess.connectivity": (1, 2, 3),
     "compute.precision": ("auto", "bf16", "float32"),
     "train.loss": ("cross_entropy", "focal"),
+    # metrics.LESION_PRESETS (not imported: config stays free of scipy); tests/test_config.py checks they agree
+    "evaluate.lesion_wise.preset": ("gli", "ssa", "ped", "men", "met", "none"),
 }
 
 # Keys of earlier versions, dropped when a stored config (e.g. in a bundled checkpoint) is read:
@@ -223,6 +243,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "segment.prior_alpha": _at_least(0),
     "segment.tta_rotations": _right_angle(),
     "postprocess.min_component_voxels": _at_least(0),
+    "evaluate.lesion_wise.dilation": _at_least(0),
+    "evaluate.lesion_wise.min_volume_mm3": _at_least(0),
 }
 # Keys whose every value of the right type is valid (free text, switches).
 _FREE_KEYS = ("name", "preprocess.strict", "sampling.arbitrary_rotation", "sampling.resample_each_epoch",
@@ -233,7 +255,9 @@ _MAY_BE_EMPTY = ("preprocess.n4.sequences",)
 
 
 def _check_range(key: str, value: Any, source: str) -> None:
-    """ConfigError unless ``value`` (already of the key's type) is in the key's range."""
+    """ConfigError unless ``value`` (already of the key's type) is in the key's range; None (null) passes."""
+    if value is None:
+        return
     test, expected = _RANGES[key]
     if isinstance(value, tuple):
         if (not value and key not in _MAY_BE_EMPTY) or not all(test(v) for v in value):

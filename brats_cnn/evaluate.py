@@ -282,7 +282,6 @@ def _overlay(case_id: str, ref: io.CaseRef, gt_labels: np.ndarray, pred_labels: 
 # Settings
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_LESION_PRESET = "gli"  # BraTS 2023+ adult glioma: dilation 3, lesions <= 50 mm^3 ignored
 NO_LESION_WISE = ("none", "off")
 
 
@@ -293,7 +292,7 @@ class EvaluateSettings:
     label_convention: str
     pred_convention: str
     hd95_definition: str = "brats"
-    lesion_preset: str | None = DEFAULT_LESION_PRESET
+    lesion_preset: str | None = None    # the name reported: "gli", "met (changed)"...; None: no lesion-wise metrics
     lesion_params: LesionWiseParams | None = None
     only_predicted: bool = False
 
@@ -309,26 +308,38 @@ class EvaluateSettings:
 
 
 def evaluate_settings(label_convention: str = "brats2017", pred_convention: str | None = None,
-                      hd95_definition: str = "brats", lesion_wise: str | None = DEFAULT_LESION_PRESET,
+                      hd95_definition: str = "brats", lesion_wise: str | None = None,
                       lesion_dilation: int | None = None, lesion_min_volume: float | None = None,
-                      only_predicted: bool = False) -> EvaluateSettings:
+                      only_predicted: bool = False, config: str | Path | None = None,
+                      overrides: list[str] | tuple[str, ...] = ()) -> EvaluateSettings:
     """Validate the scoring options.
 
     Args:
         lesion_wise: a preset of :data:`brats_cnn.metrics.LESION_PRESETS` (``gli``, ``ssa``,
-            ``ped``, ``men``, ``met``), or ``none``/None for no lesion-wise metrics.
+            ``ped``, ``men``, ``met``), or ``none`` for no lesion-wise metrics; None: the config's
+            ``evaluate.lesion_wise.preset`` (``gli`` by default).
         lesion_dilation, lesion_min_volume: override the preset's dilation (voxels) and volume
-            threshold (mm^3).
+            threshold (mm^3); None: the config's ``evaluate.lesion_wise.dilation`` and
+            ``min_volume_mm3`` (null there: the preset's).
+        config, overrides: a YAML config (file or bundled name) and ``--set key=value`` strings,
+            read for the ``evaluate`` section; the arguments above win over them.
 
     Raises:
         InputError: an unknown convention, HD95 definition or preset, or a negative override.
+        ConfigError: a bad config file or value (one line naming the key).
     """
+    from brats_cnn.config import load_config
+
+    lesion_config = load_config(config, overrides).evaluate.lesion_wise
+    lesion_wise = lesion_config.preset if lesion_wise is None else lesion_wise
+    lesion_dilation = lesion_config.dilation if lesion_dilation is None else lesion_dilation
+    lesion_min_volume = lesion_config.min_volume_mm3 if lesion_min_volume is None else lesion_min_volume
     pred_convention = pred_convention or label_convention
     get_convention(label_convention), get_convention(pred_convention)  # fail early on a typo
     if hd95_definition not in HD95_DEFINITIONS:
         raise InputError(f"unknown HD95 definition '{hd95_definition}' (expected one of {list(HD95_DEFINITIONS)})")
     preset, params = None, None
-    if lesion_wise is not None and lesion_wise.lower() not in NO_LESION_WISE:
+    if lesion_wise.lower() not in NO_LESION_WISE:
         if lesion_wise.lower() not in LESION_PRESETS:
             raise InputError(f"unknown lesion-wise preset '{lesion_wise}' (expected one of "
                              f"{list(LESION_PRESETS)} or none)")
@@ -473,8 +484,9 @@ def _raise_for_failures(failures: list[CaseFailure], n_scored: int, out: Path) -
 def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation", label_convention: str = "brats2017",
                  pred_convention: str | None = None, manifest: str | Path | None = None,
                  images: str | Path | None = None, *, hd95_definition: str = "brats",
-                 lesion_wise: str | None = DEFAULT_LESION_PRESET, lesion_dilation: int | None = None,
+                 lesion_wise: str | None = None, lesion_dilation: int | None = None,
                  lesion_min_volume: float | None = None, only_predicted: bool = False,
+                 config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                  overlays: bool = True, max_overlays: int = 200) -> dict[str, Any]:
     """Score predictions against ground truth and write ``metrics.csv``, ``summary.json``, ``report.html``.
 
@@ -488,8 +500,8 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
         images: dataset folder with the cases' images for overlays (default: ``gt`` when it
             holds full cases).
         hd95_definition: ``"brats"`` (default) or ``"monai"``, see :mod:`brats_cnn.metrics`.
-        lesion_wise, lesion_dilation, lesion_min_volume: lesion-wise metrics, see
-            :func:`evaluate_settings` (default: the BraTS-GLI preset).
+        lesion_wise, lesion_dilation, lesion_min_volume, config, overrides: lesion-wise metrics,
+            see :func:`evaluate_settings` (default: the BraTS-GLI preset).
         only_predicted: score only the cases that have a prediction (default: a missing
             prediction is scored as an empty one, as BraTS does).
         overlays: draw the per-case FLAIR overlays when images are available; at most
@@ -503,7 +515,7 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
             report, when one or more cases could not be scored (they are listed in it).
     """
     settings = evaluate_settings(label_convention, pred_convention, hd95_definition, lesion_wise,
-                                 lesion_dilation, lesion_min_volume, only_predicted)
+                                 lesion_dilation, lesion_min_volume, only_predicted, config, overrides)
     find_predictions(pred)  # no prediction at all: stop before reading the ground truth
     truths = find_ground_truth(gt, manifest)
     image_refs = _image_refs(images) if images is not None else {
@@ -531,9 +543,11 @@ def prediction_names(preds: list[Path]) -> list[str]:
 def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "evaluation",
                 label_convention: str = "brats2017", pred_convention: str | None = None,
                 manifest: str | Path | None = None, images: str | Path | None = None, *,
-                hd95_definition: str = "brats", lesion_wise: str | None = DEFAULT_LESION_PRESET,
+                hd95_definition: str = "brats", lesion_wise: str | None = None,
                 lesion_dilation: int | None = None, lesion_min_volume: float | None = None,
-                only_predicted: bool = False, overlays: bool = True, max_overlays: int = 200) -> dict[str, Any]:
+                only_predicted: bool = False, config: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = (), overlays: bool = True,
+                max_overlays: int = 200) -> dict[str, Any]:
     """Score two or more prediction folders on the same ground truth and compare them.
 
     Each folder gets its own report in ``out/<name>/`` (as :func:`run_evaluate`); ``out`` gets
@@ -556,7 +570,7 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
     if len(preds) < 2:
         raise InputError(f"a comparison needs at least two --pred folders, got {len(preds)}")
     settings = evaluate_settings(label_convention, pred_convention, hd95_definition, lesion_wise,
-                                 lesion_dilation, lesion_min_volume, only_predicted)
+                                 lesion_dilation, lesion_min_volume, only_predicted, config, overrides)
     for pred in preds:
         find_predictions(pred)
     truths = find_ground_truth(gt, manifest)

@@ -235,7 +235,8 @@ def test_a_value_outside_the_range_is_one_config_error_naming_the_key(key):
     bad, boundary = _OUTSIDE[expected]
     default = dict(_fields(C.Config))[key]
     as_list = isinstance(default, tuple)
-    assert all(test(v) for v in default) if as_list else test(default)  # the defaults are in range
+    # the defaults are in range (null, "not set", passes: evaluate.lesion_wise.* take the preset's value then)
+    assert all(test(v) for v in default) if as_list else (default is None or test(default))
     override = f"{key}=[{_yaml(bad)}]" if as_list else f"{key}={_yaml(bad)}"
     message = _error(C.load_config, "smoke", [override])
     assert f"key '{key}'" in message and expected in message and message.startswith("--set: ")
@@ -269,3 +270,37 @@ def test_ranges_from_the_issue_and_from_a_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  momentum: 1.0\n")
     assert _error(C.load_config, path) == f"{path}: key 'train.momentum' must be in [0, 1), got 1.0"
+
+
+# ---- evaluate.lesion_wise (issue 17) ---------------------------------------------------------------
+
+def test_lesion_wise_presets_of_the_config_are_those_of_metrics():
+    from brats_cnn.metrics import LESION_PRESETS
+
+    assert C._CHOICES["evaluate.lesion_wise.preset"] == (*LESION_PRESETS, "none")
+    assert C.Config().evaluate.lesion_wise == C.LesionWiseConfig("gli", None, None)
+
+
+def test_lesion_wise_values_from_yaml_and_set(tmp_path):
+    path = tmp_path / "met.yaml"
+    path.write_text("evaluate:\n  lesion_wise:\n    preset: met\n    min_volume_mm3: 10\n")
+    lesion = C.load_config(path).evaluate.lesion_wise
+    assert (lesion.preset, lesion.dilation, lesion.min_volume_mm3) == ("met", None, 10.0)
+    lesion = C.load_config(path, ["evaluate.lesion_wise.dilation=2", "evaluate.lesion_wise.min_volume_mm3=null"]
+                           ).evaluate.lesion_wise
+    assert (lesion.preset, lesion.dilation, lesion.min_volume_mm3) == ("met", 2, None)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("evaluate.lesion_wise.preset=gbm",
+     "--set: key 'evaluate.lesion_wise.preset' must be one of ['gli', 'ssa', 'ped', 'men', 'met', 'none'], got 'gbm'"),
+    ("evaluate.lesion_wise.dilation=-1", "--set: key 'evaluate.lesion_wise.dilation' must be >= 0, got -1"),
+    ("evaluate.lesion_wise.dilation=1.5", "--set: key 'evaluate.lesion_wise.dilation' must be int, got float 1.5"),
+    ("evaluate.lesion_wise.min_volume_mm3=-2", "--set: key 'evaluate.lesion_wise.min_volume_mm3' must be >= 0, got -2.0"),
+    ("evaluate.lesion_wise.min_volume_mm3=.inf",
+     "--set: key 'evaluate.lesion_wise.min_volume_mm3' must be >= 0, got inf"),
+    ("evaluate.lesion_wise.volume=3", "--set: unknown config key 'evaluate.lesion_wise.volume' "
+                                      "(known keys in this section: dilation, min_volume_mm3, preset)"),
+])
+def test_bad_lesion_wise_values_are_one_line_errors(override, message):
+    assert _error(C.load_config, None, [override]) == message

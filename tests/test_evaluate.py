@@ -261,6 +261,54 @@ def test_lesion_settings_are_checked(label_folders, tmp_path):
     assert settings.lesion_params.dilation == 1 and settings.lesion_params.min_volume_mm3 == 0.0
 
 
+def test_lesion_wise_values_from_the_config_change_the_result(label_folders, tmp_path):
+    gt, pred = label_folders
+    # core 40 mm^3, enhancing 10 mm^3: no lesion for gli (<= 50 mm^3 ignored), lesions for met (<= 2 mm^3)
+    config = tmp_path / "met.yaml"
+    config.write_text("evaluate:\n  lesion_wise:\n    preset: met\n")
+    met = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "met", config=config)
+    assert (met["lesion_wise"]["preset"], met["lesion_wise"]["dilation"], met["lesion_wise"]["min_volume_mm3"]) == \
+        ("met", 1, 2.0)
+    assert met["lesion_counts"]["core"]["gt_lesions"] == 3 and met["lesion_counts"]["enhancing"]["gt_lesions"] == 3
+    # --set over the file: a threshold of 39 mm^3 keeps the 40 mm^3 cores, 40 mm^3 leaves them out
+    kept = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "39", config=config,
+                                 overrides=["evaluate.lesion_wise.min_volume_mm3=39"])
+    left_out = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "40", config=config,
+                                     overrides=["evaluate.lesion_wise.min_volume_mm3=40"])
+    assert kept["lesion_wise"]["preset"] == "met (changed)" and kept["lesion_counts"]["core"]["gt_lesions"] == 3
+    assert left_out["lesion_counts"]["core"]["gt_lesions"] == 0
+    assert left_out["statistics"]["all"]["core"]["lesion_dsc"]["mean"] == 1.0
+    assert kept["statistics"]["all"]["core"]["lesion_dsc"]["mean"] < 1.0       # C's core lesion is missed
+    # the arguments (the CLI's --lesion-* flags) win over the config; "none" switches lesion-wise off
+    flag = evaluate.evaluate_settings(lesion_wise="gli", lesion_min_volume=5, config=config,
+                                      overrides=["evaluate.lesion_wise.dilation=0"])
+    assert (flag.lesion_preset, flag.lesion_params.dilation, flag.lesion_params.min_volume_mm3) == \
+        ("gli (changed)", 0, 5.0)
+    assert evaluate.evaluate_settings(overrides=["evaluate.lesion_wise.preset=none"]).lesion_params is None
+
+
+def test_bad_lesion_wise_config_values_stop_the_command_with_one_line(label_folders, tmp_path, capsys):
+    from brats_cnn.cli import main
+
+    gt, pred = label_folders
+    config = tmp_path / "bad.yaml"
+    config.write_text("evaluate:\n  lesion_wise:\n    dilation: -3\n")
+    for extra, message in [
+        (["--config", str(config)], f"{config}: key 'evaluate.lesion_wise.dilation' must be >= 0, got -3"),
+        (["--set", "evaluate.lesion_wise.preset=gbm"],
+         "--set: key 'evaluate.lesion_wise.preset' must be one of ['gli', 'ssa', 'ped', 'men', 'met', 'none'], "
+         "got 'gbm'"),
+        (["--set", "evaluate.lesion_wise.min_volume_mm3=big"],
+         "--set: key 'evaluate.lesion_wise.min_volume_mm3' must be float, got str 'big'")]:
+        code = main(["-q", "evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err == f"brats-cnn: error: {message}\n", err
+    assert not (tmp_path / "out").exists()                                   # refused before anything is written
+    assert main(["-q", "evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "ok"),
+                 "--set", "evaluate.lesion_wise.preset=men", "--lesion-dilation", "2"]) == 0
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert (summary["lesion_wise"]["preset"], summary["lesion_wise"]["dilation"]) == ("men (changed)", 2)
+
 def test_missing_predictions_warn_once_and_only_predicted_leaves_them_out(label_folders, tmp_path, caplog):
     gt, pred = label_folders
     with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
