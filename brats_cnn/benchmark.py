@@ -153,7 +153,8 @@ def _variants(device: torch.device, configured: Any) -> dict[str, Any]:
 
 
 def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 128, iterations: int = 20,
-                  data: Path | None = None, out: Path | None = None, config: Config | None = None) -> dict:
+                  data: Path | None = None, out: Path | None = None, config: Config | None = None,
+                  compile_network: bool = False) -> dict:
     """Time the network in every precision and memory format, and the training pipeline; print a table.
 
     The forward pass and the train step (:func:`brats_cnn.train.train_step`) are timed for float32
@@ -168,6 +169,9 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
         iterations: timed batches per measurement (after :data:`WARMUP_ITERATIONS`).
         data: a preprocessed cache or raw dataset for the pipeline timing; default: phantom cases.
         out: JSON file to write.
+        compile_network: also time the configured variant under ``torch.compile`` (variant
+            ``configured_compiled``; the compilation happens in the warm-up batches and is reported
+            as ``compile_seconds``), which ``train.compile`` would use.
 
     Returns:
         The results dict (also what the JSON holds): ``variants`` maps each variant name to its
@@ -203,10 +207,21 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
                                         momentum=config.train.momentum, nesterov=True,
                                         weight_decay=config.train.weight_decay)
 
+    to_time = _variants(device_, configured)
+    if compile_network:
+        to_time["configured_compiled"] = configured
     variants: dict[str, dict] = {}
-    for name, compute in _variants(device_, configured).items():
+    for name, compute in to_time.items():
         network, optimiser = setup(compute)
         patches, labels = compute.batch(host_patches), compute.batch(host_labels)
+        compile_seconds = None
+        if name == "configured_compiled":
+            network, started = torch.compile(network), time.perf_counter()
+            train_step(network, optimiser, patches, labels, compute, config.train)  # compiles forward + backward
+            network.eval()
+            with torch.inference_mode(), compute.autocast():
+                network(patches)  # and the inference graph
+            compile_seconds = time.perf_counter() - started
 
         def forward() -> None:
             with torch.inference_mode(), compute.autocast():
@@ -221,6 +236,8 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
             "precision": compute.precision, "channels_last": compute.channels_last,
             "forward": _summary(forward_s, batch_size, flops_per_patch * batch_size),
             "train_step": _summary(step_s, batch_size, BACKWARD_FLOP_FACTOR * flops_per_patch * batch_size)}
+        if compile_seconds is not None:
+            variants[name]["compile_seconds"] = round(compile_seconds, 1)
 
     network, optimiser = setup(configured)
     with tempfile.TemporaryDirectory(prefix="brats-cnn-bench-") as tmp:
@@ -275,7 +292,7 @@ def format_table(results: dict) -> str:
 
     for variant, values in results["variants"].items():
         label = f"configured ({results['precision']}{', CL' if results['channels_last'] else ''})" \
-            if variant == "configured" else variant
+            if variant == "configured" else "configured, compiled" if variant == "configured_compiled" else variant
         lines.append(row(label, "forward", values["forward"]))
         lines.append(row("", "train_step", values["train_step"],
                          f"{results['speedup_vs_float32_nchw'][variant]:.2f}x"))

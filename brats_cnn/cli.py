@@ -173,12 +173,13 @@ def benchmark(
     iterations: int = typer.Option(20, "--iterations", help="Timed batches (after warm-up)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Preprocessed cache (or raw dataset) to time the data pipeline too."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write results JSON here."),
+    compile_network: bool = typer.Option(False, "--compile", help="Also time the configured variant under torch.compile (compiles for minutes on a CPU)."),
 ) -> None:
     """Time forward and forward+backward per batch, and the training data pipeline."""
     from brats_cnn.benchmark import run_benchmark
 
     run_benchmark(grade=grade, device=device, batch_size=batch_size, iterations=iterations,
-                  data=data, out=out)
+                  data=data, out=out, compile_network=compile_network)
 
 
 @app.command()

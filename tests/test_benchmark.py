@@ -59,3 +59,27 @@ def test_run_benchmark_on_a_tiny_cache(tmp_path, patch_size):
     assert saved["pipeline_ratio"] == pytest.approx(
         saved["pipeline"]["patches_per_s"] / saved["train_step"]["patches_per_s"])
     assert "pipeline / model-only rate" in format_table(results)
+
+
+def test_benchmark_times_the_compiled_network_as_its_own_variant(tmp_path, monkeypatch):
+    # torch.compile itself takes minutes on a CPU; an identity stand-in checks the wiring: the
+    # variant is timed on the network torch.compile returned, after compiling it once
+    import torch
+
+    from brats_cnn.model import count_parameters
+
+    compiled = []
+
+    def fake_compile(network):
+        compiled.append(count_parameters(network))
+        return network
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = load_config("smoke", ["model.architecture=lgg", "train.num_workers=0"])
+    results = run_benchmark("hgg", "cpu", batch_size=4, iterations=2, config=config, compile_network=True)
+    assert compiled == [1_933_444]
+    row = results["variants"]["configured_compiled"]
+    assert row["compile_seconds"] >= 0 and row["train_step"]["iterations"] == 2
+    assert "configured, compiled" in format_table(results)
+    assert "configured_compiled" not in run_benchmark("hgg", "cpu", batch_size=4, iterations=2,
+                                                      config=config)["variants"]
