@@ -19,6 +19,7 @@ import numpy as np
 
 from brats_cnn.fsutil import atomic_path, write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS
+from brats_cnn.metrics import HD95_ONE_EMPTY, LESION_HD95_PENALTY
 
 LESION_COLUMNS: tuple[str, ...] = ("lesion_dsc", "lesion_hd95", "gt_lesions", "detected_lesions",
                                    "missed_lesions", "fp_lesions")
@@ -394,12 +395,14 @@ def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *
     if statistics:
         parts.append("<h2>Summary</h2><p class=small>Leaderboard statistics over cases: mean &plusmn; standard "
                      "deviation (population), median, 25th and 75th percentile. Empty-mask conventions as BraTS: "
-                     "both empty gives 1 (HD95 0 mm), exactly one empty gives 0 (HD95 373.13 mm).</p>")
+                     f"both empty gives 1 (HD95 0 mm), exactly one empty gives 0 (HD95 {HD95_ONE_EMPTY:g} mm, the "
+                     f"BraTS 2017-2021 value; a missed or false-positive lesion's HD95 is "
+                     f"{LESION_HD95_PENALTY:g} mm, the BraTS 2023+ one).</p>")
         parts.append(_summary_tables(statistics))
     if summary.get("lesion_counts"):
         parts.append("<h2>Lesions</h2><p class=small>Totals over cases (lesion-wise scoring, BraTS 2023+): ground-truth "
                      "lesions above the volume threshold, those detected and missed, and predicted components that "
-                     "match no lesion (false positives, each scored DSC 0 and HD95 374 mm).</p>"
+                     f"match no lesion (false positives, each scored DSC 0 and HD95 {LESION_HD95_PENALTY:g} mm).</p>"
                      + _lesion_count_table(summary["lesion_counts"]))
     if statistics:
         parts.append("<h2>Compared with the paper</h2>" + _paper_table(statistics))
