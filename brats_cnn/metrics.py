@@ -19,8 +19,10 @@ before taking the percentile, as the BraTS evaluation package and MedPy do; ``"m
 larger of the two one-way 95th percentiles, as MONAI's ``compute_hausdorff_distance`` does;
 ``"surfel"`` takes the larger of the two one-way percentiles of surface elements on the
 voxel-corner lattice weighted by their area (:func:`surfel_distances`), the scheme of the BraTS
-2023 lesion-wise code. It is 0.0 when both masks are empty and :data:`HD95_ONE_EMPTY` (373.13 mm)
-when exactly one is.
+2023 lesion-wise code. It is 0.0 when both masks are empty and :data:`HD95_ONE_EMPTY` (373.13 mm,
+the BraTS 2017-2021 value) when exactly one is; the lesion-wise HD95 of a missed or false-positive
+lesion is :data:`LESION_HD95_PENALTY` (374 mm, the BraTS 2023+ value, which the organisers' 2023 code
+also gives its whole-region "Legacy_HD95" with one mask empty; brats-cnn keeps 373.13 there).
 
 For ``brats`` and ``monai``, a surface is the mask minus its erosion by the face-connected
 (6-neighbour) structuring element, with everything outside the array counted as background, so
@@ -42,7 +44,7 @@ from scipy import ndimage
 
 from brats_cnn.labels import REGIONS, region_mask
 
-HD95_ONE_EMPTY = 373.13  # mm, the BraTS value when exactly one mask is empty (the image diagonal)
+HD95_ONE_EMPTY = 373.13  # mm, BraTS 2017-2021 whole-region HD95 when exactly one mask is empty (the image diagonal)
 HD95_DEFINITIONS: dict[str, str] = {
     "brats": "95th percentile of the pooled surface distances of both directions "
              "(BraTS evaluation package, MedPy hd95)",
