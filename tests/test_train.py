@@ -233,6 +233,23 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cache, tmp_path, 
     assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
 
 
+def _train_until_interrupted(monkeypatch, cache, out, overrides, step):
+    """Train the smoke config into ``out`` until a KeyboardInterrupt in ``step``; its last.pt training state."""
+    real_step, calls = train.train_step, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("hgg", cache, out, config="smoke", overrides=overrides, device="cpu")
+    monkeypatch.setattr(train, "train_step", real_step)
+    return load_checkpoint(out / "last.pt").training_state
+
+
 def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, monkeypatch):
     # 4 batches per epoch; validation (patch loss) every 3 steps, last.pt every 2: mid-epoch rows and
     # checkpoints, with dropout on and the configured precision (bf16 on a CPU with native bf16)
@@ -240,19 +257,8 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, mo
     straight = run_training("hgg", cache, tmp_path / "a", config="smoke", overrides=mid, device="cpu")
     assert [(r["epoch"], r["step"]) for r in straight.history] == [(1, 3), (1, 4), (2, 6), (2, 8)]
 
-    real_step, calls = train.train_step, []
-
-    def interrupt_at_step_six(*args, **kwargs):  # after the checkpoint at step 6, inside epoch 2
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", interrupt_at_step_six)
-    with pytest.raises(KeyboardInterrupt):
-        run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=mid, device="cpu")
-    monkeypatch.setattr(train, "train_step", real_step)
-    state = load_checkpoint(tmp_path / "b" / "last.pt").training_state
+    # interrupted in the 7th step: after the checkpoint at step 6, inside epoch 2
+    state = _train_until_interrupted(monkeypatch, cache, tmp_path / "b", mid, step=7)
     assert (state["step"], state["epoch_in_progress"], state["next_batch"]) == (6, 1, 2)
     resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True)
     a, b = _weights(straight.network), _weights(resumed.network)
@@ -267,19 +273,7 @@ def test_patches_per_second_of_a_row_spanning_a_resume_counts_the_time_before_it
     # a mid-epoch checkpoint at step 2 (validation at 3): the step-3 row covers steps 1-3, two of them
     # trained before the interruption; its time must include theirs, not only step 3's
     mid = TINY + ["train.validate_every_steps=3", "train.checkpoint_every_steps=2"]
-    real_step, calls = train.train_step, []
-
-    def interrupt_at_step_three(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", interrupt_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
-        run_training("hgg", cache, tmp_path / "b", config="smoke", overrides=mid, device="cpu")
-    monkeypatch.setattr(train, "train_step", real_step)
-    state = load_checkpoint(tmp_path / "b" / "last.pt").training_state
+    state = _train_until_interrupted(monkeypatch, cache, tmp_path / "b", mid, step=3)
     assert (state["step"], state["next_batch"], state["interval"][2]) == (2, 2, 2 * 8)
     assert state["interval_seconds"] > 0
     resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True)
