@@ -478,6 +478,7 @@ def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides
             raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
         resumed_config = load_config(None, overrides, base=config_to_dict(resumed.config))
         _refuse_changed_settings(resumed.config, resumed_config, last_path)
+        _check_new_epochs(resumed, resumed_config.train.epochs, last_path)
         return resumed_config, resumed
     if last_path.is_file():
         raise ConfigError("run folder already holds last.pt; pass --resume or choose another --out", out)
@@ -494,6 +495,9 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_workers", "train.compile", "train.deterministic", "train.checkpoint_minutes",
     "train.checkpoint_every_steps", "preprocess.workers", "compute.channels_last",
     "segment.batch_size", "segment.slices_per_batch", "segment.memory_fraction")
+# ``train.epochs`` may change too (shorten or extend a run); the linear learning-rate decay then follows
+# the new length from the resumed step on, and the log says so.
+RESCHEDULABLE_KEYS: tuple[str, ...] = ("train.epochs",)
 
 
 def _refuse_changed_settings(stored: Config, requested: Config, last_path: Path) -> None:
@@ -505,12 +509,28 @@ def _refuse_changed_settings(stored: Config, requested: Config, last_path: Path)
         return out
 
     before, after = leaves(config_to_dict(stored)), leaves(config_to_dict(requested))
-    changed = [key for key in before if before[key] != after[key] and key not in RESUMABLE_KEYS]
+    allowed = RESUMABLE_KEYS + RESCHEDULABLE_KEYS
+    changed = [key for key in before if before[key] != after[key] and key not in allowed]
     if changed:
         key = changed[0]
         raise ConfigError(f"--resume cannot change {key} (the run has {before[key]!r}, --set gives {after[key]!r}): "
                           f"it would change the schedule or the data of the run; with --resume only "
-                          f"{', '.join(RESUMABLE_KEYS)} may change; start a new run in another --out", last_path)
+                          f"{', '.join(allowed)} may change; start a new run in another --out", last_path)
+
+
+def _check_new_epochs(resumed: Any, epochs: int, last_path: Path) -> None:
+    """Refuse an ``--set train.epochs`` that ends before the epoch the run has reached; warn about any other."""
+    stored = resumed.config.train.epochs
+    if epochs == stored:
+        return
+    saved = resumed.training_state or {}
+    in_progress = int(saved.get("epoch_in_progress", resumed.epoch))  # 0-based; epochs done when next_batch is 0
+    reached = in_progress + (1 if int(saved.get("next_batch", 0)) > 0 else 0)
+    if epochs < reached:
+        raise ConfigError(f"--resume cannot set train.epochs={epochs}: the run has reached epoch {reached}; "
+                          f"give at least {reached}", last_path)
+    log.warning("--resume changes train.epochs from %d to %d: from step %d on, the learning rate decays "
+                "linearly to lr_end over the new length", stored, epochs, int(resumed.training_state["step"]))
 
 
 def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser: torch.optim.Optimizer,

@@ -22,6 +22,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+
+from brats_cnn.config import load_config
+from brats_cnn.train import learning_rate
 
 from test_bad_inputs import (AFFINE, BAD, SHAPE, assert_one_line_error, case_file, checkpoints,  # noqa: F401
                              dataset, leftovers, pristine, read_nifti, run_cli, save_nifti)
@@ -325,7 +329,7 @@ def test_resume_refuses_settings_that_change_the_run_and_accepts_workers(pristin
     for override, phrase in [("sampling.total_patches=32", "--resume cannot change sampling.total_patches "
                                                            "(the run has 16, --set gives 32)"),
                              ("train.batch_size=2", "--resume cannot change train.batch_size"),
-                             ("train.epochs=3", "--resume cannot change train.epochs")]:
+                             ("train.lr_start=0.1", "--resume cannot change train.lr_start")]:
         result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--resume", "--device", "cpu",
                          "--set", override)
         assert_one_line_error(result, out / "last.pt", phrase, "train.num_workers")
@@ -333,6 +337,30 @@ def test_resume_refuses_settings_that_change_the_run_and_accepts_workers(pristin
     result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--resume", "--device", "cpu",
                      "--set", "train.num_workers=1", "--set", "train.checkpoint_minutes=5")
     assert result.returncode == 0, result.stderr
+
+
+def test_resume_may_extend_the_epochs_and_the_learning_rate_follows_the_new_length(pristine, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, *TINY_TRAIN).returncode == 0
+    done = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["training_state"]
+    steps_per_epoch = int(done["step"])  # one epoch of 16 patches in batches of 4
+    assert steps_per_epoch == 4
+    result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--resume", "--device", "cpu",
+                     "--set", "train.epochs=3")
+    assert result.returncode == 0, result.stderr
+    assert "changes train.epochs from 1 to 3" in result.stderr
+    rows = [line.split(",") for line in (out / "steps.csv").read_text().splitlines()[1:]]
+    assert [int(row[0]) for row in rows] == list(range(1, 3 * steps_per_epoch + 1))
+    cfg = load_config("smoke")
+    start, end = cfg.train.lr_start, cfg.train.lr_end
+    for step, lr, _ in rows[steps_per_epoch:]:  # the resumed steps follow a 3-epoch decay, ending at lr_end
+        assert float(lr) == pytest.approx(learning_rate(int(step) - 1, 3 * steps_per_epoch, start, end), rel=1e-6)
+    assert float(rows[-1][1]) == pytest.approx(end, rel=1e-6)
+    before = digest(out / "last.pt")
+    result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--resume", "--device", "cpu",
+                     "--set", "train.epochs=2")
+    assert_one_line_error(result, out / "last.pt", "--resume cannot set train.epochs=2", "reached epoch 3")
+    assert digest(out / "last.pt") == before
 
 
 # ---- evaluate: a prediction that matches no case ----------------------------------------------------
