@@ -127,11 +127,16 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
 
 
 def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_work(tiny_run, tmp_path):
+    from brats_cnn.model import load_checkpoint, save_checkpoint
     from brats_cnn.segment import run_segment
 
+    best = load_checkpoint(tiny_run / "run" / "best.pt")
+    uncalibrated = tmp_path / "uncalibrated.pt"  # as checkpoints written before the calibration existed
+    save_checkpoint(uncalibrated, network=best.network, config=best.config, normaliser=best.normaliser,
+                    label_convention=best.label_convention, epoch=best.epoch, training_state=None, calibration=None)
     case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
     with pytest.raises(ConfigError, match="needs a calibrated checkpoint"):
-        run_segment([case], grade="hgg", out=tmp_path / "x.nii.gz", device="cpu",
+        run_segment([case], model=uncalibrated, out=tmp_path / "x.nii.gz", device="cpu",
                     overrides=["segment.prior_alpha=0.5"])
     assert not (tmp_path / "x.nii.gz").exists()
 
