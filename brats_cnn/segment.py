@@ -319,6 +319,10 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
 MODES: tuple[str, ...] = ("auto", "exact", "fast")
 WEIGHTS_DIR_NAME = "weights"
 DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is given
+# The bundled checkpoint that serves each grade. LGG cases get the HGG network: on the sample's LGG
+# cases it scores far above the paper's LGG network trained on the one or two LGG cases the sample
+# can spare (docs/results.md, "LGG"), and three LGG cases are too few to train a better one.
+BUNDLED_CHECKPOINTS: dict[str, str] = {"hgg": "hgg.pt", "lgg": "hgg.pt"}
 
 
 @dataclass(frozen=True)
@@ -340,10 +344,10 @@ class _Target:
 
 
 def bundled_weights(grade: str) -> Any:
-    """Path of the bundled checkpoint of a grade: ``brats_cnn/weights/<grade>.pt``."""
+    """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_CHECKPOINTS`)."""
     from pathlib import Path
 
-    return Path(__file__).parent / WEIGHTS_DIR_NAME / f"{grade.lower()}.pt"
+    return Path(__file__).parent / WEIGHTS_DIR_NAME / BUNDLED_CHECKPOINTS[grade.lower()]
 
 
 def _checkpoint_path(model: Any, grade: str | None) -> Any:
@@ -361,6 +365,10 @@ def _checkpoint_path(model: Any, grade: str | None) -> Any:
         log.warning("no --grade or --model given: using the bundled %s model (the default for cases of unknown "
                     "grade; see docs/results.md)", grade.upper())
     path = bundled_weights(grade)
+    if BUNDLED_CHECKPOINTS[grade] != f"{grade}.pt":
+        log.warning("--grade %s: using the bundled %s model, which scores better on %s cases than the paper's "
+                    "%s network trained on the sample (see docs/results.md)", grade, Path(path).stem.upper(),
+                    grade.upper(), grade.upper())
     if not path.is_file():
         raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
                               f"(brats-cnn train) and pass it with --model", path)

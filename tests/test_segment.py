@@ -225,7 +225,7 @@ def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
     import brats_cnn.segment as segment
 
     monkeypatch.setattr(segment, "WEIGHTS_DIR_NAME", "no_such_weights_dir")
-    with pytest.raises(CheckpointError, match="no_such_weights_dir/lgg.pt"):
+    with pytest.raises(CheckpointError, match="no_such_weights_dir/hgg.pt"):  # LGG cases: the HGG model
         run_segment([root / "data"], grade="lgg", out=tmp_path)
     with pytest.raises(CheckpointError, match="no_such_weights_dir/hgg.pt"):  # no grade: the HGG default
         run_segment([root / "data"], out=tmp_path)
