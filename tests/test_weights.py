@@ -72,3 +72,5 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
+    assert sidecar["prior_alpha"] == 0.0  # the exponent chosen for LGG cases, not the HGG calibration's
+    assert load_checkpoint(bundled_weights("hgg")).config.segment.prior_alpha == 0.8
