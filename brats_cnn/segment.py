@@ -319,14 +319,15 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
 MODES: tuple[str, ...] = ("auto", "exact", "fast")
 WEIGHTS_DIR_NAME = "weights"
 DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is given
-# The bundled checkpoint that serves each grade. LGG cases get the HGG network: on the sample's LGG
-# cases it scores far above the paper's LGG network trained on the one or two LGG cases the sample
-# can spare (docs/results.md, "LGG"), and three LGG cases are too few to train a better one.
-BUNDLED_CHECKPOINTS: dict[str, str] = {"hgg": "hgg.pt", "lgg": "hgg.pt"}
-# Settings applied to a bundled checkpoint for a grade (before the user's --set). For LGG cases the
-# HGG model's prior correction was chosen on the two LGG cases outside the test split: alpha 0
-# (complete-tumour Dice 0.82 against 0.72 with the HGG calibration's alpha 0.8; docs/results.md).
-BUNDLED_OVERRIDES: dict[str, tuple[str, ...]] = {"hgg": (), "lgg": ("segment.prior_alpha=0",)}
+# The bundled checkpoint that serves each grade, and the settings applied to it for that grade (before
+# the user's --set). LGG cases get the HGG network: on the sample's LGG cases it beats the paper's
+# LGG network trained on the one or two LGG cases the sample can spare on the complete tumour and
+# HD95 (docs/results.md, "LGG"); its prior correction is off for them (alpha 0, chosen on the two LGG
+# cases outside the test split: complete-tumour Dice 0.82 against 0.72 with the HGG calibration's 0.8).
+BUNDLED_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hgg": ("hgg.pt", ()),
+    "lgg": ("hgg.pt", ("segment.prior_alpha=0",)),
+}
 
 
 @dataclass(frozen=True)
@@ -348,13 +349,14 @@ class _Target:
 
 
 def bundled_weights(grade: str) -> Any:
-    """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_CHECKPOINTS`)."""
+    """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_MODELS`)."""
     from pathlib import Path
 
-    return Path(__file__).parent / WEIGHTS_DIR_NAME / BUNDLED_CHECKPOINTS[grade.lower()]
+    return Path(__file__).parent / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]
 
 
-def _checkpoint_path(model: Any, grade: str | None) -> Any:
+def _checkpoint_path(model: Any, grade: str | None) -> tuple[Any, tuple[str, ...]]:
+    """The checkpoint to load and the grade's settings for it (none unless it is a bundled one)."""
     from pathlib import Path
 
     from brats_cnn.config import check_grade
@@ -363,20 +365,20 @@ def _checkpoint_path(model: Any, grade: str | None) -> Any:
     if grade is not None:
         grade = check_grade(grade)
     if model is not None:
-        return Path(model)  # with --grade as well, run_segment checks the checkpoint's grade
+        return Path(model), ()  # with --grade as well, run_segment checks the checkpoint's grade
     if grade is None:  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
         grade = DEFAULT_GRADE
         log.warning("no --grade or --model given: using the bundled %s model (the default for cases of unknown "
                     "grade; see docs/results.md)", grade.upper())
     path = bundled_weights(grade)
-    if BUNDLED_CHECKPOINTS[grade] != f"{grade}.pt":
+    if path.name != f"{grade}.pt":
         log.warning("--grade %s: using the bundled %s model, which scores better on %s cases than the paper's "
                     "%s network trained on the sample (see docs/results.md)", grade, Path(path).stem.upper(),
                     grade.upper(), grade.upper())
     if not path.is_file():
         raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
                               f"(brats-cnn train) and pass it with --model", path)
-    return path
+    return path, BUNDLED_MODELS[grade][1]
 
 
 def resolve_mode(mode: str, device: "torch.device") -> str:
@@ -656,7 +658,7 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     from brats_cnn.labels import conversion_table, get_convention
     from brats_cnn.model import load_checkpoint
 
-    checkpoint_path = _checkpoint_path(model, grade)
+    checkpoint_path, grade_overrides = _checkpoint_path(model, grade)
     torchrun = torchrun_environment()
     rank, world = torchrun.rank, torchrun.world_size
     torch_device = resolve_device(device, torchrun.local_rank)
@@ -664,7 +666,6 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     if model is not None and grade is not None and checkpoint.grade != grade.lower():
         raise ConfigError(f"checkpoint is for grade '{checkpoint.grade}' but --grade {grade.lower()} was given",
                           checkpoint_path)
-    grade_overrides = BUNDLED_OVERRIDES[grade.lower()] if model is None and grade is not None else ()
     config = load_config(None, [*grade_overrides, *(overrides or ())], base=config_to_dict(checkpoint.config))
     if config.sampling.patch_size != checkpoint.network.patch_size:  # the trained network fixes it
         raise ConfigError(f"sampling.patch_size={config.sampling.patch_size} cannot be changed at segmentation: "

@@ -518,14 +518,19 @@ def _refuse_changed_settings(stored: Config, requested: Config, last_path: Path)
                           f"{', '.join(allowed)} may change; start a new run in another --out", last_path)
 
 
+def _saved_position(resumed: Any) -> tuple[int, int]:
+    """``(epoch in progress (0-based), next batch)`` of a ``last.pt``; the epoch is done when the batch is 0."""
+    saved = resumed.training_state
+    return int(saved.get("epoch_in_progress", resumed.epoch)), int(saved.get("next_batch", 0))
+
+
 def _check_new_epochs(resumed: Any, epochs: int, last_path: Path) -> None:
     """Refuse an ``--set train.epochs`` that ends before the epoch the run has reached; warn about any other."""
     stored = resumed.config.train.epochs
     if epochs == stored:
         return
-    saved = resumed.training_state or {}
-    in_progress = int(saved.get("epoch_in_progress", resumed.epoch))  # 0-based; epochs done when next_batch is 0
-    reached = in_progress + (1 if int(saved.get("next_batch", 0)) > 0 else 0)
+    in_progress, next_batch = _saved_position(resumed)
+    reached = in_progress + (1 if next_batch > 0 else 0)
     if epochs < reached:
         raise ConfigError(f"--resume cannot set train.epochs={epochs}: the run has reached epoch {reached}; "
                           f"give at least {reached}", last_path)
@@ -540,8 +545,7 @@ def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser:
     network.load_state_dict(resumed.network.state_dict())
     optimiser.load_state_dict(saved["optimiser"])
     state.step = int(saved["step"])
-    state.epoch = int(saved.get("epoch_in_progress", resumed.epoch))
-    state.batch = int(saved.get("next_batch", 0))
+    state.epoch, state.batch = _saved_position(resumed)
     state.best_score = float(saved["best_score"])
     state.interval = torch.tensor(saved.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64)
     state.interval_seconds = float(saved.get("interval_seconds", 0.0))  # older checkpoints: rate of one row too high
