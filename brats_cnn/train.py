@@ -288,6 +288,7 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
         of :mod:`brats_cnn.calibrate`, which ``calibrate`` later tunes on the same cases).
     """
     from brats_cnn.calibrate import apply_class_prior, region_dice
+    from brats_cnn.labels import classify
     from brats_cnn.preprocess import load_cached_case
     from brats_cnn.segment import predict_fast
 
@@ -310,7 +311,8 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
                                      background_value=config.preprocess.background_value)
         for alpha in alphas:
             corrected = apply_class_prior(probabilities, frequencies, alpha) if alpha else probabilities
-            for region, value in region_dice(corrected.argmax(0), truth, convention).items():
+            classes = classify(corrected, convention, config.segment.decision)
+            for region, value in region_dice(classes, truth, convention).items():
                 scores[alpha][region].append(value)
     plain.train(was_training)
     return {a: {region: float(np.mean(values)) for region, values in per.items()} for a, per in scores.items()}
@@ -474,6 +476,9 @@ def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides
         if not last_path.is_file():
             raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
         resumed = load_checkpoint(last_path)
+        if not resumed.training_state or "optimiser" not in resumed.training_state:
+            raise CheckpointError("holds no training state (a best.pt or a calibrated model copied over it?); "
+                                  "--resume needs the last.pt that train wrote", last_path)
         if resumed.grade != grade:
             raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
         resumed_config = load_config(None, overrides, base=config_to_dict(resumed.config))

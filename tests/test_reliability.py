@@ -337,6 +337,11 @@ def test_resume_refuses_settings_that_change_the_run_and_accepts_workers(pristin
     result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--resume", "--device", "cpu",
                      "--set", "train.num_workers=1", "--set", "train.checkpoint_minutes=5")
     assert result.returncode == 0, result.stderr
+    shutil.copyfile(out / "best.pt", out / "last.pt")  # a model without training state in last.pt's place
+    before = digest(out / "last.pt")
+    result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, "--resume", "--device", "cpu")
+    assert_one_line_error(result, out / "last.pt", "holds no training state", "the last.pt that train wrote")
+    assert digest(out / "last.pt") == before
 
 
 def test_resume_may_extend_the_epochs_and_the_learning_rate_follows_the_new_length(pristine, tmp_path):
