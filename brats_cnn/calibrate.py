@@ -10,9 +10,10 @@ and is chosen on validation cases (the sampling is only approximately uniform, a
 not a perfect estimator).
 
 :func:`run_calibrate` reads a training run folder, predicts every validation case once per
-test-time-augmentation setting, and picks the ``alpha`` x TTA x post-processing combination with the
-best mean validation Dice; it writes a calibrated checkpoint whose config holds the choice
-(``segment.prior_alpha``, ``segment.tta_rotations``, ``postprocess.keep_largest``) and whose
+test-time-augmentation setting, and picks the ``alpha`` x TTA x decision rule x post-processing
+combination with the best mean validation Dice; it writes a calibrated checkpoint whose config holds
+the choice (``segment.prior_alpha``, ``segment.tta_rotations``, ``segment.decision``,
+``postprocess.keep_largest``) and whose
 ``calibration`` holds the class frequencies and the whole validation table.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
+from brats_cnn.labels import DECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +98,15 @@ class Choice:
     alpha: float
     tta: str
     keep_largest: bool
+    decision: str
     dice: dict
     score: float
 
 
 def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.ndarray],
                    frequencies: np.ndarray, postprocess: Any, convention: str,
-                   alphas: Sequence[float] = ALPHAS) -> list[Choice]:
-    """Mean validation Dice of every ``alpha`` x TTA setting x keep-largest combination.
+                   alphas: Sequence[float] = ALPHAS, decisions: Sequence[str] = DECISIONS) -> list[Choice]:
+    """Mean validation Dice of every ``alpha`` x TTA setting x decision rule x keep-largest combination.
 
     Args:
         probabilities: per TTA setting name, the ``(C, X, Y, Z)`` probabilities of each case.
@@ -113,24 +116,29 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
     """
     from dataclasses import replace
 
-    from brats_cnn.labels import REGIONS
+    from brats_cnn.labels import REGIONS, classify
     from brats_cnn.postprocess import postprocess_labels
 
     choices = []
     for tta, per_case in probabilities.items():
         for alpha in alphas:
-            classes = [apply_class_prior(p, frequencies, alpha).argmax(0).astype(np.uint8) for p in per_case]
-            for keep_largest in (False, True):
-                config = replace(postprocess, keep_largest=keep_largest)
-                scores = [region_dice(postprocess_labels(c, config), t, convention) for c, t in zip(classes, truths)]
-                mean = {region: float(np.mean([s[region] for s in scores])) for region in REGIONS}
-                choices.append(Choice(float(alpha), tta, keep_largest, mean, float(np.mean(list(mean.values())))))
+            corrected = [apply_class_prior(p, frequencies, alpha) for p in per_case]
+            for decision in decisions:
+                classes = [classify(p, convention, decision) for p in corrected]
+                for keep_largest in (False, True):
+                    config = replace(postprocess, keep_largest=keep_largest)
+                    scores = [region_dice(postprocess_labels(c, config), t, convention)
+                              for c, t in zip(classes, truths)]
+                    mean = {region: float(np.mean([s[region] for s in scores])) for region in REGIONS}
+                    choices.append(Choice(float(alpha), tta, keep_largest, decision, mean,
+                                          float(np.mean(list(mean.values())))))
     return choices
 
 
 def best_choice(choices: Sequence[Choice]) -> Choice:
-    """The highest score; ties go to the simpler setting (no TTA, no keep-largest, smaller alpha)."""
-    return max(choices, key=lambda c: (round(c.score, 6), c.tta == "none", not c.keep_largest, -c.alpha))
+    """The highest score; ties go to the simpler setting (no TTA, argmax, no keep-largest, smaller alpha)."""
+    return max(choices, key=lambda c: (round(c.score, 6), c.tta == "none", c.decision == "argmax",
+                                       not c.keep_largest, -c.alpha))
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -208,13 +216,14 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
         log.info("validation case %s predicted (%s)", folder.name, ", ".join(settings))
     choices = score_settings(probabilities, truths, frequencies, checkpoint.config.postprocess, convention)
     best = best_choice(choices)
-    baseline = next(c for c in choices if c.alpha == 0 and c.tta == "none" and not c.keep_largest)
-    log.info("chosen: alpha %.1f, tta %s, keep_largest %s: validation Dice %s (uncalibrated %s)", best.alpha,
-             best.tta, best.keep_largest, {k: round(v, 4) for k, v in best.dice.items()},
+    baseline = next(c for c in choices
+                    if c.alpha == 0 and c.tta == "none" and not c.keep_largest and c.decision == "argmax")
+    log.info("chosen: alpha %.1f, tta %s, decision %s, keep_largest %s: validation Dice %s (uncalibrated %s)",
+             best.alpha, best.tta, best.decision, best.keep_largest, {k: round(v, 4) for k, v in best.dice.items()},
              {k: round(v, 4) for k, v in baseline.dice.items()})
 
     values = config_to_dict(checkpoint.config)
-    values["segment"].update(prior_alpha=best.alpha, tta_rotations=list(settings[best.tta]))
+    values["segment"].update(prior_alpha=best.alpha, tta_rotations=list(settings[best.tta]), decision=best.decision)
     values["postprocess"]["keep_largest"] = best.keep_largest
     summary = {
         "model": str(model), "validation_cases": [p.name for p in val_dirs],

@@ -103,6 +103,7 @@ class SegmentConfig:
     memory_fraction: float = 0.5  # exact mode on CUDA: share of free GPU memory for a batch (choice)
     prior_alpha: float = 0.0  # (choice) prior correction p(c|x) * pi_c^alpha of the class-balanced posterior; 0 = off
     tta_rotations: tuple[int, ...] = (0,)  # (choice) average the probabilities over these in-plane rotations (degrees)
+    decision: str = "argmax"  # (choice) argmax: most probable class; regions: nested regions by probability mass
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ _CHOICES = {
     "grade": GRADES,
     "model.architecture": GRADES,
     "segment.mode": ("auto", "exact", "fast"),
+    "segment.decision": ("argmax", "regions"),  # labels.DECISIONS; tests/test_config.py checks they agree
     "data.label_convention": ("brats2013", "brats2017", "brats2023", "msd"),
     "preprocess.cache_dtype": ("float16", "float32"),
     "postprocess.connectivity": (1, 2, 3),

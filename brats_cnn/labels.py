@@ -27,6 +27,8 @@ import numpy as np
 from brats_cnn.errors import InputError
 
 REGIONS: tuple[str, ...] = ("complete", "core", "enhancing")
+# How ``classify`` turns class probabilities into one class per voxel.
+DECISIONS: tuple[str, ...] = ("argmax", "regions")
 
 
 @dataclass(frozen=True)
@@ -181,3 +183,40 @@ def convert_labels(labels: np.ndarray, source: str | LabelConvention,
     mapping = conversion_table(source, target)
     table = _lookup_table(tuple(mapping), tuple(mapping.values()))
     return _apply_table(table, labels, _as_convention(source)).astype(np.uint8)
+
+
+def class_strata(convention: str | LabelConvention) -> np.ndarray:
+    """``(num_classes,)`` int: 0 outside the complete region, 1 complete minus core, 2 core minus
+    enhancing, 3 enhancing (the nested evaluation regions, outermost first)."""
+    conv = _as_convention(convention)
+    labels = np.asarray(conv.labels)
+    return sum(np.isin(labels, conv.regions[region]).astype(np.int64) for region in REGIONS)
+
+
+def classify(probabilities: np.ndarray, convention: str | LabelConvention, decision: str = "argmax") -> np.ndarray:
+    """One class index per voxel from ``(C, ...)`` class probabilities -> ``(...)`` ``uint8``.
+
+    ``argmax`` takes the most probable class. ``regions`` decides the nested evaluation regions
+    from the outside in, each by the probability mass of its classes: tumour if
+    P(complete) > P(outside), then core if P(core) > P(complete minus core) inside it, then
+    enhancing if P(enhancing) > P(core minus enhancing); the class is the most probable one of the
+    stratum reached (ties go outward). A voxel whose tumour probability is spread over several
+    tumour classes, none beating background alone, is then tumour, as the complete-region Dice
+    counts it.
+    """
+    if decision == "argmax":
+        return np.asarray(probabilities).argmax(axis=0).astype(np.uint8)
+    if decision != "regions":
+        raise InputError(f"unknown decision '{decision}' (expected one of: {', '.join(DECISIONS)})")
+    strata = class_strata(convention)
+    if strata.shape != (probabilities.shape[0],):
+        raise InputError(f"the {_as_convention(convention).name} convention has {strata.size} classes but the "
+                         f"probabilities have {probabilities.shape[0]}")
+    # inner[s]: probability mass of the classes in stratum s or deeper (inner[0] = 1)
+    inner = [probabilities[strata >= s].sum(axis=0) for s in range(4)]
+    reached = np.zeros(probabilities.shape[1:], dtype=np.int64)
+    for s in (1, 2, 3):  # P(stratum s and deeper) against P(stratum s - 1 alone), among voxels that got to s - 1
+        deeper = inner[s] > inner[s - 1] - inner[s]
+        reached += (reached == s - 1) & deeper
+    in_stratum = strata.reshape((-1,) + (1,) * reached.ndim) == reached[None]
+    return np.where(in_stratum, probabilities, -1).argmax(axis=0).astype(np.uint8)

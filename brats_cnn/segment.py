@@ -540,7 +540,7 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     from brats_cnn import __version__
     from brats_cnn.fsutil import write_json_atomic
     from brats_cnn.io import load_case, save_label_map, save_volume
-    from brats_cnn.labels import convert_labels, from_class_indices
+    from brats_cnn.labels import classify, convert_labels, from_class_indices
     from brats_cnn.normalise import normalise_case
     from brats_cnn.calibrate import apply_class_prior
     from brats_cnn.postprocess import postprocess_labels
@@ -565,7 +565,7 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     if config.segment.prior_alpha > 0:
         probabilities = apply_class_prior(probabilities, prior_frequencies(checkpoint, checkpoint_path),
                                           config.segment.prior_alpha)
-    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    classes = classify(probabilities, checkpoint.label_convention, config.segment.decision)
     lap("predict")
     removed = 0
     if postprocess:
@@ -610,6 +610,7 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
         "label_convention": convention,
         "prior_alpha": config.segment.prior_alpha,
         "tta_rotations": list(config.segment.tta_rotations),
+        "decision": config.segment.decision,
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
                         "connectivity": config.postprocess.connectivity,
                         "keep_largest": config.postprocess.keep_largest, "removed_voxels": removed},

@@ -63,7 +63,7 @@ def test_score_settings_finds_the_alpha_that_removes_a_false_positive():
     probs[0, 8, 8, 8], probs[2, 8, 8, 8] = 0.45, 0.55
     frequencies = np.array([0.9, 0.02, 0.05, 0.01, 0.02])
     choices = score_settings({"none": [probs]}, [truth], frequencies, PostprocessConfig(min_component_voxels=1),
-                             "brats2017", alphas=(0.0, 1.0))
+                             "brats2017", alphas=(0.0, 1.0), decisions=("argmax",))
     assert len(choices) == 4
     by_key = {(c.alpha, c.keep_largest): c for c in choices}
     assert by_key[(0.0, False)].dice["complete"] == pytest.approx(2 * 27 / (27 + 28))
@@ -74,9 +74,9 @@ def test_score_settings_finds_the_alpha_that_removes_a_false_positive():
 
 
 def test_best_choice_tie_breaking():
-    make = lambda alpha, tta, largest, score: Choice(alpha, tta, largest, {}, score)  # noqa: E731
+    make = lambda alpha, tta, largest, score, decision="argmax": Choice(alpha, tta, largest, decision, {}, score)  # noqa: E731
     choices = [make(0.5, "rot90", False, 0.8), make(0.7, "none", False, 0.8), make(0.3, "none", True, 0.8),
-               make(0.9, "none", False, 0.8)]
+               make(0.9, "none", False, 0.8), make(0.1, "none", False, 0.8, "regions")]
     assert best_choice(choices) == choices[1]
     assert best_choice(choices + [make(0.1, "rot90", True, 0.81)]).score == 0.81
 
@@ -104,9 +104,10 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
     frequencies = best.calibration["class_frequencies"]  # written by train
     assert len(frequencies) == 4 and sum(frequencies) == pytest.approx(1.0)
     summary = run_calibrate(run, device="cpu", tta=False)
-    assert len(summary["table"]) == 2 * len(ALPHAS)
+    assert len(summary["table"]) == 2 * 2 * len(ALPHAS)  # keep-largest x decision rule x alpha
     calibrated = load_checkpoint(run / "calibrated.pt")
     assert calibrated.config.segment.prior_alpha == summary["chosen"]["alpha"]
+    assert calibrated.config.segment.decision == summary["chosen"]["decision"]
     assert calibrated.config.postprocess.keep_largest == summary["chosen"]["keep_largest"]
     assert calibrated.calibration["class_frequencies"] == pytest.approx(frequencies)
     assert json.loads((run / "calibrated.json").read_text())["chosen"] == summary["chosen"]

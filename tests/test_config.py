@@ -278,6 +278,8 @@ def test_lesion_wise_presets_of_the_config_are_those_of_metrics():
     from brats_cnn.metrics import LESION_PRESETS
 
     assert C._CHOICES["evaluate.lesion_wise.preset"] == (*LESION_PRESETS, "none")
+    from brats_cnn.labels import DECISIONS
+    assert C._CHOICES["segment.decision"] == DECISIONS
     assert C.Config().evaluate.lesion_wise == C.LesionWiseConfig("gli", None, None)
 
 

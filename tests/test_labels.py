@@ -165,3 +165,39 @@ def test_validate_labels_messages():
     with pytest.raises(InputError) as info:
         L.validate_labels(np.array([0.0, np.nan]), "msd")
     assert str(info.value) == "label map contains NaN or infinite values"
+
+
+def test_class_strata_follow_each_conventions_regions():
+    np.testing.assert_array_equal(L.class_strata("brats2017"), [0, 2, 1, 3])  # bg, core_non_enh, edema, enh
+    np.testing.assert_array_equal(L.class_strata("msd"), [0, 1, 2, 3])  # bg, edema, non_enh, enh
+    np.testing.assert_array_equal(L.class_strata("brats2013"), [0, 2, 1, 2, 3])
+
+
+def test_region_decision_by_hand():
+    # brats2017 class order: 0 bg, 1 core without enhancement, 2 edema, 3 enhancing; one voxel per column
+    probs = np.array([[0.40, 0.50, 0.10, 0.10, 0.45],
+                      [0.20, 0.10, 0.10, 0.30, 0.05],
+                      [0.25, 0.30, 0.60, 0.20, 0.30],
+                      [0.15, 0.10, 0.20, 0.40, 0.20]], dtype=np.float32)
+    np.testing.assert_array_equal(L.classify(probs, "brats2017"), [0, 0, 2, 3, 0])
+    # 1: tumour 0.60 > 0.40, core 0.35 > edema 0.25, enhancing 0.15 < 0.20 -> core without enhancement;
+    # 2: tumour 0.50 = 0.50, a tie goes outward; 5: tumour 0.55 > 0.45, core 0.25 < edema 0.30
+    np.testing.assert_array_equal(L.classify(probs, "brats2017", "regions"), [1, 0, 2, 3, 2])
+    # brats2013: core minus enhancing holds necrosis and non-enhancing; the more probable one wins
+    five = np.array([[0.30], [0.15], [0.20], [0.20], [0.15]], dtype=np.float32)
+    np.testing.assert_array_equal(L.classify(five, "brats2013", "regions"), [3])
+    with pytest.raises(InputError, match="unknown decision 'vote'"):
+        L.classify(probs, "brats2017", "vote")
+    with pytest.raises(InputError, match="brats2013 convention has 5 classes but the probabilities have 4"):
+        L.classify(probs, "brats2013", "regions")
+
+
+def test_region_decision_calls_tumour_wherever_background_is_below_one_half():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=(6, 7, 5)).transpose(3, 0, 1, 2).astype(np.float32)
+    classes = L.classify(probs, "brats2023", "regions")
+    assert classes.shape == (6, 7, 5) and classes.dtype == np.uint8
+    np.testing.assert_array_equal(classes > 0, probs[0] < probs[1:].sum(axis=0))
+    argmax = L.classify(probs, "brats2023")
+    assert np.all((argmax > 0) <= (classes > 0))  # regions calls tumour wherever argmax does, and more
+    assert np.count_nonzero(classes > 0) > np.count_nonzero(argmax > 0)
