@@ -116,9 +116,9 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
     case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
     out = tiny_run / "seg"
     run_segment([case], model=run / "calibrated.pt", out=out / "a.nii.gz", device="cpu",
-                overrides=["segment.prior_alpha=0.5"])
+                overrides=["segment.prior_alpha=0.5", "segment.decision=regions"])
     sidecar = json.loads((out / "a.json").read_text())
-    assert sidecar["prior_alpha"] == 0.5 and sidecar["tta_rotations"] == [0]
+    assert sidecar["prior_alpha"] == 0.5 and sidecar["tta_rotations"] == [0] and sidecar["decision"] == "regions"
     before = (run / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match="--out would write over the checkpoint being calibrated"):
         run_calibrate(run, model=run / "best.pt", out=run / "best.pt", device="cpu", tta=False)
