@@ -476,11 +476,11 @@ def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides
         if not last_path.is_file():
             raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
         resumed = load_checkpoint(last_path)
+        if resumed.grade != grade:
+            raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
         if not resumed.training_state or "optimiser" not in resumed.training_state:
             raise CheckpointError("holds no training state (a best.pt or a calibrated model copied over it?); "
                                   "--resume needs the last.pt that train wrote", last_path)
-        if resumed.grade != grade:
-            raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
         resumed_config = load_config(None, overrides, base=config_to_dict(resumed.config))
         _refuse_changed_settings(resumed.config, resumed_config, last_path)
         _check_new_epochs(resumed, resumed_config.train.epochs, last_path)
