@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
-from brats_cnn.labels import DECISIONS
+from brats_cnn.labels import DECISIONS, REGIONS, classify, from_class_indices, get_convention, region_masks
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ def apply_class_prior(probabilities: np.ndarray, frequencies: Sequence[float], a
 
 def region_dice(classes: np.ndarray, truth: np.ndarray, convention: str) -> dict[str, float]:
     """Dice of complete/core/enhancing between two ``(X, Y, Z)`` class-index maps."""
-    from brats_cnn.labels import REGIONS, from_class_indices, region_masks
     from brats_cnn.metrics import dice
 
     predicted = region_masks(from_class_indices(classes, convention), convention)
@@ -116,7 +115,6 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
     """
     from dataclasses import replace
 
-    from brats_cnn.labels import REGIONS, classify
     from brats_cnn.postprocess import postprocess_labels
 
     choices = []
@@ -178,7 +176,6 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
     from brats_cnn.config import config_from_dict, config_to_dict
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.fsutil import write_json_atomic
-    from brats_cnn.labels import get_convention
     from brats_cnn.model import load_checkpoint, save_checkpoint
     from brats_cnn.preprocess import load_cached_case
     from brats_cnn.sampling import cases_label_mask

@@ -189,8 +189,7 @@ def class_strata(convention: str | LabelConvention) -> np.ndarray:
     """``(num_classes,)`` int: 0 outside the complete region, 1 complete minus core, 2 core minus
     enhancing, 3 enhancing (the nested evaluation regions, outermost first)."""
     conv = _as_convention(convention)
-    labels = np.asarray(conv.labels)
-    return sum(np.isin(labels, conv.regions[region]).astype(np.int64) for region in REGIONS)
+    return sum(region_mask(np.asarray(conv.labels), conv, region).astype(np.int64) for region in REGIONS)
 
 
 def classify(probabilities: np.ndarray, convention: str | LabelConvention, decision: str = "argmax") -> np.ndarray:

@@ -373,7 +373,7 @@ def _checkpoint_path(model: Any, grade: str | None) -> tuple[Any, tuple[str, ...
     path = bundled_weights(grade)
     if path.name != f"{grade}.pt":
         log.warning("--grade %s: using the bundled %s model, which scores better on %s cases than the paper's "
-                    "%s network trained on the sample (see docs/results.md)", grade, Path(path).stem.upper(),
+                    "%s network trained on the sample (see docs/results.md)", grade, path.stem.upper(),
                     grade.upper(), grade.upper())
     if not path.is_file():
         raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
