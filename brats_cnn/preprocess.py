@@ -13,7 +13,7 @@ Cache layout (see ``docs/architecture.md`` and ``docs/preprocessing.md``)::
     <cache>/.percase/<case_id>/      per-case work kept between runs (see below)
 
 Each case's ``meta.json`` holds a cache key: a hash of the normaliser state, the config values
-that change the arrays and the source files' sizes and modification times. A rerun skips a case
+that change the arrays and the source files' sizes and content digests. A rerun skips a case
 whose key is unchanged; anything else recomputes it.
 
 A run goes: (1) check every case cheaply (readable, same grid, finite, valid labels, each
@@ -39,7 +39,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -149,7 +149,11 @@ def _digest(payload: Any) -> str:
 
 
 def source_fingerprint(ref: Any, *, images_only: bool = False) -> list[list]:
-    """``[name, size, mtime_ns]`` of a case's source files (images, then the label map)."""
+    """``[name, size, content digest]`` of a case's source files (images, then the label map).
+
+    By content, not modification time: a copy of the data with new mtimes (a fresh checkout, ``cp``
+    or ``rsync`` without ``-t``) keeps its cache; any change of a file's bytes recomputes it.
+    """
     paths = list(ref.image_paths)
     if ref.label_path is not None and not images_only:
         paths.append(ref.label_path)
@@ -157,10 +161,19 @@ def source_fingerprint(ref: Any, *, images_only: bool = False) -> list[list]:
     for path in paths:
         try:
             st = Path(path).stat()
+            digest = _file_digest(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         except OSError as exc:
             raise InputError(f"cannot read source file ({exc.strerror})", path) from None
-        out.append([str(Path(path).name), st.st_size, st.st_mtime_ns])
+        out.append([str(Path(path).name), st.st_size, digest])
     return out
+
+
+@lru_cache(maxsize=1024)
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """SHA-256 of a file's bytes (a few ms for a BraTS sequence); memoised per size, mtime and inode,
+    which are part of the arguments only so that a rewritten file is read again."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:32]
 
 
 def _n4_settings(n4: Any) -> dict:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -124,12 +124,23 @@ def test_changed_source_or_incomplete_case_recomputes_only_that_case(dataset, tm
     with pytest.raises(InputError, match="incomplete"):
         load_cached_case(out / "Phantom_002")
     t1 = next((dataset / "Phantom_000").glob("*_t1.nii.gz"))
-    os.utime(t1, ns=(t1.stat().st_atime_ns, t1.stat().st_mtime_ns + 10**9))
+    t1.write_bytes(gzip.compress(gzip.decompress(t1.read_bytes()), mtime=0))  # same image, other bytes
     result = preprocess_dataset(dataset, out, config=config, fit=True)
-    # the touched file changes the fit key, so the normaliser is refitted; it comes out identical,
+    # the changed file changes the fit key, so the normaliser is refitted; it comes out identical,
     # so the untouched complete case keeps its cache key
     assert result.fitted
     assert result.written == ("Phantom_000", "Phantom_002") and result.skipped == ("Phantom_001",)
+
+
+def test_a_copy_of_the_data_with_new_mtimes_keeps_the_cache(dataset, tmp_path, config):
+    first = Path(shutil.copytree(dataset, tmp_path / "data"))
+    out = tmp_path / "cache"
+    preprocess_dataset(first, out, config=config, fit=True)
+    copy = Path(shutil.copytree(first, tmp_path / "copy", copy_function=shutil.copyfile))  # new mtimes
+    t1 = next((first / "Phantom_000").glob("*_t1.nii.gz"))
+    assert next((copy / "Phantom_000").glob("*_t1.nii.gz")).stat().st_mtime_ns != t1.stat().st_mtime_ns
+    again = preprocess_dataset(copy, out, config=config, fit=True)
+    assert not again.fitted and again.written == () and len(again.skipped) == 3
 
 
 def test_saved_normaliser_is_applied_unchanged(fitted_cache, tmp_path):
