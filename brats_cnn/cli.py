@@ -166,6 +166,18 @@ def evaluate(
 
 
 @app.command()
+def average(
+    checkpoints: List[Path] = typer.Argument(..., metavar="CHECKPOINT", help="Two or more checkpoints of one run, e.g. copies of last.pt from the end of training."),
+    out: Path = typer.Option(..., "--out", "-o", help="The averaged checkpoint (no training state or calibration: calibrate it next)."),
+) -> None:
+    """Average the weights of checkpoints of one run (stochastic weight averaging)."""
+    from brats_cnn.model import run_average
+
+    written = run_average(checkpoints, out)
+    typer.echo(f"averaged {len(checkpoints)} checkpoints: {written}")
+
+
+@app.command()
 def benchmark(
     grade: str = typer.Option("hgg", "--grade", help="Network to time: hgg or lgg."),
     device: str = DeviceOpt,

@@ -310,3 +310,68 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
                       channel_order=tuple(payload["channel_order"]), normaliser=normaliser,
                       epoch=int(payload["epoch"]), training_state=payload["training_state"],
                       format_version=int(payload["format_version"]), calibration=payload.get("calibration"))
+
+
+def _run_difference(first: Checkpoint, other: Checkpoint) -> str | None:
+    """What makes two checkpoints unfit to average (not the same network, data or preprocessing), or None."""
+    a, b = first.network, other.network
+    for what, mine, theirs in (
+            ("architecture", a.architecture, b.architecture), ("number of classes", a.num_classes, b.num_classes),
+            ("patch size", a.patch_size, b.patch_size), ("grade", first.grade, other.grade),
+            ("label convention", first.label_convention, other.label_convention),
+            ("channel order", first.channel_order, other.channel_order)):
+        if mine != theirs:
+            return f"{what} {theirs!r}, not {mine!r}"
+    if first.normaliser.to_dict() != other.normaliser.to_dict():
+        return "another normaliser (Nyul landmarks / z-score statistics): trained on other data"
+    return None
+
+
+def average_checkpoints(paths: list[str | Path]) -> Checkpoint:
+    """The equal-weight average of the weights of two or more checkpoints of one run.
+
+    Stochastic weight averaging (Izmailov et al. 2018) over saved checkpoints, done by
+    ``torch.optim.swa_utils.AveragedModel``: the network has no batch-norm statistics to refit.
+    The result carries the first checkpoint's config and normaliser, the largest epoch, the class
+    frequencies of the training cases (the same for every checkpoint of a run) and no training
+    state; the prior correction, TTA and post-processing chosen for the checkpoints it came from need
+    not suit it: calibrate it next.
+
+    Raises:
+        ConfigError: fewer than two checkpoints.
+        CheckpointError: an unreadable checkpoint, or one of another network, grade, label
+            convention, channel order or normaliser than the first (naming the file).
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    if len(paths) < 2:
+        raise ConfigError(f"averaging needs at least two checkpoints, got {len(paths)}")
+    first = load_checkpoint(paths[0])
+    averaged = AveragedModel(first.network)
+    averaged.update_parameters(first.network)
+    epoch = first.epoch
+    for path in paths[1:]:
+        other = load_checkpoint(path)
+        difference = _run_difference(first, other)
+        if difference:
+            raise CheckpointError(f"cannot average with {paths[0]}: {difference}", path)
+        averaged.update_parameters(other.network)
+        epoch = max(epoch, other.epoch)
+    network = averaged.module.eval()
+    return Checkpoint(network=network, config=first.config, grade=first.grade,
+                      label_convention=first.label_convention, channel_order=first.channel_order,
+                      normaliser=first.normaliser, epoch=epoch, training_state=None,
+                      format_version=CHECKPOINT_FORMAT_VERSION,
+                      calibration={"class_frequencies": first.calibration["class_frequencies"]}
+                      if first.calibration and "class_frequencies" in first.calibration else None)
+
+
+def run_average(checkpoints: list[Path], out: Path) -> Path:
+    """The ``brats-cnn average`` command: write the average of ``checkpoints`` to ``out`` atomically."""
+    out = Path(out)
+    if out.exists() and any(out.resolve() == Path(path).resolve() for path in checkpoints):
+        raise ConfigError("--out would write over one of the checkpoints being averaged; choose another file", out)
+    averaged = average_checkpoints(list(checkpoints))
+    return save_checkpoint(out, network=averaged.network, config=averaged.config, normaliser=averaged.normaliser,
+                           label_convention=averaged.label_convention, epoch=averaged.epoch,
+                           calibration=averaged.calibration)

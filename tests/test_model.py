@@ -14,8 +14,9 @@ from torch import nn
 from brats_cnn import normalise
 from brats_cnn.config import load_config
 from brats_cnn.errors import CheckpointError, ConfigError
-from brats_cnn.model import (CHECKPOINT_FORMAT_VERSION, PereiraCNN, build_network, check_patch_size,
-                             count_parameters, feature_size, load_checkpoint, save_checkpoint, unwrap_network)
+from brats_cnn.model import (CHECKPOINT_FORMAT_VERSION, PereiraCNN, average_checkpoints, build_network,
+                             check_patch_size, count_parameters, feature_size, load_checkpoint, run_average,
+                             save_checkpoint, unwrap_network)
 
 
 @pytest.mark.parametrize(("architecture", "classes", "expected"), [
@@ -249,3 +250,63 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path, writer):
         load_checkpoint(path)
     assert str(path) in str(err.value)
     assert not target.exists()
+
+
+# ---- checkpoint averaging ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fitted_state():
+    return _any_normaliser_state(normalise)
+
+
+def _trained_copy(path: Path, seed: int, epoch: int, normaliser, architecture: str = "hgg") -> Path:
+    config = load_config("smoke", [f"model.architecture={architecture}"])
+    torch.manual_seed(seed)
+    net = build_network(config.model, 4, patch_size=config.sampling.patch_size)
+    return save_checkpoint(path, network=net, config=config, normaliser=normaliser,
+                           label_convention="brats2017", epoch=epoch, training_state={"step": epoch},
+                           calibration={"class_frequencies": [0.9, 0.04, 0.03, 0.02, 0.01], "alpha": seed})
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path, fitted_state):
+    paths = [_trained_copy(tmp_path / f"s{i}.pt", i, e, fitted_state) for i, e in enumerate((4, 6, 5))]
+    written = run_average(paths, tmp_path / "avg.pt")
+    averaged = load_checkpoint(written)
+    nets = [load_checkpoint(p).network.state_dict() for p in paths]
+    for name, tensor in averaged.network.state_dict().items():
+        expected = (nets[0][name] + nets[1][name] + nets[2][name]) / 3
+        assert not torch.equal(nets[0][name], nets[1][name]) or name.endswith("bias")
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+    assert averaged.epoch == 6 and averaged.training_state is None
+    assert averaged.calibration == {"class_frequencies": [0.9, 0.04, 0.03, 0.02, 0.01]}  # the rest is dropped
+    assert averaged.config == load_checkpoint(paths[0]).config
+
+
+def test_average_refuses_checkpoints_of_another_run(tmp_path, fitted_state):
+    import dataclasses
+
+    first = _trained_copy(tmp_path / "a.pt", 0, 1, fitted_state)
+    lgg = _trained_copy(tmp_path / "lgg.pt", 1, 1, fitted_state, architecture="lgg")
+    with pytest.raises(CheckpointError, match=r"lgg\.pt: cannot average with .*a\.pt: architecture 'lgg', not 'hgg'"):
+        average_checkpoints([first, lgg])
+    other_data = _trained_copy(tmp_path / "b.pt", 1, 1, dataclasses.replace(fitted_state, n_cases=2))
+    with pytest.raises(CheckpointError, match=r"b\.pt: .*another normaliser"):
+        average_checkpoints([first, other_data])
+    with pytest.raises(ConfigError, match="at least two checkpoints, got 1"):
+        average_checkpoints([first])
+
+
+def test_average_command_errors_leave_nothing_written(tmp_path, capsys, fitted_state):
+    from brats_cnn.cli import main
+
+    a, b = _trained_copy(tmp_path / "a.pt", 0, 1, fitted_state), _trained_copy(tmp_path / "b.pt", 1, 2, fitted_state)
+    before = a.read_bytes()
+    assert main(["average", str(a), str(b), "--out", str(a)]) == 2
+    assert "would write over one of the checkpoints" in capsys.readouterr().err and a.read_bytes() == before
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    assert main(["average", str(a), str(tmp_path / "broken.pt"), "--out", str(tmp_path / "avg.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("brats-cnn: error: ") and "broken.pt" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "avg.pt").exists()
+    assert main(["average", str(a), str(b), "--out", str(tmp_path / "avg.pt")]) == 0
+    assert load_checkpoint(tmp_path / "avg.pt").epoch == 2
