@@ -494,11 +494,12 @@ def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides
     return load_config(config or f"pereira_{grade}", overrides), None
 
 
-# Settings that ``train --resume --set`` may change: they affect speed, memory or when last.pt is
-# written, never the schedule, the data or the arithmetic of the run (docs/reliability.md lists them).
+# Settings that ``train --resume --set`` may change: they affect speed, memory or when last.pt and
+# the validation rows are written, never the schedule, the data or the arithmetic of the run
+# (docs/reliability.md lists them; validation draws no random number the training uses: tested).
 RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_workers", "train.compile", "train.deterministic", "train.checkpoint_minutes",
-    "train.checkpoint_every_steps", "preprocess.workers", "compute.channels_last",
+    "train.checkpoint_every_steps", "train.validate_every_steps", "preprocess.workers", "compute.channels_last",
     "segment.batch_size", "segment.slices_per_batch", "segment.memory_fraction")
 # ``train.epochs`` may change too (shorten or extend a run); the linear learning-rate decay then follows
 # the new length from the resumed step on, and the log says so.

@@ -269,6 +269,29 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, mo
     assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
 
 
+def test_validation_frequency_changes_no_weight_and_may_change_on_resume(cache, tmp_path, monkeypatch):
+    # validation every 3 steps or only at epoch ends: the same weights and step losses, so
+    # train.validate_every_steps is one of the settings --resume --set may change
+    base = TINY + ["train.checkpoint_every_steps=2", "train.epochs=2"]
+    often = run_training("hgg", cache, tmp_path / "a", config="smoke", device="cpu",
+                         overrides=base + ["train.validate_every_steps=3"])
+    state = _train_until_interrupted(monkeypatch, cache, tmp_path / "b", base + ["train.validate_every_steps=3"], 3)
+    assert state["step"] == 2  # the checkpoint at step 2, before the first validation
+    resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True,
+                           overrides=["train.validate_every_steps=0"])
+    assert [r["step"] for r in often.history] == [3, 4, 6, 8]
+    assert [r["step"] for r in resumed.history] == [4, 8]  # epoch ends only from the resume on
+    a, b = _weights(often.network), _weights(resumed.network)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
+    rare = run_training("hgg", cache, tmp_path / "c", config="smoke", device="cpu",
+                        overrides=base + ["train.validate_every_steps=0"])
+    assert [r["step"] for r in rare.history] == [4, 8]
+    for key, value in _weights(rare.network).items():
+        assert torch.equal(a[key], value), key
+
+
 def test_patches_per_second_of_a_row_spanning_a_resume_counts_the_time_before_it(cache, tmp_path, monkeypatch):
     # a mid-epoch checkpoint at step 2 (validation at 3): the step-3 row covers steps 1-3, two of them
     # trained before the interruption; its time must include theirs, not only step 3's
