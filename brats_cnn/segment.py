@@ -216,8 +216,10 @@ def to_fully_convolutional(network: "nn.Module") -> FullyConvolutional:
     for layer in net.features:
         if isinstance(layer, nn.Conv2d):
             (k, _) = layer.kernel_size
-            dense = nn.Conv2d(layer.in_channels, layer.out_channels, k, stride=1, dilation=dilation,
-                              padding=dilation * (k // 2), bias=layer.bias is not None)
+            # skip_init: no random initialisation to overwrite, so the global RNG is left alone (a
+            # whole-volume validation in the middle of an epoch must not shift the dropout masks)
+            dense = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, k, stride=1,
+                                       dilation=dilation, padding=dilation * (k // 2), bias=layer.bias is not None)
             dense.load_state_dict(layer.state_dict())
             layers.append(dense)
         elif isinstance(layer, nn.MaxPool2d):

@@ -106,8 +106,11 @@ def test_to_fully_convolutional_alignment_and_arguments_untouched():
     assert (dense.shift, dense.head_size, dense.head_dilation, dense.head_reach) == (-1, 7, 4, 12)
     image, mask = _volume((4, 8, 8, 1), seed=3)
     image_before = image.copy()
+    rng = torch.get_rng_state()
     predict_exact(net, image, mask, batch_size=16, device="cpu")
     predict_fast(net, image, mask, batch_size=16, device="cpu")
+    # no random number drawn (train's mid-epoch validation must not shift the dropout masks)
+    assert torch.equal(torch.get_rng_state(), rng)
     assert net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     np.testing.assert_array_equal(image, image_before)

@@ -272,14 +272,14 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, mo
 def test_validation_frequency_changes_no_weight_and_may_change_on_resume(cache, tmp_path, monkeypatch):
     # validation every 3 steps or only at epoch ends: the same weights and step losses, so
     # train.validate_every_steps is one of the settings --resume --set may change
-    base = TINY + ["train.checkpoint_every_steps=2", "train.epochs=2"]
+    base = TINY + ["train.checkpoint_every_steps=2", "train.epochs=2", "train.validate_dice=true"]  # + whole volumes
     often = run_training("hgg", cache, tmp_path / "a", config="smoke", device="cpu",
                          overrides=base + ["train.validate_every_steps=3"])
     state = _train_until_interrupted(monkeypatch, cache, tmp_path / "b", base + ["train.validate_every_steps=3"], 3)
     assert state["step"] == 2  # the checkpoint at step 2, before the first validation
     resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True,
                            overrides=["train.validate_every_steps=0"])
-    assert [r["step"] for r in often.history] == [3, 4, 6, 8]
+    assert [r["step"] for r in often.history] == [3, 4, 6, 8] and often.history[0]["dice_complete"] is not None
     assert [r["step"] for r in resumed.history] == [4, 8]  # epoch ends only from the resume on
     a, b = _weights(often.network), _weights(resumed.network)
     for key in a:
