@@ -237,12 +237,28 @@ def non_finite_weights(state_dict: dict) -> str | None:
     return None
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether the file starts like something ``torch.load`` reads: a zip archive or a pickle (protocol >= 2).
+
+    Only the first bytes are checked, so a truncated checkpoint still reaches ``torch.load`` and is reported as
+    truncated; an empty file is reported as truncated too.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return True  # let torch.load report the read error
+    return not head or head.startswith(b"\x80") or head == b"PK\x03\x04"
+
+
 def _read_checkpoint_payload(path: Path, map_location: Any) -> dict:
     """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
     import pickle
 
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path)
+    if not _looks_like_torch_file(path):
+        raise CheckpointError("not a checkpoint: neither a zip archive (torch.save) nor a pickle", path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -487,6 +487,10 @@ def checkpoints(pristine, tmp_path_factory) -> dict[str, Path]:
     raw = good.read_bytes()
     (folder / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     paths["truncated"] = folder / "truncated.pt"
+    (folder / "empty.pt").write_bytes(b"")
+    paths["empty"] = folder / "empty.pt"
+    (folder / "notes.pt").write_text("# training notes, saved under the wrong name\n")  # not a torch file at all
+    paths["text"] = folder / "notes.pt"
 
     # a checkpoint-shaped dict with one object that runs code when unpickled, in torch's zip format
     # and as a plain (legacy) pickle; the marker file proves whether the code ran
@@ -572,6 +576,8 @@ SEGMENT = ["--device", "cpu", "--mode", "fast"]
     ("newer", ("checkpoint format version 3 is not supported", "expected one of [1, 2]")),
     ("truncated", ("corrupt or truncated checkpoint",)),
     ("state_dict", ("not a brats-cnn checkpoint (no 'format' marker)",)),
+    ("empty", ("corrupt or truncated checkpoint",)),
+    ("text", ("not a checkpoint: neither a zip archive (torch.save) nor a pickle",)),
 ])
 def test_segment_refuses_a_bad_checkpoint(kind, phrases, checkpoints, pristine, tmp_path):
     out = tmp_path / "seg"
