@@ -93,6 +93,18 @@ class TrainConfig:
     validate_every_steps: int = 0  # (choice) also validate (and checkpoint) every N steps; 0 = after each epoch only
     checkpoint_minutes: float = 10.0  # (choice) mid-epoch last.pt at most this many minutes apart; 0 = epoch ends only
     checkpoint_every_steps: int = 0  # (choice) also write last.pt every N steps; 0 = off
+    mode: str = "patch"  # (paper) "patch": one label per 33x33 patch; "dense" (choice): whole axial crops, as fast mode runs (config section dense)
+    init_weights: str | None = None  # (choice) start from this checkpoint's network weights (fine-tuning; optimiser fresh); null = Xavier init
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """Dense training (``train.mode: dense``): the network in its fully convolutional form on axial crops."""
+
+    crop_size: int = 65  # (choice) labelled voxels per crop side (the input crop adds half a patch on each side)
+    crops_per_epoch: int = 4000  # (choice) class-balanced crop centres per epoch
+    batch_size: int = 4  # (choice) crops per iteration
+    class_weight_power: float = 0.5  # (choice) loss weight of class c proportional to pi_c ** -power (pi: brain-voxel class frequencies); 0 = unweighted
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -165,6 +178,7 @@ _CHOICES = {
     "postprocess.connectivity": (1, 2, 3),
     "compute.precision": ("auto", "bf16", "float32"),
     "train.loss": ("cross_entropy", "focal"),
+    "train.mode": ("patch", "dense"),
     # metrics.LESION_PRESETS (not imported: config stays free of scipy); tests/test_config.py checks they agree
     "evaluate.lesion_wise.preset": ("gli", "ssa", "ped", "men", "met", "none"),
 }
@@ -239,6 +253,10 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.validate_every_steps": _at_least(0),
     "train.checkpoint_minutes": _at_least(0),
     "train.checkpoint_every_steps": _at_least(0),
+    "dense.crop_size": _at_least(1),
+    "dense.crops_per_epoch": _at_least(1),
+    "dense.batch_size": _at_least(1),
+    "dense.class_weight_power": _at_least(0),
     "segment.batch_size": _at_least(1),
     "segment.slices_per_batch": _at_least(1),
     "segment.memory_fraction": _fraction(True, False),
@@ -250,7 +268,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
 }
 # Keys whose every value of the right type is valid (free text, switches).
 _FREE_KEYS = ("name", "preprocess.strict", "sampling.arbitrary_rotation", "sampling.resample_each_epoch",
-              "train.compile", "train.validate_dice", "train.deterministic", "postprocess.keep_largest",
+              "train.compile", "train.validate_dice", "train.deterministic", "train.init_weights", "postprocess.keep_largest",
               "compute.channels_last")
 # List keys that may be empty (no N4 at all).
 _MAY_BE_EMPTY = ("preprocess.n4.sequences",)

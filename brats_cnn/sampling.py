@@ -278,13 +278,16 @@ class PatchBatches(Dataset):
         state["_opened"] = {}  # workers reopen the memmaps instead of receiving copies
         return state
 
-    def _image(self, index: int) -> np.ndarray:
+    def _case(self, index: int) -> Any:
         if index not in self._opened:
             self._opened[index] = _case_arrays(self.cases[index])
-        return self._opened[index].image
+        return self._opened[index]
 
-    def batch_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(patches (B, C, P, P) float32, labels (B,) int64)`` of this rank's part of a batch."""
+    def _image(self, index: int) -> np.ndarray:
+        return self._case(index).image
+
+    def _members(self, batch: int) -> tuple[Centres, np.ndarray]:
+        """This rank's centres of a batch and their augmentation draws (quarter turns or radians)."""
         if not 0 <= batch < self.num_batches:
             raise IndexError(batch)
         start = batch * self.batch_size
@@ -295,8 +298,11 @@ class PatchBatches(Dataset):
         else:
             draws = self.turns[rng.integers(0, self.turns.size, size=members.size)]
         local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        centres = self.centres.take(members[local])
-        draws = draws[local]
+        return self.centres.take(members[local]), draws[local]
+
+    def batch_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(patches (B, C, P, P) float32, labels (B,) int64)`` of this rank's part of a batch."""
+        centres, draws = self._members(batch)
         side = rotation_support(self.patch_size) if self.arbitrary_rotation else self.patch_size
         patches = np.empty((len(centres), self._image(int(centres.case[0])).shape[1], side, side), np.float32) \
             if len(centres) else np.zeros((0, 0, side, side), np.float32)
@@ -313,6 +319,51 @@ class PatchBatches(Dataset):
     def __getitem__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         patches, labels = self.batch_arrays(batch)
         return torch.from_numpy(patches), torch.from_numpy(labels)
+
+
+class SlabBatches(PatchBatches):
+    """Batches of axial crops for dense training (``train.mode: dense``); item ``i`` is a whole batch.
+
+    A crop is centred on a class-balanced centre (as the patches of :class:`PatchBatches`, with the
+    same per-epoch order, per-batch augmentation draws and rank slicing) and labels its central
+    ``crop_size x crop_size`` voxels; the input adds half a patch on each side, so every labelled
+    voxel sees its whole 33x33 neighbourhood. Voxels outside the brain mask or the volume get the
+    label :data:`IGNORE_LABEL`. Image and labels are rotated together by the same quarter turns.
+
+    Item: ``(crops (B, C, S + P - 1, S + P - 1) float32, labels (B, S, S) int64)``.
+    """
+
+    def __init__(self, cases: Sequence[Any], centres: Centres, *, crop_size: int, **kwargs: Any):
+        if crop_size % 2 == 0:
+            raise ConfigError(f"dense.crop_size must be odd (crops are centred on a voxel), got {crop_size}")
+        if kwargs.get("arbitrary_rotation"):
+            raise ConfigError("dense training rotates by multiples of 90 degrees only; "
+                              "set sampling.arbitrary_rotation: false")
+        super().__init__(cases, centres, **kwargs)
+        self.crop_size = crop_size
+
+    def batch_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(crops (B, C, L, L) float32, labels (B, S, S) int64)`` of this rank's part of a batch."""
+        centres, turns = self._members(batch)
+        side, size = self.crop_size + self.patch_size - 1, self.crop_size
+        channels = self._image(int(centres.case[0])).shape[1] if len(centres) else 0
+        crops = np.empty((len(centres), channels, side, side), np.float32)
+        labels = np.empty((len(centres), size, size), np.int64)
+        for case in np.unique(centres.case):
+            selected = centres.case == case
+            arrays = self._case(int(case))
+            at = (centres.z[selected], centres.x[selected], centres.y[selected])
+            crops[selected] = extract_patches(arrays.image, *at, side, self.background)
+            label = extract_patches(arrays.label[:, None], *at, size, IGNORE_LABEL)[:, 0]
+            inside = extract_patches(arrays.mask[:, None], *at, size, 0.0)[:, 0] > 0
+            labels[selected] = np.where(inside, label, IGNORE_LABEL).astype(np.int64)
+        if self.turns.max() > 0:
+            crops = rotate_patches_90(crops, turns)
+            labels = rotate_patches_90(labels[:, None], turns)[:, 0]
+        return crops, np.ascontiguousarray(labels)
+
+
+IGNORE_LABEL = -100  # the label of unlabelled voxels in dense batches (torch's cross-entropy ignore_index)
 
 
 def cases_label_mask(cases: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -198,17 +198,23 @@ class FullyConvolutional:
         return self.head_dilation * (self.head_size - 1) // 2
 
 
-def to_fully_convolutional(network: "nn.Module") -> FullyConvolutional:
-    """Turn a trained patch network into its dense equivalent; the weights are shared copies.
+def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyConvolutional:
+    """Turn a trained patch network into its dense equivalent.
 
     Every ``MaxPool2d(k, stride s)`` becomes ``MaxPool2d(k, stride 1)`` and multiplies the dilation
     of every later layer by ``s``; convolutions keep their weights with ``dilation = d`` and
     ``padding = d``. The FC layers stay as they are and are applied by :func:`predict_fast` to the
     dilated neighbourhood of each voxel.
+
+    Args:
+        share: False (inference): the dense form holds copies of the weights, in eval mode.
+            True (dense training, :class:`DenseNetwork`): it holds ``network``'s own parameters, so
+            gradients and optimiser steps through it change ``network``; its train/eval mode is
+            left as it is.
     """
     from torch import nn
 
-    net = copy.deepcopy(network).eval()
+    net = network if share else copy.deepcopy(network).eval()
     layers: list[nn.Module] = []
     dilation = 1
     origin = 0  # patch coordinate of feature-map index 0, in input voxels
@@ -220,7 +226,10 @@ def to_fully_convolutional(network: "nn.Module") -> FullyConvolutional:
             # whole-volume validation in the middle of an epoch must not shift the dropout masks)
             dense = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, k, stride=1,
                                        dilation=dilation, padding=dilation * (k // 2), bias=layer.bias is not None)
-            dense.load_state_dict(layer.state_dict())
+            if share:
+                dense.weight, dense.bias = layer.weight, layer.bias
+            else:
+                dense.load_state_dict(layer.state_dict())
             layers.append(dense)
         elif isinstance(layer, nn.MaxPool2d):
             k, s = layer.kernel_size, layer.stride
@@ -235,8 +244,10 @@ def to_fully_convolutional(network: "nn.Module") -> FullyConvolutional:
     if size % 2 == 0:
         raise InputError(f"fast mode needs an odd final feature map, got {size}x{size}")
     centre = origin + dilation * (size - 1) // 2
-    return FullyConvolutional(nn.Sequential(*layers).eval(), net.classifier.eval(), size, dilation,
-                              centre - net.patch_size // 2)
+    features = nn.Sequential(*layers)
+    if not share:
+        features.eval()
+    return FullyConvolutional(features, net.classifier, size, dilation, centre - net.patch_size // 2)
 
 
 def _slice_groups(mask: np.ndarray, slices_per_batch: int) -> Iterator[tuple[np.ndarray, slice, slice]]:

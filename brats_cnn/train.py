@@ -48,9 +48,10 @@ from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun
 from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
-from brats_cnn.model import build_network, check_patch_size, load_checkpoint, save_checkpoint, unwrap_network
-from brats_cnn.sampling import (CENTRE_STREAM, VALIDATION_STREAM, PatchBatches, cases_label_mask, make_rng,
-                                sample_balanced_centres)
+from brats_cnn.model import (DenseNetwork, build_network, check_patch_size, load_checkpoint, save_checkpoint,
+                             unwrap_network)
+from brats_cnn.sampling import (CENTRE_STREAM, IGNORE_LABEL, VALIDATION_STREAM, PatchBatches, SlabBatches,
+                                cases_label_mask, make_rng, sample_balanced_centres)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ def make_loader(dataset: PatchBatches, config: Config, device: torch.device, see
 LOSSES = ("cross_entropy", "focal")
 
 
-def loss_function(logits: torch.Tensor, labels: torch.Tensor, config: Any = None) -> torch.Tensor:
+def loss_function(logits: torch.Tensor, labels: torch.Tensor, config: Any = None,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of ``train.loss``, a mean over the batch, computed in float32 (also under bf16).
 
     ``cross_entropy`` (the paper's; default, also when ``config`` is None) or ``focal``
@@ -216,28 +218,46 @@ def loss_function(logits: torch.Tensor, labels: torch.Tensor, config: Any = None
     cross-entropy). ``config`` is a ``TrainConfig``.
 
     Args:
-        logits: ``(B, C)`` network outputs.
-        labels: ``(B,)`` int64 class indices.
+        logits: ``(B, C)`` network outputs, or ``(B, C, S, S)`` of dense training.
+        labels: ``(B,)`` int64 class indices, or ``(B, S, S)`` with :data:`IGNORE_LABEL` for voxels
+            that count for nothing.
+        weight: ``(C,)`` class weights (dense training); the mean is then weighted, as torch's.
     """
+    if logits.dim() > 2:  # dense: every labelled voxel is one sample
+        logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        labels = labels.reshape(-1)
+        labelled = labels != IGNORE_LABEL
+        logits, labels = logits[labelled], labels[labelled]
     kind = getattr(config, "loss", "cross_entropy")
     if kind == "cross_entropy":
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, weight=weight)
     if kind == "focal":
         log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
-        return -((1 - log_p.exp()) ** config.focal_gamma * log_p).mean()
+        terms = -((1 - log_p.exp()) ** config.focal_gamma * log_p)
+        return terms.mean() if weight is None else (terms * weight[labels]).sum() / weight[labels].sum()
     raise ConfigError(f"train.loss must be one of {list(LOSSES)}, got '{kind}'")
 
 
+def dense_class_weights(frequencies: Sequence[float], power: float) -> torch.Tensor:
+    """``(C,)`` float32 loss weights ``pi_c ** -power`` of dense training, mean 1 (classes absent: weight 0)."""
+    pi = torch.tensor(frequencies, dtype=torch.float64)
+    weight = torch.where(pi > 0, pi.clamp_min(1e-12) ** -power, torch.zeros_like(pi))
+    return (weight * (pi > 0).sum() / weight.sum()).float()
+
+
 def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches: torch.Tensor,
-               labels: torch.Tensor, compute: Compute, config: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+               labels: torch.Tensor, compute: Compute, config: Any = None,
+               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward and one optimiser step on a batch already on ``compute.device``.
 
+    ``weight``: class weights of the loss (dense training), see :func:`loss_function`.
+
     Returns:
-        ``(loss, logits)``, both detached (a 0-d float32 tensor and ``(B, C)``).
+        ``(loss, logits)``, both detached (a 0-d float32 tensor and ``(B, C)``, dense ``(B, C, S, S)``).
     """
     with compute.autocast():
         logits = model(patches)
-    loss = loss_function(logits, labels, config)
+    loss = loss_function(logits, labels, config, weight)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
@@ -458,6 +478,7 @@ class Run:
     optimiser: torch.optim.Optimizer
     state: RunState
     resumed_rng: list | None
+    loss_weight: torch.Tensor | None = None  # class weights of the dense loss; None for patch training
 
     @property
     def last_path(self) -> Path:
@@ -561,18 +582,40 @@ def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser:
              out / "last.pt")
 
 
+def _init_weights(network: torch.nn.Module, path: Path) -> None:
+    """Load the network weights of checkpoint ``path`` (``train.init_weights``) into a new run's network."""
+    source = load_checkpoint(path)  # CheckpointError names the file when it cannot be read
+    plain = unwrap_network(source.network)
+    if (plain.architecture, plain.num_classes, plain.patch_size) != \
+            (network.architecture, network.num_classes, network.patch_size):
+        raise ConfigError(f"train.init_weights holds a {plain.architecture.upper()} network with {plain.num_classes} "
+                          f"classes for {plain.patch_size}x{plain.patch_size} patches; this run trains a "
+                          f"{network.architecture.upper()} network with {network.num_classes} classes for "
+                          f"{network.patch_size}x{network.patch_size} patches", path)
+    network.load_state_dict(plain.state_dict())
+    log.info("initial weights from %s", path)
+
+
 def epoch_batches(run: Run, epoch: int) -> PatchBatches:
-    """The training batches of one epoch: class-balanced centres (per run or per epoch), this rank's part."""
+    """The training batches of one epoch: class-balanced centres (per run or per epoch), this rank's part.
+
+    Patches (``train.mode: patch``) or, for dense training, crops around ``dense.crops_per_epoch``
+    class-balanced centres (:class:`SlabBatches`).
+    """
     cfg = run.config
+    dense = cfg.train.mode == "dense"
     keys = (epoch,) if cfg.sampling.resample_each_epoch else ()
     num_classes = get_convention(cfg.data.label_convention).num_classes
-    centres = sample_balanced_centres(run.train_pairs, cfg.sampling.total_patches, num_classes,
+    centres = sample_balanced_centres(run.train_pairs, cfg.dense.crops_per_epoch if dense else
+                                      cfg.sampling.total_patches, num_classes,
                                       make_rng(cfg.train.seed, CENTRE_STREAM, *keys))
-    return PatchBatches(run.data.train_dirs, centres, batch_size=cfg.train.batch_size,
-                        patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
-                        rotation_angles=cfg.sampling.rotation_angles,
-                        arbitrary_rotation=cfg.sampling.arbitrary_rotation, seed=cfg.train.seed, epoch=epoch,
-                        rank=run.dist.rank, world_size=run.dist.world_size)
+    common = dict(patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
+                  rotation_angles=cfg.sampling.rotation_angles, arbitrary_rotation=cfg.sampling.arbitrary_rotation,
+                  seed=cfg.train.seed, epoch=epoch, rank=run.dist.rank, world_size=run.dist.world_size)
+    if dense:
+        return SlabBatches(run.data.train_dirs, centres, crop_size=cfg.dense.crop_size,
+                           batch_size=cfg.dense.batch_size, **common)
+    return PatchBatches(run.data.train_dirs, centres, batch_size=cfg.train.batch_size, **common)
 
 
 def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, overrides: Sequence[str],
@@ -618,6 +661,8 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     state = RunState(interval=torch.zeros(3, dtype=torch.float64))
     if resumed is not None:
         _restore(state, resumed, network, optimiser, out)
+    elif tc.init_weights:
+        _init_weights(network, Path(tc.init_weights))
     compute.network(network)
     for slot in optimiser.state.values():  # momentum buffers follow the weights (device and layout)
         for key, value in slot.items():
@@ -626,7 +671,13 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
             elif torch.is_tensor(value):
                 slot[key] = value.to(compute.device)
     state.interval = state.interval.to(compute.device)
-    model = network
+    model = DenseNetwork(network) if tc.mode == "dense" else network  # shares network's parameters
+    loss_weight = None
+    if tc.mode == "dense":
+        loss_weight = dense_class_weights(calibration["class_frequencies"], cfg.dense.class_weight_power)
+        log.info("dense training: %dx%d labelled voxels per crop, class weights %s", cfg.dense.crop_size,
+                 cfg.dense.crop_size, [round(w, 3) for w in loss_weight.tolist()])
+        loss_weight = loss_weight.to(compute.device)
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[compute.device.index] if compute.device.type == "cuda" else None)
@@ -634,7 +685,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
         model = torch.compile(model)
     run = Run(out=out, config=cfg, compute=compute, dist=dist, data=data_, calibration=calibration,
               train_pairs=train_pairs, steps_per_epoch=0, total_steps=0, validation=validation, network=network,
-              model=model, optimiser=optimiser, state=state,
+              model=model, optimiser=optimiser, state=state, loss_weight=loss_weight,
               resumed_rng=(resumed.training_state or {}).get("rng") if resumed is not None else None)
     first = epoch_batches(run, 0)
     log.info("training centres per class: %s", first.centres.class_counts(num_classes).tolist())
@@ -751,12 +802,14 @@ def train_epoch(run: Run, epoch: int) -> None:
         for group in run.optimiser.param_groups:
             group["lr"] = lr
         labels = run.compute.batch(labels)
-        loss, logits = train_step(run.model, run.optimiser, run.compute.batch(patches), labels, run.compute, tc)
+        loss, logits = train_step(run.model, run.optimiser, run.compute.batch(patches), labels, run.compute, tc,
+                                  run.loss_weight)
         state.step += 1
         state.batch += 1
         state.pending.append((state.step, lr, loss))
-        state.interval += torch.stack([loss.double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
-                                       torch.tensor(float(labels.numel()), device=labels.device, dtype=torch.float64)])
+        labelled = (labels != IGNORE_LABEL).sum().double()  # every label of a patch batch; dense: brain voxels
+        state.interval += torch.stack([loss.double() * labelled, (logits.argmax(1) == labels).sum().double(),
+                                       labelled])
         end_of_epoch = state.batch == run.steps_per_epoch
         validate_now = end_of_epoch or (tc.validate_every_steps > 0 and state.step % tc.validate_every_steps == 0)
         checkpoint_now = validate_now or (tc.checkpoint_every_steps > 0 and state.step % tc.checkpoint_every_steps == 0)

@@ -186,3 +186,38 @@ def test_dataloader_workers_give_the_same_batches():
 def test_patch_batches_empty_centres():
     empty = Centres(*(np.zeros(0, np.int32) for _ in range(4)), np.zeros(0, np.uint8))
     assert len(_dataset([fake_case(0)], empty)) == 0
+
+
+# ---- dense training crops ----------------------------------------------------------------------
+
+def test_slab_batches_label_the_crop_centre_ignore_outside_the_brain_and_rotate_with_the_image():
+    from brats_cnn.sampling import IGNORE_LABEL, SlabBatches
+
+    cases = [fake_case(0), fake_case(1)]
+    centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 24, 4, make_rng(0, 1))
+    kwargs = dict(crop_size=9, batch_size=6, patch_size=33, background=0.0, seed=0)
+    plain = SlabBatches(cases, centres, rotation_angles=(0,), **kwargs)
+    crops, labels = plain[0]
+    assert crops.shape == (6, 4, 41, 41) and labels.shape == (6, 9, 9) and labels.dtype == torch.int64
+    for j, n in enumerate(plain.order[:6]):
+        case, z, x, y = cases[centres.case[n]], centres.z[n], centres.x[n], centres.y[n]
+        np.testing.assert_array_equal(crops[j, :, 20, 20].numpy(), case.image[z, :, x, y])
+        assert labels[j, 4, 4] == centres.label[n]
+        # the 9x9 labelled window: the label map inside the mask, IGNORE_LABEL outside it and the volume
+        for dx in (-4, 0, 4):
+            for dy in (-4, 0, 4):
+                xx, yy = x + dx, y + dy
+                inside = 0 <= xx < SHAPE[1] and 0 <= yy < SHAPE[2] and case.mask[z, xx, yy]
+                assert labels[j, 4 + dx, 4 + dy] == (case.label[z, xx, yy] if inside else IGNORE_LABEL)
+    assert (labels == IGNORE_LABEL).any() and (labels >= 0).any()
+    turned = SlabBatches(cases, centres, rotation_angles=(0, 90, 180, 270), **kwargs)
+    crops_t, labels_t = turned[0]
+    turns = turned.turns[make_rng(0, 4, 0, 0).integers(0, 4, size=6)]
+    assert len(set(turns.tolist())) > 1
+    for j, k in enumerate(turns):
+        torch.testing.assert_close(crops_t[j], torch.rot90(crops[j], int(k), dims=(1, 2)), rtol=0, atol=0)
+        assert torch.equal(labels_t[j], torch.rot90(labels[j], int(k), dims=(0, 1)))
+    with pytest.raises(ConfigError, match="dense.crop_size must be odd"):
+        SlabBatches(cases, centres, crop_size=8, batch_size=6, patch_size=33, background=0.0)
+    with pytest.raises(ConfigError, match="multiples of 90 degrees only"):
+        SlabBatches(cases, centres, arbitrary_rotation=True, **kwargs)

@@ -280,3 +280,34 @@ def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain
     with pytest.raises(ConfigError, match="multiples of 90 degrees, got \\[0, 45\\]"):
         predict(net, image, mask, "fast", device, bad)
 
+
+
+@pytest.mark.parametrize("architecture", ["hgg", "lgg"])
+def test_dense_network_computes_fast_mode_and_trains_the_patch_network(architecture):
+    # dense training optimises exactly the function fast mode runs, through the patch network's own weights
+    from brats_cnn.model import DenseNetwork
+
+    net = _network(architecture, classes=5, seed=4)
+    dense = DenseNetwork(net).eval()
+    image, _ = _volume((4, 11 + 32, 13 + 32, 1), seed=5)
+    mask = np.zeros(image.shape[1:], bool)
+    mask[16:16 + 11, 16:16 + 11, 0] = True  # the labelled 11x11 square of a 43x43 crop
+    fast = predict_fast(net, image, mask, batch_size=64, device="cpu")
+    with torch.no_grad():
+        logits = dense(torch.from_numpy(image[:, :, :43, 0])[None])
+    assert logits.shape == (1, 5, 11, 11)
+    np.testing.assert_allclose(torch.softmax(logits, 1)[0].numpy(), fast[:, 16:27, 16:27, 0], atol=2e-6)
+    assert {id(p) for p in dense.parameters()} == {id(p) for p in net.parameters()}
+    before = _weights_of(net)
+    dense.train()
+    torch.optim.SGD(net.parameters(), lr=0.1).zero_grad()
+    dense(torch.from_numpy(image[:, :, :43, 0])[None]).square().mean().backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= 0.1 * p.grad
+    changed = [k for k, v in _weights_of(net).items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(before)  # every weight and bias of the patch network moved
+
+
+def _weights_of(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}

@@ -257,16 +257,23 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(cache, tmp_path, mo
     straight = run_training("hgg", cache, tmp_path / "a", config="smoke", overrides=mid, device="cpu")
     assert [(r["epoch"], r["step"]) for r in straight.history] == [(1, 3), (1, 4), (2, 6), (2, 8)]
 
-    # interrupted in the 7th step: after the checkpoint at step 6, inside epoch 2
-    state = _train_until_interrupted(monkeypatch, cache, tmp_path / "b", mid, step=7)
+    resumed = _killed_in_step_7_and_resumed(monkeypatch, cache, tmp_path, mid, straight)
+    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in resumed.history] == \
+        [(r["step"], r["train_loss"], r["val_loss"]) for r in straight.history]
+
+
+def _killed_in_step_7_and_resumed(monkeypatch, cache, tmp_path, overrides, straight):
+    """Train into ``tmp_path/b`` until a kill in the 7th step (after the checkpoint at step 6, inside epoch 2
+    of 4-batch epochs), resume, and check weights and step losses against the uninterrupted ``straight``
+    run in ``tmp_path/a``; returns the resumed run's result."""
+    state = _train_until_interrupted(monkeypatch, cache, tmp_path / "b", overrides, step=7)
     assert (state["step"], state["epoch_in_progress"], state["next_batch"]) == (6, 1, 2)
     resumed = run_training("hgg", cache, tmp_path / "b", device="cpu", resume=True)
     a, b = _weights(straight.network), _weights(resumed.network)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in resumed.history] == \
-        [(r["step"], r["train_loss"], r["val_loss"]) for r in straight.history]
     assert (tmp_path / "a" / "steps.csv").read_text() == (tmp_path / "b" / "steps.csv").read_text()
+    return resumed
 
 
 def test_validation_frequency_changes_no_weight_and_may_change_on_resume(cache, tmp_path, monkeypatch):
@@ -368,3 +375,63 @@ def test_training_skips_an_unusable_case_and_strict_stops(tmp_path, caplog):
     code = main(["train", "--grade", "hgg", "--data", str(tmp_path / "raw"), "--out", str(tmp_path / "strict"),
                  "--config", "smoke", "--device", "cpu", "--strict"] + sum((["--set", s] for s in TINY), []))
     assert code == 2 and not (tmp_path / "strict" / "last.pt").exists()
+
+
+# ---- dense training ------------------------------------------------------------------------------
+
+DENSE = TINY + ["train.mode=dense", "dense.crop_size=9", "dense.crops_per_epoch=12", "dense.batch_size=3"]
+
+
+def test_dense_loss_is_the_weighted_cross_entropy_of_the_labelled_voxels():
+    from brats_cnn.sampling import IGNORE_LABEL
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 3)
+    labels = torch.randint(0, 4, (2, 3, 3))
+    labels[0, 0, :] = IGNORE_LABEL
+    weight = train.dense_class_weights([0.7, 0.1, 0.15, 0.05], 1.0)
+    # pi ** -1 with mean 1 over the 4 classes
+    expected_w = torch.tensor([1 / 0.7, 10, 1 / 0.15, 20]) / torch.tensor([1 / 0.7, 10, 1 / 0.15, 20]).mean()
+    torch.testing.assert_close(weight, expected_w.float())
+    assert torch.equal(train.dense_class_weights([0.7, 0.3, 0.0], 0.5)[2], torch.tensor(0.0))
+    by_hand_num, by_hand_den = 0.0, 0.0
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                c = int(labels[b, i, j])
+                if c == IGNORE_LABEL:
+                    continue
+                by_hand_num += -float(weight[c] * torch.log_softmax(logits[b, :, i, j], 0)[c])
+                by_hand_den += float(weight[c])
+    assert float(train.loss_function(logits, labels, None, weight)) == pytest.approx(by_hand_num / by_hand_den,
+                                                                                       rel=1e-6)
+    unweighted = train.loss_function(logits, labels)
+    flat = logits.movedim(1, -1)[labels != IGNORE_LABEL]
+    assert float(unweighted) == pytest.approx(float(torch.nn.functional.cross_entropy(flat, labels[labels >= 0])))
+
+
+def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cache, tmp_path, monkeypatch):
+    # 4 crop batches per epoch, last.pt every 2 steps: a kill inside epoch 2 resumes to the same weights
+    mid = DENSE + ["train.checkpoint_every_steps=2", "train.epochs=2"]
+    straight = run_training("hgg", cache, tmp_path / "a", config="smoke", overrides=mid, device="cpu")
+    assert [(r["epoch"], r["step"]) for r in straight.history] == [(1, 4), (2, 8)]
+    assert all(np.isfinite(r["train_loss"]) and 0 < r["train_accuracy"] <= 1 for r in straight.history)
+    _killed_in_step_7_and_resumed(monkeypatch, cache, tmp_path, mid, straight)
+    a = _weights(straight.network)
+    # the checkpoint is an ordinary patch network: it loads and segments like any other
+    assert load_checkpoint(tmp_path / "a" / "last.pt").network.architecture == "lgg"
+
+    # init_weights: with a zero learning-rate range the run ends where it started
+    frozen = DENSE + [f"train.init_weights={tmp_path / 'a' / 'last.pt'}", "train.lr_start=1e-12",
+                      "train.lr_end=1e-12", "model.dropout=0.0"]
+    tuned = run_training("hgg", cache, tmp_path / "c", config="smoke", overrides=frozen, device="cpu")
+    for key, value in _weights(tuned.network).items():
+        torch.testing.assert_close(value, a[key], rtol=0, atol=1e-9)
+    with pytest.raises(ConfigError, match="holds a LGG network with 4 classes .* this run trains a HGG") as err:
+        run_training("hgg", cache, tmp_path / "d", config="smoke", device="cpu",
+                     overrides=[o for o in frozen if not o.startswith("model.architecture")])
+    assert str(tmp_path / "a" / "last.pt") in str(err.value)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        run_training("hgg", cache, tmp_path / "e", config="smoke", device="cpu",
+                     overrides=DENSE + [f"train.init_weights={tmp_path / 'broken.pt'}"])
