@@ -86,7 +86,7 @@ def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     calls = []
-    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None: calls.append(len(target)) or 0 * out.sum())
+    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None, weight=None: calls.append(len(target)) or 0 * out.sum())
     before = _weights(net)
     net.train()
     step_loss, _ = train.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), patches, labels, compute)
@@ -114,8 +114,8 @@ def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkey
 
     seen = []
     real = train.loss_function
-    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None: seen.append(config.loss)
-                        or real(out, target, config))
+    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None, weight=None:
+                        seen.append(config.loss) or real(out, target, config, weight))
     config = load_config("smoke", ["train.loss=focal", "preprocess.n4.sequences=[]", "model.architecture=lgg",
                                    "train.num_workers=0", "sampling.patch_size=9"])
     benchmark.run_benchmark("hgg", "cpu", batch_size=2, iterations=2, config=config)
