@@ -18,6 +18,11 @@ Run folder::
     <out>/last.pt          checkpoint with the resume state (also in the middle of an epoch)
     <out>/best.pt          checkpoint of the best validation score so far
 
+``train.mode: dense`` trains the same network through :class:`brats_cnn.model.DenseNetwork` on
+axial crops (:class:`brats_cnn.sampling.SlabBatches`, every brain voxel of a crop labelled, class
+weights ``dense.class_weight_power``); everything else above is shared with patch training.
+``train.init_weights`` starts a new run from a checkpoint's weights.
+
 Determinism: every random draw is derived from ``(train.seed, stream, epoch, ...)``: centres,
 the per-epoch order, the augmentation of every batch, and the torch RNG (dropout) reseeded at the
 start of each epoch and saved in every checkpoint. A run resumed from ``last.pt``, also from the
@@ -582,18 +587,20 @@ def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser:
              out / "last.pt")
 
 
-def _init_weights(network: torch.nn.Module, path: Path) -> None:
-    """Load the network weights of checkpoint ``path`` (``train.init_weights``) into a new run's network."""
+def _initial_weights(path: Path, cfg: Config) -> dict:
+    """The state dict of checkpoint ``path`` (``train.init_weights``), checked against the run's network.
+
+    Called before any preprocessing, so a wrong or unreadable file stops the run before any work.
+    """
     source = load_checkpoint(path)  # CheckpointError names the file when it cannot be read
     plain = unwrap_network(source.network)
-    if (plain.architecture, plain.num_classes, plain.patch_size) != \
-            (network.architecture, network.num_classes, network.patch_size):
+    wanted = (cfg.model.architecture, get_convention(cfg.data.label_convention).num_classes, cfg.sampling.patch_size)
+    if (plain.architecture, plain.num_classes, plain.patch_size) != wanted:
         raise ConfigError(f"train.init_weights holds a {plain.architecture.upper()} network with {plain.num_classes} "
                           f"classes for {plain.patch_size}x{plain.patch_size} patches; this run trains a "
-                          f"{network.architecture.upper()} network with {network.num_classes} classes for "
-                          f"{network.patch_size}x{network.patch_size} patches", path)
-    network.load_state_dict(plain.state_dict())
-    log.info("initial weights from %s", path)
+                          f"{wanted[0].upper()} network with {wanted[1]} classes for {wanted[2]}x{wanted[2]} "
+                          f"patches", path)
+    return plain.state_dict()
 
 
 def epoch_batches(run: Run, epoch: int) -> PatchBatches:
@@ -625,6 +632,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     if cfg.grade != grade:
         raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
     check_patch_size(cfg.model.architecture, cfg.sampling.patch_size)  # before any preprocessing
+    initial = _initial_weights(Path(cfg.train.init_weights), cfg) if cfg.train.init_weights and resumed is None else None
     dist = init_distributed(device)
     compute = compute_settings(resolve_device(device, dist.local_rank), cfg.compute)
     tc = cfg.train
@@ -661,8 +669,9 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     state = RunState(interval=torch.zeros(3, dtype=torch.float64))
     if resumed is not None:
         _restore(state, resumed, network, optimiser, out)
-    elif tc.init_weights:
-        _init_weights(network, Path(tc.init_weights))
+    elif initial is not None:
+        network.load_state_dict(initial)
+        log.info("initial weights from %s", tc.init_weights)
     compute.network(network)
     for slot in optimiser.state.values():  # momentum buffers follow the weights (device and layout)
         for key, value in slot.items():

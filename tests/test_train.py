@@ -431,6 +431,7 @@ def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cac
         run_training("hgg", cache, tmp_path / "d", config="smoke", device="cpu",
                      overrides=[o for o in frozen if not o.startswith("model.architecture")])
     assert str(tmp_path / "a" / "last.pt") in str(err.value)
+    assert not (tmp_path / "d" / "last.pt").exists()
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="broken.pt"):
         run_training("hgg", cache, tmp_path / "e", config="smoke", device="cpu",
