@@ -127,9 +127,7 @@ class DenseNetwork(nn.Module):
         self.geometry = to_fully_convolutional(network, share=True)
         self.features = self.geometry.features  # the same Parameter objects as network.features
         self.half = network.patch_size // 2
-        self.lead = self.half + self.geometry.shift - self.geometry.head_reach  # first FC-window start
-        if self.lead < 0:
-            raise ConfigError("dense training needs the FC neighbourhood inside the patch margin")
+        self.lead = self.geometry.window_lead(self.half)  # first FC-window start, as in fast mode
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """``(B, 4, S + 2h, S + 2h)`` -> ``(B, C, S, S)`` logits of the central voxels."""

@@ -197,6 +197,13 @@ class FullyConvolutional:
         """Distance from the centre to the edge of the FC neighbourhood, in voxels."""
         return self.head_dilation * (self.head_size - 1) // 2
 
+    def window_lead(self, half: int) -> int:
+        """Start of the first FC window inside a crop with a margin of ``half`` voxels (InputError if none fits)."""
+        lead = half + self.shift - self.head_reach
+        if lead < 0 or half - self.shift - self.head_reach < 0:
+            raise InputError("fast mode needs the FC neighbourhood to fit inside the patch margin")
+        return lead
+
 
 def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyConvolutional:
     """Turn a trained patch network into its dense equivalent.
@@ -291,10 +298,8 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
     features = dense.features.to(device)
     classifier = dense.classifier.to(device)
     half = network.patch_size // 2
-    reach, step, width = dense.head_reach, dense.head_dilation, 2 * dense.head_reach + 1
-    lead = half + dense.shift - reach  # first FC-window start inside the crop
-    if lead < 0 or half - dense.shift - reach < 0:
-        raise InputError("fast mode needs the FC neighbourhood to fit inside the patch margin")
+    step, width = dense.head_dilation, 2 * dense.head_reach + 1
+    lead = dense.window_lead(half)  # first FC-window start inside the crop
     memory_format = compute.memory_format
     features = features.to(memory_format=memory_format)
     num_classes = network.num_classes
