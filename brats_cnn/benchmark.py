@@ -182,7 +182,7 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
 
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.labels import get_convention
-    from brats_cnn.train import make_loader, train_step
+    from brats_cnn.train import loader_workers, make_loader, train_step
 
     grade = check_grade(grade)
     if batch_size < 1 or iterations < 2:
@@ -259,7 +259,7 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
         or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "precision": configured.precision, "channels_last": configured.channels_last,
-        "batch_size": batch_size, "num_workers": config.train.num_workers,
+        "batch_size": batch_size, "num_workers": loader_workers(config.train.num_workers, device_),
         "flops_per_patch_forward": flops_per_patch, "flops_per_patch_forward_counted": flops,
         "variants": variants,
         "forward": variants["configured"]["forward"],

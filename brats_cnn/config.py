@@ -84,7 +84,7 @@ class TrainConfig:
     focal_gamma: float = 2.0  # (choice) focusing exponent of the focal loss
     weight_decay: float = 0.0  # (choice)
     seed: int = 0  # (choice)
-    num_workers: int = 2  # data-loader workers (choice)
+    num_workers: int | None = None  # (choice) data-loader workers; None: 0 on the CPU, min(4, cores) on CUDA
     compile: bool = False  # torch.compile the network (choice)
     validate_dice: bool = True  # validation Dice on whole validation cases (fast mode) (choice)
     deterministic: bool = False  # (choice) deterministic CUDA kernels (slower); CPU runs are always reproducible

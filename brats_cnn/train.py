@@ -64,6 +64,7 @@ SPLIT_STREAM = 11   # random streams of this module (see sampling.make_rng)
 TORCH_STREAM = 12
 PROGRESS_INTERVAL = 20  # iterations between progress-bar updates (each one syncs the device)
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead (keeps a GPU fed)
+CUDA_LOADER_WORKERS = 4  # DataLoader workers of ``train.num_workers: null`` on CUDA (at most the core count)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                   *(f"dice_{region}" for region in REGIONS), "score", "score_alpha", "epoch_seconds",
                   "patches_per_second")
@@ -194,6 +195,20 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
                         load_normaliser(cache / preprocess.NORMALISER_FILE))
 
 
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader workers for ``train.num_workers``: the number itself, or for None (auto) 0 on the CPU and
+    ``min(CUDA_LOADER_WORKERS, cores)`` on CUDA.
+
+    On the CPU, extraction and augmentation cost about 1 ms per batch against hundreds of milliseconds
+    of compute, and worker processes only take cores from the training threads (2-core CPU, HGG, bf16:
+    the full pipeline ran at 88% of the model-only step with 2 workers, at 100% or more with 0;
+    docs/training.md). On a GPU the workers keep the device fed.
+    """
+    if num_workers is not None:
+        return num_workers
+    return min(CUDA_LOADER_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
 def make_loader(dataset: PatchBatches, config: Config, device: torch.device, seed: int,
                 start: int = 0) -> torch.utils.data.DataLoader:
     """Batches ``start, start + 1, ...`` of ``dataset``, whole; workers only run extraction/augmentation.
@@ -201,7 +216,7 @@ def make_loader(dataset: PatchBatches, config: Config, device: torch.device, see
     ``start > 0`` continues an epoch after a mid-epoch checkpoint (the batches are the same as in the
     uninterrupted run: each is a pure function of its index).
     """
-    workers = config.train.num_workers
+    workers = loader_workers(config.train.num_workers, device)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=workers,
         pin_memory=device.type == "cuda",

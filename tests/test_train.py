@@ -17,6 +17,7 @@ from brats_cnn import train
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.model import load_checkpoint
 from brats_cnn.device import resolve_device
+from brats_cnn.config import load_config
 from brats_cnn.train import learning_rate, run_training, split_cases
 
 # A tiny run: the LGG network (cheapest), 32 patches of batch 8 per epoch, no N4.
@@ -439,3 +440,35 @@ def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cac
     with pytest.raises(CheckpointError, match="broken.pt"):
         run_training("hgg", cache, tmp_path / "e", config="smoke", device="cpu",
                      overrides=DENSE + [f"train.init_weights={tmp_path / 'broken.pt'}"])
+
+
+def test_loader_workers_auto_is_none_on_the_cpu_and_bounded_on_cuda(monkeypatch):
+    from brats_cnn.train import CUDA_LOADER_WORKERS, loader_workers
+
+    assert load_config("pereira_hgg").train.num_workers is None
+    assert load_config("pereira_hgg", ["train.num_workers=null"]).train.num_workers is None
+    assert load_config("pereira_hgg", ["train.num_workers=3"]).train.num_workers == 3
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        load_config("pereira_hgg", ["train.num_workers=-1"])
+    assert loader_workers(None, torch.device("cpu")) == 0
+    assert loader_workers(3, torch.device("cpu")) == 3
+    assert loader_workers(0, torch.device("cuda")) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(None, torch.device("cuda")) == CUDA_LOADER_WORKERS == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(None, torch.device("cuda")) == 2
+
+
+def test_make_loader_takes_its_workers_from_loader_workers(cache):
+    from brats_cnn.sampling import PatchBatches, cases_label_mask, make_rng, sample_balanced_centres
+    from brats_cnn.preprocess import list_cached_cases
+    from brats_cnn.train import make_loader
+
+    folders = list_cached_cases(cache)
+    centres = sample_balanced_centres(cases_label_mask(folders), 8, 4, make_rng(0, 0))
+    data = PatchBatches(folders, centres, batch_size=4, patch_size=9, background=0.0,
+                        rotation_angles=(0,), arbitrary_rotation=False, seed=0)
+    auto = make_loader(data, load_config("smoke", ["train.num_workers=null"]), torch.device("cpu"), seed=0)
+    two = make_loader(data, load_config("smoke", ["train.num_workers=2"]), torch.device("cpu"), seed=0)
+    assert (auto.num_workers, two.num_workers) == (0, 2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(auto, two))
