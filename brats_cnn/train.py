@@ -201,7 +201,7 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
 
     On the CPU, extraction and augmentation cost about 1 ms per batch against hundreds of milliseconds
     of compute, and worker processes only take cores from the training threads (2-core CPU, HGG, bf16:
-    the full pipeline ran at 88% of the model-only step with 2 workers, at 100% or more with 0;
+    the full pipeline ran at 88% of the model-only step with 2 workers, at 94-113% with 0;
     docs/training.md). On a GPU the workers keep the device fed.
     """
     if num_workers is not None:

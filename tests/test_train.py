@@ -442,7 +442,7 @@ def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cac
                      overrides=DENSE + [f"train.init_weights={tmp_path / 'broken.pt'}"])
 
 
-def test_loader_workers_auto_is_none_on_the_cpu_and_bounded_on_cuda(monkeypatch):
+def test_loader_workers_auto_is_zero_on_the_cpu_and_bounded_on_cuda(monkeypatch):
     from brats_cnn.train import CUDA_LOADER_WORKERS, loader_workers
 
     assert load_config("pereira_hgg").train.num_workers is None
@@ -460,14 +460,10 @@ def test_loader_workers_auto_is_none_on_the_cpu_and_bounded_on_cuda(monkeypatch)
 
 
 def test_make_loader_takes_its_workers_from_loader_workers(cache):
-    from brats_cnn.sampling import PatchBatches, cases_label_mask, make_rng, sample_balanced_centres
-    from brats_cnn.preprocess import list_cached_cases
+    from brats_cnn.benchmark import _pipeline_batches
     from brats_cnn.train import make_loader
 
-    folders = list_cached_cases(cache)
-    centres = sample_balanced_centres(cases_label_mask(folders), 8, 4, make_rng(0, 0))
-    data = PatchBatches(folders, centres, batch_size=4, patch_size=9, background=0.0,
-                        rotation_angles=(0,), arbitrary_rotation=False, seed=0)
+    data = _pipeline_batches(cache, load_config("smoke", ["sampling.patch_size=9"]), batch_size=4, batches=2)
     auto = make_loader(data, load_config("smoke", ["train.num_workers=null"]), torch.device("cpu"), seed=0)
     two = make_loader(data, load_config("smoke", ["train.num_workers=2"]), torch.device("cpu"), seed=0)
     assert (auto.num_workers, two.num_workers) == (0, 2)
