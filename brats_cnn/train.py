@@ -315,17 +315,18 @@ def dice_slice_indices(mask: np.ndarray, count: int) -> np.ndarray:
 
 
 def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config, compute: Compute,
-                    frequencies: Sequence[float] | None = None) -> dict[float, dict[str, float]]:
-    """Mean Dice of complete/core/enhancing over the validation cases, per prior-correction exponent.
+                    frequencies: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, float]]]:
+    """Dice of complete/core/enhancing of each validation case, per prior-correction exponent.
 
     Uses :func:`brats_cnn.segment.predict_fast` on whole volumes (``train.dice_slices = 0``, the
     default) or on that many evenly spaced brain slices per case; the networks are 2-D, so a slice's
     prediction does not depend on which other slices are predicted. No post-processing.
 
     Returns:
-        ``{alpha: {region: Dice}}`` for ``alpha = 0`` (the network's own output) and, when the training
-        class ``frequencies`` are given, every ``train.selection_alphas`` value (the prior correction
-        of :mod:`brats_cnn.calibrate`, which ``calibrate`` later tunes on the same cases).
+        ``{alpha: {case id: {region: Dice}}}`` (case ids in the order of ``folders``) for ``alpha = 0``
+        (the network's own output) and, when the training class ``frequencies`` are given, every
+        ``train.selection_alphas`` value (the prior correction of :mod:`brats_cnn.calibrate`, which
+        ``calibrate`` later tunes on the same cases). :func:`mean_dice` averages over the cases.
     """
     from brats_cnn.calibrate import apply_class_prior, region_dice
     from brats_cnn.labels import classify
@@ -337,7 +338,7 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
         log.info("a class has no training voxels; validation Dice without prior correction only")
         frequencies = None
     alphas = sorted({0.0, *(config.train.selection_alphas if frequencies is not None else ())})
-    scores: dict[float, dict[str, list[float]]] = {a: {region: [] for region in REGIONS} for a in alphas}
+    scores: dict[float, dict[str, dict[str, float]]] = {a: {} for a in alphas}
     plain = unwrap_network(network)
     was_training = plain.training
     for folder in folders:
@@ -352,10 +353,14 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
         for alpha in alphas:
             corrected = apply_class_prior(probabilities, frequencies, alpha) if alpha else probabilities
             classes = classify(corrected, convention, config.segment.decision)
-            for region, value in region_dice(classes, truth, convention).items():
-                scores[alpha][region].append(value)
+            scores[alpha][folder.name] = region_dice(classes, truth, convention)
     plain.train(was_training)
-    return {a: {region: float(np.mean(values)) for region, values in per.items()} for a, per in scores.items()}
+    return scores
+
+
+def mean_dice(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{region: mean Dice}`` over the cases of one :func:`validation_dice` entry."""
+    return {region: float(np.mean([dice[region] for dice in per_case.values()])) for region in REGIONS}
 
 
 # ---- metrics files -------------------------------------------------------------------------------
@@ -751,15 +756,20 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
     train_loss = (totals[0] / totals[2]).item() if seen else math.nan
     train_accuracy = (totals[1] / totals[2]).item() if seen else math.nan
     if run.dist.is_main:
-        val_loss, val_accuracy, dice, score_alpha = math.nan, math.nan, None, None
+        val_loss, val_accuracy, dice, score_alpha, cases = math.nan, math.nan, None, None, {}
         if run.validation is not None:
             loader = make_loader(run.validation, cfg, run.compute.device, cfg.train.seed)
             val_loss, val_accuracy = evaluate_patches(run.network, loader, run.compute, cfg.train)
             if cfg.train.validate_dice:
-                per_alpha = validation_dice(run.network, run.data.validation_dirs, cfg, run.compute,
-                                            run.calibration["class_frequencies"])
+                per_case = validation_dice(run.network, run.data.validation_dirs, cfg, run.compute,
+                                           run.calibration["class_frequencies"])
+                per_alpha = {alpha: mean_dice(dice_of_cases) for alpha, dice_of_cases in per_case.items()}
                 dice = per_alpha[0.0]
                 score_alpha = max(per_alpha, key=lambda a: (np.mean(list(per_alpha[a].values())), -a))
+                # per case (metrics.json only): the network's own Dice, and the selection score's terms
+                cases = {"case_dice": per_case[0.0],
+                         "case_score": {case: float(np.mean(list(d.values())))
+                                        for case, d in per_case[score_alpha].items()}}
             run.network.train()
         score = (float(np.mean(list(per_alpha[score_alpha].values()))) if dice else
                  val_accuracy if math.isfinite(val_accuracy) else -train_loss)
@@ -768,7 +778,7 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
             "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
             "val_accuracy": _json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
             "score": score, "score_alpha": score_alpha, "epoch_seconds": round(state.interval_seconds, 3),
-            "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1)})
+            "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1), **cases})
         if score > state.best_score:
             state.best_score = score
             save_checkpoint(run.best_path, network=run.network, config=cfg, normaliser=run.data.normaliser,

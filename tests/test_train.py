@@ -166,6 +166,17 @@ def test_train_from_raw_data_via_the_cli(raw_dataset, tmp_path):
     assert best.training_state is None
     history = json.loads((out / "metrics.json").read_text())
     assert best.epoch == max(history, key=lambda r: r["score"])["epoch"]
+    for row in history:  # per validation case: the network's own Dice (mean = the dice columns) and score terms
+        assert list(row["case_dice"]) == list(row["case_score"]) == state["validation_cases"]
+        for region in ("complete", "core", "enhancing"):
+            assert row[f"dice_{region}"] == pytest.approx(np.mean([d[region] for d in row["case_dice"].values()]))
+        assert row["score"] == pytest.approx(np.mean(list(row["case_score"].values())))
+
+
+def test_mean_dice_averages_each_region_over_the_cases():
+    per_case = {"a": {"complete": 1.0, "core": 0.5, "enhancing": 0.0},
+                "b": {"complete": 0.5, "core": 0.25, "enhancing": 1.0}}
+    assert train.mean_dice(per_case) == {"complete": 0.75, "core": 0.375, "enhancing": 0.5}
 
 
 def test_training_uses_the_configured_patch_size(cache, tmp_path):
