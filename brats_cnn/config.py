@@ -62,6 +62,8 @@ class SamplingConfig:
     total_patches: int = 450_000  # (paper) ~450k HGG, ~335k LGG; split evenly over classes
     rotation_angles: tuple[int, ...] = (0, 90, 180, 270)  # (paper) multiples of 90 degrees
     arbitrary_rotation: bool = False  # (choice) also rotate by a uniform random angle
+    intensity_scale: float = 0.0  # (choice) per patch and sequence, multiply brain intensities by U[1-s, 1+s]; 0 = off (paper)
+    intensity_shift: float = 0.0  # (choice) ... and add U[-t, t] (z-score units); 0 = off (paper)
     validation_patches: int = 20_000  # (choice) patch-accuracy validation set size
     resample_each_epoch: bool = False  # (choice) False: one centre set per run (paper), reshuffled per epoch
 
@@ -237,6 +239,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "sampling.total_patches": _at_least(1),
     "sampling.rotation_angles": _right_angle(),
     "sampling.validation_patches": _at_least(1),
+    "sampling.intensity_scale": _fraction(False, True),
+    "sampling.intensity_shift": _at_least(0),
     "model.dropout": _fraction(False, True),
     "model.leaky_relu_slope": _at_least(0),
     "train.epochs": _at_least(1),

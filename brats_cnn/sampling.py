@@ -33,6 +33,7 @@ CENTRE_STREAM = 1
 VALIDATION_STREAM = 2
 ORDER_STREAM = 3
 AUGMENT_STREAM = 4
+INTENSITY_STREAM = 5
 RIGHT_ANGLE = 90
 
 
@@ -186,6 +187,26 @@ def rotate_patches_90(patches: np.ndarray, turns: np.ndarray) -> np.ndarray:
     return out
 
 
+def jitter_intensity(patches: np.ndarray, factors: np.ndarray, offsets: np.ndarray, background: float) -> np.ndarray:
+    """Per-patch, per-sequence affine intensity change ``x * factor + offset`` of the brain voxels.
+
+    Mimics what intensity standardisation leaves between scanners and sites (the role of MONAI's
+    ``RandScaleIntensity`` + ``RandShiftIntensity`` or nnU-Net's brightness augmentation), drawn
+    independently for every patch and sequence. Voxels equal to ``background`` (outside the brain,
+    or a sequence without data) keep it, so the network still sees where the brain ends.
+
+    Args:
+        patches: ``(N, C, H, W)`` float32 z-scored intensities.
+        factors, offsets: ``(N, C)`` multiplicative factors and additive offsets (brain std units).
+        background: the cache's ``preprocess.background_value``.
+
+    Returns:
+        A new ``(N, C, H, W)`` float32 array.
+    """
+    changed = patches * factors[:, :, None, None] + offsets[:, :, None, None]
+    return np.where(patches == background, patches, changed).astype(np.float32, copy=False)
+
+
 def rotation_support(patch_size: int) -> int:
     """Side of the patch to extract so that any rotation of it still covers ``patch_size``."""
     half = patch_size // 2
@@ -247,11 +268,16 @@ class PatchBatches(Dataset):
         centres: centres indexing into ``cases``.
         rotation_angles: degrees, multiples of 90; each patch gets one uniformly at random.
         arbitrary_rotation: rotate by a uniform angle in [0, 2 pi) instead (bilinear).
+        intensity_scale, intensity_shift: each patch's sequence ``c`` is multiplied by a factor drawn
+            uniformly from ``[1 - scale, 1 + scale]`` and shifted by one from ``[-shift, shift]``
+            (:func:`jitter_intensity`, draws from ``(seed, INTENSITY_STREAM, epoch, batch)``); 0 and
+            0 (the default) draw nothing.
         shuffle: permute the centres per epoch (False for validation).
     """
 
     def __init__(self, cases: Sequence[Any], centres: Centres, *, batch_size: int, patch_size: int,
                  background: float, rotation_angles: Sequence[int] = (0,), arbitrary_rotation: bool = False,
+                 intensity_scale: float = 0.0, intensity_shift: float = 0.0,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
@@ -263,6 +289,7 @@ class PatchBatches(Dataset):
         self.background = float(background)
         self.turns = quarter_turns(rotation_angles)
         self.arbitrary_rotation = arbitrary_rotation
+        self.intensity_scale, self.intensity_shift = float(intensity_scale), float(intensity_shift)
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.order = (make_rng(seed, ORDER_STREAM, epoch).permutation(len(centres)) if shuffle
                       else np.arange(len(centres)))
@@ -300,6 +327,19 @@ class PatchBatches(Dataset):
         local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         return self.centres.take(members[local]), draws[local]
 
+    def _jitter(self, batch: int, patches: np.ndarray) -> np.ndarray:
+        """:func:`jitter_intensity` of this rank's part of a batch (drawn for the global batch)."""
+        if not (self.intensity_scale or self.intensity_shift) or not len(patches):
+            return patches
+        rng = make_rng(self.seed, INTENSITY_STREAM, self.epoch, batch)
+        members = min(self.batch_size, len(self.order) - batch * self.batch_size)
+        shape = (members, patches.shape[1])
+        factors = rng.uniform(1.0 - self.intensity_scale, 1.0 + self.intensity_scale, size=shape)
+        offsets = rng.uniform(-self.intensity_shift, self.intensity_shift, size=shape)
+        local = slice(self.rank * self.local_batch, self.rank * self.local_batch + len(patches))
+        return jitter_intensity(patches, factors[local].astype(np.float32), offsets[local].astype(np.float32),
+                                self.background)
+
     def batch_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(patches (B, C, P, P) float32, labels (B,) int64)`` of this rank's part of a batch."""
         centres, draws = self._members(batch)
@@ -310,6 +350,7 @@ class PatchBatches(Dataset):
             selected = centres.case == case
             patches[selected] = extract_patches(self._image(int(case)), centres.z[selected], centres.x[selected],
                                                 centres.y[selected], side, self.background)
+        patches = self._jitter(batch, patches)
         if self.arbitrary_rotation:
             patches = rotate_patches(patches, draws, self.patch_size, self.background)
         elif self.turns.max() > 0:
@@ -357,6 +398,7 @@ class SlabBatches(PatchBatches):
             label = extract_patches(arrays.label[:, None], *at, size, IGNORE_LABEL)[:, 0]
             inside = extract_patches(arrays.mask[:, None], *at, size, 0.0)[:, 0] > 0
             labels[selected] = np.where(inside, label, IGNORE_LABEL).astype(np.int64)
+        crops = self._jitter(batch, crops)
         if self.turns.max() > 0:
             crops = rotate_patches_90(crops, turns)
             labels = rotate_patches_90(labels[:, None], turns)[:, 0]

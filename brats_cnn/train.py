@@ -638,6 +638,7 @@ def epoch_batches(run: Run, epoch: int) -> PatchBatches:
                                       make_rng(cfg.train.seed, CENTRE_STREAM, *keys))
     common = dict(patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
                   rotation_angles=cfg.sampling.rotation_angles, arbitrary_rotation=cfg.sampling.arbitrary_rotation,
+                  intensity_scale=cfg.sampling.intensity_scale, intensity_shift=cfg.sampling.intensity_shift,
                   seed=cfg.train.seed, epoch=epoch, rank=run.dist.rank, world_size=run.dist.world_size)
     if dense:
         return SlabBatches(run.data.train_dirs, centres, crop_size=cfg.dense.crop_size,

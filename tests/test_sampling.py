@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.sampling import (Centres, PatchBatches, extract_patches, make_rng, quarter_turns,
+from brats_cnn.sampling import (Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns,
                                 rotate_patches, rotate_patches_90, rotation_support,
                                 sample_balanced_centres)
 
@@ -183,6 +183,48 @@ def test_dataloader_workers_give_the_same_batches():
     assert len(plain) == len(workers) == 4
 
 
+def test_jitter_intensity_changes_brain_voxels_only_and_returns_a_new_array():
+    patches = np.array([[[[0.0, 1.0], [2.0, -1.0]], [[0.0, 0.5], [0.0, 3.0]]]], np.float32)  # (1, 2, 2, 2)
+    before = patches.copy()
+    out = jitter_intensity(patches, np.array([[2.0, 0.5]], np.float32), np.array([[1.0, -1.0]], np.float32), 0.0)
+    np.testing.assert_array_equal(out, [[[[0.0, 3.0], [5.0, -1.0]], [[0.0, -0.75], [0.0, 0.5]]]])
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(patches, before)
+
+
+def test_intensity_augmentation_is_one_affine_map_per_patch_and_sequence_within_its_range():
+    case = fake_case(0)
+    case.image = np.where(case.mask[:, None], case.image, 0).astype(np.float16)  # background 0 outside the brain
+    centres = sample_balanced_centres([(case.label, case.mask)], 64, 4, make_rng(0, 1))
+    plain = _dataset([case], centres, rotation_angles=(0,))
+    jittered = _dataset([case], centres, rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5)
+    (p, labels), (q, labels_j) = plain[0], jittered[0]
+    assert torch.equal(labels, labels_j)
+    p, q = p.numpy(), q.numpy()
+    np.testing.assert_array_equal(q[p == 0], 0.0)  # outside the brain and the volume: untouched
+    factors, offsets = np.empty(p.shape[:2]), np.empty(p.shape[:2])
+    for n, c in np.ndindex(*p.shape[:2]):
+        brain = p[n, c] != 0
+        factors[n, c], offsets[n, c] = np.polyfit(p[n, c][brain], q[n, c][brain], 1)
+        np.testing.assert_allclose(q[n, c][brain], factors[n, c] * p[n, c][brain] + offsets[n, c], atol=1e-5)
+    assert factors.min() >= 0.8 - 1e-6 and factors.max() <= 1.2 + 1e-6 and np.abs(offsets).max() <= 0.5 + 1e-6
+    assert (np.ptp(factors, axis=0) > 0.1).all() and (np.ptp(factors, axis=1) > 0.01).all()  # per patch and sequence
+    torch.testing.assert_close(jittered[0][0], _dataset([case], centres, rotation_angles=(0,), intensity_scale=0.2,
+                                                        intensity_shift=0.5)[0][0], rtol=0, atol=0)
+    ranks = [_dataset([case], centres, rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5,
+                      rank=r, world_size=2)[0][0] for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(ranks), jittered[0][0], rtol=0, atol=0)
+
+
+def test_intensity_augmentation_ranges_are_checked():
+    from brats_cnn.config import load_config
+
+    with pytest.raises(ConfigError, match="sampling.intensity_scale"):
+        load_config("smoke", ["sampling.intensity_scale=1.0"])
+    with pytest.raises(ConfigError, match="sampling.intensity_shift"):
+        load_config("smoke", ["sampling.intensity_shift=-0.1"])
+
+
 def test_patch_batches_empty_centres():
     empty = Centres(*(np.zeros(0, np.int32) for _ in range(4)), np.zeros(0, np.uint8))
     assert len(_dataset([fake_case(0)], empty)) == 0
@@ -221,3 +263,19 @@ def test_slab_batches_label_the_crop_centre_ignore_outside_the_brain_and_rotate_
         SlabBatches(cases, centres, crop_size=8, batch_size=6, patch_size=33, background=0.0)
     with pytest.raises(ConfigError, match="multiples of 90 degrees only"):
         SlabBatches(cases, centres, arbitrary_rotation=True, **kwargs)
+
+
+def test_slab_batches_jitter_the_crop_intensities_and_keep_the_labels():
+    from brats_cnn.sampling import SlabBatches
+
+    case = fake_case(0)
+    case.image = np.where(case.mask[:, None], case.image, 0).astype(np.float16)
+    centres = sample_balanced_centres([(case.label, case.mask)], 12, 4, make_rng(0, 1))
+    kwargs = dict(crop_size=9, batch_size=6, patch_size=33, background=0.0, seed=0, rotation_angles=(0,))
+    (crops, labels), (crops_j, labels_j) = (SlabBatches([case], centres, **kwargs)[0],
+                                            SlabBatches([case], centres, intensity_scale=0.3, **kwargs)[0])
+    assert torch.equal(labels, labels_j)
+    brain = crops != 0
+    assert torch.equal(crops_j[~brain], crops[~brain])
+    ratio = crops_j[brain] / crops[brain]
+    assert 0.7 - 1e-6 <= ratio.min() and ratio.max() <= 1.3 + 1e-6 and ratio.std() > 0.05
