@@ -313,30 +313,33 @@ class PatchBatches(Dataset):
     def _image(self, index: int) -> np.ndarray:
         return self._case(index).image
 
-    def _members(self, batch: int) -> tuple[Centres, np.ndarray]:
-        """This rank's centres of a batch and their augmentation draws (quarter turns or radians)."""
+    def _global_batch(self, batch: int) -> tuple[np.ndarray, slice]:
+        """Centre indices of a whole (global) batch, and the slice of them that is this rank's."""
         if not 0 <= batch < self.num_batches:
             raise IndexError(batch)
         start = batch * self.batch_size
-        members = self.order[start:start + self.batch_size]
+        local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        return self.order[start:start + self.batch_size], local
+
+    def _members(self, batch: int) -> tuple[Centres, np.ndarray]:
+        """This rank's centres of a batch and their augmentation draws (quarter turns or radians)."""
+        members, local = self._global_batch(batch)
         rng = make_rng(self.seed, AUGMENT_STREAM, self.epoch, batch)
         if self.arbitrary_rotation:
             draws = rng.uniform(0.0, 2 * math.pi, size=members.size)
         else:
             draws = self.turns[rng.integers(0, self.turns.size, size=members.size)]
-        local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         return self.centres.take(members[local]), draws[local]
 
     def _jitter(self, batch: int, patches: np.ndarray) -> np.ndarray:
         """:func:`jitter_intensity` of this rank's part of a batch (drawn for the global batch)."""
         if not (self.intensity_scale or self.intensity_shift) or not len(patches):
             return patches
+        members, local = self._global_batch(batch)
         rng = make_rng(self.seed, INTENSITY_STREAM, self.epoch, batch)
-        members = min(self.batch_size, len(self.order) - batch * self.batch_size)
-        shape = (members, patches.shape[1])
+        shape = (members.size, patches.shape[1])
         factors = rng.uniform(1.0 - self.intensity_scale, 1.0 + self.intensity_scale, size=shape)
         offsets = rng.uniform(-self.intensity_shift, self.intensity_shift, size=shape)
-        local = slice(self.rank * self.local_batch, self.rank * self.local_batch + len(patches))
         return jitter_intensity(patches, factors[local].astype(np.float32), offsets[local].astype(np.float32),
                                 self.background)
 

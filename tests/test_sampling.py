@@ -197,7 +197,8 @@ def test_intensity_augmentation_is_one_affine_map_per_patch_and_sequence_within_
     case.image = np.where(case.mask[:, None], case.image, 0).astype(np.float16)  # background 0 outside the brain
     centres = sample_balanced_centres([(case.label, case.mask)], 64, 4, make_rng(0, 1))
     plain = _dataset([case], centres, rotation_angles=(0,))
-    jittered = _dataset([case], centres, rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5)
+    jitter = dict(rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5)
+    jittered = _dataset([case], centres, **jitter)
     (p, labels), (q, labels_j) = plain[0], jittered[0]
     assert torch.equal(labels, labels_j)
     p, q = p.numpy(), q.numpy()
@@ -209,10 +210,8 @@ def test_intensity_augmentation_is_one_affine_map_per_patch_and_sequence_within_
         np.testing.assert_allclose(q[n, c][brain], factors[n, c] * p[n, c][brain] + offsets[n, c], atol=1e-5)
     assert factors.min() >= 0.8 - 1e-6 and factors.max() <= 1.2 + 1e-6 and np.abs(offsets).max() <= 0.5 + 1e-6
     assert (np.ptp(factors, axis=0) > 0.1).all() and (np.ptp(factors, axis=1) > 0.01).all()  # per patch and sequence
-    torch.testing.assert_close(jittered[0][0], _dataset([case], centres, rotation_angles=(0,), intensity_scale=0.2,
-                                                        intensity_shift=0.5)[0][0], rtol=0, atol=0)
-    ranks = [_dataset([case], centres, rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5,
-                      rank=r, world_size=2)[0][0] for r in (0, 1)]
+    torch.testing.assert_close(jittered[0][0], _dataset([case], centres, **jitter)[0][0], rtol=0, atol=0)
+    ranks = [_dataset([case], centres, **jitter, rank=r, world_size=2)[0][0] for r in (0, 1)]
     torch.testing.assert_close(torch.cat(ranks), jittered[0][0], rtol=0, atol=0)
 
 
