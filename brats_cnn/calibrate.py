@@ -90,6 +90,11 @@ def region_dice(classes: np.ndarray, truth: np.ndarray, convention: str) -> dict
     return {region: dice(reference[region], predicted[region]) for region in REGIONS}
 
 
+def region_mean(dice_by_region: dict[str, float]) -> float:
+    """The mean over the regions of one ``{region: Dice}``: the score calibration and model selection rank by."""
+    return float(np.mean([dice_by_region[region] for region in REGIONS]))
+
+
 @dataclass(frozen=True)
 class Choice:
     """One calibration setting and its mean validation Dice."""
@@ -128,8 +133,7 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
                     scores = [region_dice(postprocess_labels(c, config), t, convention)
                               for c, t in zip(classes, truths)]
                     mean = {region: float(np.mean([s[region] for s in scores])) for region in REGIONS}
-                    choices.append(Choice(float(alpha), tta, keep_largest, decision, mean,
-                                          float(np.mean(list(mean.values())))))
+                    choices.append(Choice(float(alpha), tta, keep_largest, decision, mean, region_mean(mean)))
     return choices
 
 

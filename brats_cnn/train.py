@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brats_cnn.calibrate import class_frequencies
+from brats_cnn.calibrate import class_frequencies, region_mean
 from brats_cnn.config import Config, check_grade, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
 from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
@@ -766,13 +766,12 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
                                            run.calibration["class_frequencies"])
                 per_alpha = {alpha: mean_dice(dice_of_cases) for alpha, dice_of_cases in per_case.items()}
                 dice = per_alpha[0.0]
-                score_alpha = max(per_alpha, key=lambda a: (np.mean(list(per_alpha[a].values())), -a))
+                score_alpha = max(per_alpha, key=lambda a: (region_mean(per_alpha[a]), -a))
                 # per case (metrics.json only): the network's own Dice, and the selection score's terms
                 cases = {"case_dice": per_case[0.0],
-                         "case_score": {case: float(np.mean(list(d.values())))
-                                        for case, d in per_case[score_alpha].items()}}
+                         "case_score": {case: region_mean(d) for case, d in per_case[score_alpha].items()}}
             run.network.train()
-        score = (float(np.mean(list(per_alpha[score_alpha].values()))) if dice else
+        score = (region_mean(per_alpha[score_alpha]) if dice else
                  val_accuracy if math.isfinite(val_accuracy) else -train_loss)
         state.history.append({
             "epoch": epoch + 1, "step": state.step, "lr": lr, "train_loss": train_loss,

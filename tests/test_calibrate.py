@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.calibrate import (ALPHAS, Choice, apply_class_prior, best_choice, class_frequencies, run_calibrate,
-                                 score_settings)
+from brats_cnn.calibrate import (ALPHAS, Choice, apply_class_prior, best_choice, class_frequencies, region_mean,
+                                 run_calibrate, score_settings)
 from brats_cnn.config import PostprocessConfig
 from brats_cnn.errors import CheckpointError, ConfigError
 from brats_cnn.postprocess import keep_largest_component
@@ -79,6 +79,12 @@ def test_best_choice_tie_breaking():
                make(0.9, "none", False, 0.8), make(0.1, "none", False, 0.8, "regions")]
     assert best_choice(choices) == choices[1]
     assert best_choice(choices + [make(0.1, "rot90", True, 0.81)]).score == 0.81
+
+
+def test_region_mean_averages_the_three_regions():
+    assert region_mean({"complete": 0.9, "core": 0.6, "enhancing": 0.3}) == pytest.approx(0.6)
+    with pytest.raises(KeyError):
+        region_mean({"complete": 0.9, "core": 0.6})
 
 
 @pytest.fixture(scope="module")
