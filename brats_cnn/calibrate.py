@@ -7,13 +7,14 @@ or enhancing tumour. Bayes' rule gives the posterior under the true prior ``pi``
 ``p(c | x) ~ p_balanced(c | x) * pi_c``. :func:`apply_class_prior` applies ``pi_c ** alpha``: ``alpha``
 = 0 leaves the network's output alone, 1 is the full correction; the best value lies in between
 and is chosen on validation cases (the sampling is only approximately uniform, and the network is
-not a perfect estimator).
+not a perfect estimator). ``pi`` is the training cases' class frequencies, or (``segment.prior_adapt``)
+each case's own prior, estimated from them by EM (:func:`estimate_case_prior`).
 
 :func:`run_calibrate` reads a training run folder, predicts every validation case once per
-test-time-augmentation setting, and picks the ``alpha`` x TTA x decision rule x post-processing
-combination with the best mean validation Dice; it writes a calibrated checkpoint whose config holds
-the choice (``segment.prior_alpha``, ``segment.tta_rotations``, ``segment.decision``,
-``postprocess.keep_largest``) and whose
+test-time-augmentation setting, and picks the ``alpha`` x prior x TTA x decision rule x
+post-processing combination with the best mean validation Dice; it writes a calibrated checkpoint
+whose config holds the choice (``segment.prior_alpha``, ``segment.prior_adapt``,
+``segment.tta_rotations``, ``segment.decision``, ``postprocess.keep_largest``) and whose
 ``calibration`` holds the class frequencies and the whole validation table.
 """
 
@@ -37,6 +38,12 @@ log = logging.getLogger(__name__)
 ALPHAS: tuple[float, ...] = tuple(round(a, 2) for a in np.arange(0.0, 2.01, 0.1))
 TTA_SETTINGS: dict[str, tuple[int, ...]] = {"none": (0,), "rot90": (0, 90, 180, 270)}
 CALIBRATED_NAME = "calibrated.pt"
+# EM estimate of a case's own class prior (segment.prior_adapt): at most this many steps, stopped when no
+# class share moves by more than the tolerance; a share never drops below the floor (apply_class_prior
+# needs every weight > 0, and a class absent from one case must stay possible)
+PRIOR_EM_ITERATIONS = 100
+PRIOR_EM_TOLERANCE = 1e-5
+PRIOR_EM_FLOOR = 1e-6
 
 
 # ---- pure functions ----------------------------------------------------------------------------
@@ -81,6 +88,59 @@ def apply_class_prior(probabilities: np.ndarray, frequencies: Sequence[float], a
     return weighted / np.maximum(weighted.sum(axis=0, keepdims=True), np.finfo(np.float32).tiny)
 
 
+def estimate_case_prior(probabilities: np.ndarray, mask: np.ndarray, frequencies: Sequence[float], alpha: float,
+                        iterations: int = PRIOR_EM_ITERATIONS, tolerance: float = PRIOR_EM_TOLERANCE) -> np.ndarray:
+    """This case's own class prior in the brain, by EM (Saerens, Latinne & Decaestecker, Neural Comput. 2002).
+
+    The training frequencies are the prior of the training cases; a case with more edema than they had
+    is under-called with them. Starting from ``frequencies``, each step corrects the posteriors with the
+    current prior (``p(c|x) * pi_c ** alpha``, as :func:`apply_class_prior`) and takes their mean over
+    the brain voxels as the next prior, until no class share moves by more than ``tolerance``. With
+    ``alpha`` = 1 this is Saerens et al.'s maximum-likelihood estimate of a balanced-prior network's new
+    prior; a smaller ``alpha`` tempers both the correction and the estimate.
+
+    Args:
+        probabilities: ``(C, X, Y, Z)`` class-balanced posteriors of one case.
+        mask: ``(X, Y, Z)`` bool brain mask; only these voxels count.
+        frequencies: ``(C,)`` training class frequencies (> 0), the starting point.
+        alpha: the correction exponent; 0 returns ``frequencies`` unchanged.
+
+    Returns:
+        ``(C,)`` float64 prior summing to 1, every entry at least :data:`PRIOR_EM_FLOOR`.
+    """
+    prior = np.asarray(frequencies, dtype=np.float64)
+    if mask.shape != probabilities.shape[1:]:
+        raise InputError(f"brain mask of shape {mask.shape} does not match probabilities of shape "
+                         f"{probabilities.shape}")
+    if alpha == 0 or not mask.any():
+        return prior
+    brain = probabilities[:, mask].astype(np.float64)  # (C, N): only the brain voxels
+    for _ in range(iterations):
+        # mean over voxels of p_c w_c / sum_k p_k w_k, as two matrix-vector products (no (C, N) temporaries)
+        weights = prior ** alpha
+        inverse = 1.0 / np.maximum(weights @ brain, np.finfo(np.float64).tiny)
+        updated = np.maximum(weights * (brain @ inverse) / brain.shape[1], PRIOR_EM_FLOOR)
+        updated /= updated.sum()
+        converged = np.max(np.abs(updated - prior)) < tolerance
+        prior = updated
+        if converged:
+            break
+    return prior
+
+
+def correct_class_prior(probabilities: np.ndarray, mask: np.ndarray, frequencies: Sequence[float], alpha: float,
+                        adapt: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The prior correction ``segment`` and ``calibrate`` apply: with the training frequencies, or
+    (``adapt``) with the case's own prior estimated from them by :func:`estimate_case_prior`.
+
+    Returns:
+        The corrected ``(C, X, Y, Z)`` probabilities and the ``(C,)`` prior used.
+    """
+    prior = (estimate_case_prior(probabilities, mask, frequencies, alpha) if adapt
+             else np.asarray(frequencies, dtype=np.float64))
+    return apply_class_prior(probabilities, prior, alpha), prior
+
+
 def region_dice(classes: np.ndarray, truth: np.ndarray, convention: str) -> dict[str, float]:
     """Dice of complete/core/enhancing between two ``(X, Y, Z)`` class-index maps."""
     from brats_cnn.metrics import dice
@@ -105,18 +165,23 @@ class Choice:
     decision: str
     dice: dict
     score: float
+    prior_adapt: bool = False
 
 
-def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.ndarray],
+def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.ndarray], masks: list[np.ndarray],
                    frequencies: np.ndarray, postprocess: Any, convention: str,
-                   alphas: Sequence[float] = ALPHAS, decisions: Sequence[str] = DECISIONS) -> list[Choice]:
-    """Mean validation Dice of every ``alpha`` x TTA setting x decision rule x keep-largest combination.
+                   alphas: Sequence[float] = ALPHAS, decisions: Sequence[str] = DECISIONS,
+                   adapts: Sequence[bool] = (False, True)) -> list[Choice]:
+    """Mean validation Dice of every ``alpha`` x prior (training or adapted) x TTA setting x decision
+    rule x keep-largest combination (the adapted prior only for ``alpha`` > 0, where it differs).
 
     Args:
         probabilities: per TTA setting name, the ``(C, X, Y, Z)`` probabilities of each case.
         truths: the ``(X, Y, Z)`` class indices of each case.
+        masks: the ``(X, Y, Z)`` brain mask of each case (where the adapted prior is estimated).
         frequencies: training class frequencies.
         postprocess: a ``PostprocessConfig`` (``keep_largest`` is varied, the rest applied as is).
+        adapts: the ``segment.prior_adapt`` values to try.
     """
     from dataclasses import replace
 
@@ -124,8 +189,8 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
 
     choices = []
     for tta, per_case in probabilities.items():
-        for alpha in alphas:
-            corrected = [apply_class_prior(p, frequencies, alpha) for p in per_case]
+        for alpha, adapt in ((a, d) for a in alphas for d in adapts if a > 0 or not d):
+            corrected = [correct_class_prior(p, m, frequencies, alpha, adapt)[0] for p, m in zip(per_case, masks)]
             for decision in decisions:
                 classes = [classify(p, convention, decision) for p in corrected]
                 for keep_largest in (False, True):
@@ -133,14 +198,15 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
                     scores = [region_dice(postprocess_labels(c, config), t, convention)
                               for c, t in zip(classes, truths)]
                     mean = {region: float(np.mean([s[region] for s in scores])) for region in REGIONS}
-                    choices.append(Choice(float(alpha), tta, keep_largest, decision, mean, region_mean(mean)))
+                    choices.append(Choice(float(alpha), tta, keep_largest, decision, mean, region_mean(mean), adapt))
     return choices
 
 
 def best_choice(choices: Sequence[Choice]) -> Choice:
-    """The highest score; ties go to the simpler setting (no TTA, argmax, no keep-largest, smaller alpha)."""
+    """The highest score; ties go to the simpler setting (no TTA, argmax, the training prior, no
+    keep-largest, smaller alpha)."""
     return max(choices, key=lambda c: (round(c.score, 6), c.tta == "none", c.decision == "argmax",
-                                       not c.keep_largest, -c.alpha))
+                                       not c.prior_adapt, not c.keep_largest, -c.alpha))
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -204,27 +270,29 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
     device_ = resolve_device(device)
     settings = {name: rotations for name, rotations in TTA_SETTINGS.items() if tta or name == "none"}
     probabilities: dict[str, list[np.ndarray]] = {name: [] for name in settings}
-    truths = []
+    truths, masks = [], []
     for folder in val_dirs:
         case = load_cached_case(folder)
         image = np.transpose(np.asarray(case.image, dtype=np.float32), (1, 2, 3, 0))  # (Z,4,X,Y) -> (4,X,Y,Z)
         mask = np.transpose(np.asarray(case.mask), (1, 2, 0))
+        masks.append(mask)
         truths.append(np.transpose(np.asarray(case.label), (1, 2, 0)))
         for name, rotations in settings.items():
             config = dataclasses.replace(checkpoint.config, segment=dataclasses.replace(
                 checkpoint.config.segment, tta_rotations=rotations))
             probabilities[name].append(predict(checkpoint.network, image, mask, "fast", device_, config))
         log.info("validation case %s predicted (%s)", folder.name, ", ".join(settings))
-    choices = score_settings(probabilities, truths, frequencies, checkpoint.config.postprocess, convention)
+    choices = score_settings(probabilities, truths, masks, frequencies, checkpoint.config.postprocess, convention)
     best = best_choice(choices)
     baseline = next(c for c in choices
                     if c.alpha == 0 and c.tta == "none" and not c.keep_largest and c.decision == "argmax")
-    log.info("chosen: alpha %.1f, tta %s, decision %s, keep_largest %s: validation Dice %s (uncalibrated %s)",
-             best.alpha, best.tta, best.decision, best.keep_largest, {k: round(v, 4) for k, v in best.dice.items()},
-             {k: round(v, 4) for k, v in baseline.dice.items()})
+    log.info("chosen: alpha %.1f, prior_adapt %s, tta %s, decision %s, keep_largest %s: validation Dice %s "
+             "(uncalibrated %s)", best.alpha, best.prior_adapt, best.tta, best.decision, best.keep_largest,
+             {k: round(v, 4) for k, v in best.dice.items()}, {k: round(v, 4) for k, v in baseline.dice.items()})
 
     values = config_to_dict(checkpoint.config)
-    values["segment"].update(prior_alpha=best.alpha, tta_rotations=list(settings[best.tta]), decision=best.decision)
+    values["segment"].update(prior_alpha=best.alpha, prior_adapt=best.prior_adapt,
+                             tta_rotations=list(settings[best.tta]), decision=best.decision)
     values["postprocess"]["keep_largest"] = best.keep_largest
     summary = {
         "model": str(model), "validation_cases": [p.name for p in val_dirs],

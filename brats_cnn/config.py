@@ -116,6 +116,7 @@ class SegmentConfig:
     slices_per_batch: int = 4  # fast mode: axial slices per pass through the convolutions (choice)
     memory_fraction: float = 0.5  # exact mode on CUDA: share of free GPU memory for a batch (choice)
     prior_alpha: float = 0.0  # (choice) prior correction p(c|x) * pi_c^alpha of the class-balanced posterior; 0 = off
+    prior_adapt: bool = False  # (choice) pi = this case's own class prior, estimated by EM from the training one
     tta_rotations: tuple[int, ...] = (0,)  # (choice) average the probabilities over these in-plane rotations (degrees)
     decision: str = "argmax"  # (choice) argmax: most probable class; regions: nested regions by probability mass
 
@@ -273,7 +274,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
 # Keys whose every value of the right type is valid (free text, switches).
 _FREE_KEYS = ("name", "preprocess.strict", "sampling.arbitrary_rotation", "sampling.resample_each_epoch",
               "train.compile", "train.validate_dice", "train.deterministic", "train.init_weights", "postprocess.keep_largest",
-              "compute.channels_last")
+              "segment.prior_adapt", "compute.channels_last")
 # List keys that may be empty (no N4 at all).
 _MAY_BE_EMPTY = ("preprocess.n4.sequences",)
 

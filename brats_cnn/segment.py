@@ -560,7 +560,7 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     from brats_cnn.io import load_case, save_label_map, save_volume
     from brats_cnn.labels import classify, convert_labels, from_class_indices
     from brats_cnn.normalise import normalise_case
-    from brats_cnn.calibrate import apply_class_prior
+    from brats_cnn.calibrate import correct_class_prior
     from brats_cnn.postprocess import postprocess_labels
     from brats_cnn.resample import needs_resampling, resample_volume, to_isotropic
 
@@ -580,9 +580,11 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     image = _reorder_channels(image, checkpoint.channel_order)
     lap("normalise")
     probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)
+    class_prior = None
     if config.segment.prior_alpha > 0:
-        probabilities = apply_class_prior(probabilities, prior_frequencies(checkpoint, checkpoint_path),
-                                          config.segment.prior_alpha)
+        probabilities, class_prior = correct_class_prior(probabilities, mask,
+                                                         prior_frequencies(checkpoint, checkpoint_path),
+                                                         config.segment.prior_alpha, config.segment.prior_adapt)
     classes = classify(probabilities, checkpoint.label_convention, config.segment.decision)
     lap("predict")
     removed = 0
@@ -627,6 +629,8 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
         "channels_last": config.compute.channels_last,
         "label_convention": convention,
         "prior_alpha": config.segment.prior_alpha,
+        "prior_adapt": config.segment.prior_adapt,
+        "class_prior": None if class_prior is None else [round(float(p), 6) for p in class_prior],
         "tta_rotations": list(config.segment.tta_rotations),
         "decision": config.segment.decision,
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.calibrate import (ALPHAS, Choice, apply_class_prior, best_choice, class_frequencies, region_mean,
-                                 run_calibrate, score_settings)
+from brats_cnn.calibrate import (ALPHAS, PRIOR_EM_FLOOR, Choice, apply_class_prior, best_choice, class_frequencies,
+                                 correct_class_prior, estimate_case_prior, region_mean, run_calibrate, score_settings)
 from brats_cnn.config import PostprocessConfig
-from brats_cnn.errors import CheckpointError, ConfigError
+from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.postprocess import keep_largest_component
 
 
@@ -29,6 +29,54 @@ def test_prior_correction_by_hand():
         apply_class_prior(probs, [0.5, 0.3, 0.2], 0.5)
     with pytest.raises(ConfigError, match="finite and > 0"):
         apply_class_prior(probs, [1.0, 0.0], 0.5)
+
+
+def _balanced_posteriors(prior, n, seed=0):
+    """(2, n) posteriors of a perfectly calibrated balanced-prior network on n voxels drawn with ``prior``:
+    class c has intensity ~ N(c, 1), so p_b(1|x) = sigmoid(x - 0.5)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random(n) < prior[1]).astype(np.float64) + rng.standard_normal(n)
+    p1 = 1 / (1 + np.exp(-(x - 0.5)))
+    return np.stack([1 - p1, p1]).astype(np.float32)
+
+
+def test_em_recovers_the_class_prior_of_a_case():
+    # a case with 30 % tumour, a network trained balanced, training frequencies of 10 % tumour:
+    # Saerens' EM (alpha 1) finds the case's own prior; the training prior would under-call the tumour
+    probs = _balanced_posteriors([0.7, 0.3], 200_000).reshape(2, 200, 1000, 1)
+    mask = np.ones((200, 1000, 1), bool)
+    prior = estimate_case_prior(probs, mask, [0.9, 0.1], 1.0)
+    np.testing.assert_allclose(prior, [0.7, 0.3], atol=0.01)
+    assert prior.sum() == pytest.approx(1.0)
+    corrected, used = correct_class_prior(probs, mask, [0.9, 0.1], 1.0, adapt=True)
+    np.testing.assert_array_equal(used, prior)
+    fixed, used_fixed = correct_class_prior(probs, mask, [0.9, 0.1], 1.0, adapt=False)
+    np.testing.assert_array_equal(used_fixed, [0.9, 0.1])
+    assert (corrected.argmax(0) == 1).mean() > (fixed.argmax(0) == 1).mean() + 0.1
+    np.testing.assert_array_equal(fixed, apply_class_prior(probs, [0.9, 0.1], 1.0))
+
+
+def test_em_prior_by_hand_counts_brain_voxels_only():
+    # uninformative posteriors leave the training prior where it is (it is already the fixed point)
+    flat = np.full((2, 4, 1, 1), 0.5, np.float32)
+    mask = np.ones((4, 1, 1), bool)
+    np.testing.assert_allclose(estimate_case_prior(flat, mask, [0.8, 0.2], 1.0), [0.8, 0.2])
+    # certain posteriors: one step gives their share among the brain voxels; voxels outside are ignored
+    certain = np.zeros((2, 4, 1, 1), np.float32)
+    certain[0, :3], certain[1, 3:] = 1, 1   # 3 voxels of class 0, 1 of class 1 ...
+    certain[:, 0, 0, 0] = [0, 1]            # ... but voxel 0 (class 1) is outside the brain
+    brain = np.array([False, True, True, True]).reshape(4, 1, 1)
+    np.testing.assert_allclose(estimate_case_prior(certain, brain, [0.5, 0.5], 1.0), [2 / 3, 1 / 3])
+    # a class no brain voxel has falls to the floor, never to 0
+    absent = np.zeros((2, 4, 1, 1), np.float32)
+    absent[0] = 1
+    prior = estimate_case_prior(absent, mask, [0.5, 0.5], 1.0)
+    assert prior[1] == pytest.approx(PRIOR_EM_FLOOR, rel=1e-3) and prior.sum() == pytest.approx(1.0)
+    # alpha 0 and an empty brain: the training frequencies, untouched
+    np.testing.assert_array_equal(estimate_case_prior(certain, brain, [0.6, 0.4], 0.0), [0.6, 0.4])
+    np.testing.assert_array_equal(estimate_case_prior(certain, np.zeros_like(brain), [0.6, 0.4], 1.0), [0.6, 0.4])
+    with pytest.raises(InputError, match="does not match probabilities"):
+        estimate_case_prior(certain, np.ones((3, 1, 1), bool), [0.6, 0.4], 1.0)
 
 
 def test_class_frequencies_count_brain_voxels_only():
@@ -62,10 +110,12 @@ def test_score_settings_finds_the_alpha_that_removes_a_false_positive():
     probs[0][truth == 2], probs[2][truth == 2] = 0.05, 0.95
     probs[0, 8, 8, 8], probs[2, 8, 8, 8] = 0.45, 0.55
     frequencies = np.array([0.9, 0.02, 0.05, 0.01, 0.02])
-    choices = score_settings({"none": [probs]}, [truth], frequencies, PostprocessConfig(min_component_voxels=1),
-                             "brats2017", alphas=(0.0, 1.0), decisions=("argmax",))
-    assert len(choices) == 4
-    by_key = {(c.alpha, c.keep_largest): c for c in choices}
+    choices = score_settings({"none": [probs]}, [truth], [np.ones_like(truth, bool)], frequencies,
+                             PostprocessConfig(min_component_voxels=1), "brats2017", alphas=(0.0, 1.0),
+                             decisions=("argmax",))
+    assert len(choices) == 6  # (alpha 0 + alpha 1 with either prior) x keep-largest
+    assert sum(c.prior_adapt for c in choices) == 2 and all(c.alpha == 1.0 for c in choices if c.prior_adapt)
+    by_key = {(c.alpha, c.keep_largest): c for c in choices if not c.prior_adapt}
     assert by_key[(0.0, False)].dice["complete"] == pytest.approx(2 * 27 / (27 + 28))
     assert by_key[(1.0, False)].dice["complete"] == 1.0
     assert by_key[(0.0, True)].dice["complete"] == 1.0  # keep-largest removes it too
@@ -110,10 +160,12 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
     frequencies = best.calibration["class_frequencies"]  # written by train
     assert len(frequencies) == 4 and sum(frequencies) == pytest.approx(1.0)
     summary = run_calibrate(run, device="cpu", tta=False)
-    assert len(summary["table"]) == 2 * 2 * len(ALPHAS)  # keep-largest x decision rule x alpha
+    # keep-largest x decision rule x (alpha 0 + every other alpha with the training or the adapted prior)
+    assert len(summary["table"]) == 2 * 2 * (2 * len(ALPHAS) - 1)
     calibrated = load_checkpoint(run / "calibrated.pt")
     assert calibrated.config.segment.prior_alpha == summary["chosen"]["alpha"]
     assert calibrated.config.segment.decision == summary["chosen"]["decision"]
+    assert calibrated.config.segment.prior_adapt == summary["chosen"]["prior_adapt"]
     assert calibrated.config.postprocess.keep_largest == summary["chosen"]["keep_largest"]
     assert calibrated.calibration["class_frequencies"] == pytest.approx(frequencies)
     assert json.loads((run / "calibrated.json").read_text())["chosen"] == summary["chosen"]
@@ -125,6 +177,12 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
                 overrides=["segment.prior_alpha=0.5", "segment.decision=regions"])
     sidecar = json.loads((out / "a.json").read_text())
     assert sidecar["prior_alpha"] == 0.5 and sidecar["tta_rotations"] == [0] and sidecar["decision"] == "regions"
+    assert sidecar["prior_adapt"] is False and sidecar["class_prior"] == pytest.approx(frequencies, abs=1e-6)
+    run_segment([case], model=run / "calibrated.pt", out=out / "b.nii.gz", device="cpu",
+                overrides=["segment.prior_alpha=1", "segment.prior_adapt=true"])
+    adapted = json.loads((out / "b.json").read_text())
+    assert adapted["prior_adapt"] is True and sum(adapted["class_prior"]) == pytest.approx(1.0, abs=1e-5)
+    assert adapted["class_prior"] != pytest.approx(frequencies, abs=1e-3)  # this case's own prior
     before = (run / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match="--out would write over the checkpoint being calibrated"):
         run_calibrate(run, model=run / "best.pt", out=run / "best.pt", device="cpu", tta=False)
