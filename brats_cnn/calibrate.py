@@ -211,6 +211,55 @@ def best_choice(choices: Sequence[Choice]) -> Choice:
 
 # ---- the command ---------------------------------------------------------------------------------
 
+# the settings calibrate chooses; --fixed may set only these
+CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_rotations", "segment.decision",
+                    "postprocess.keep_largest")
+
+
+def write_fixed_calibration(model: Path, out: Path, settings: Sequence[str]) -> dict:
+    """Write ``model`` with calibration settings given in advance (``calibrate --fixed``), no search.
+
+    For a model trained on every case (no validation cases), with the settings chosen on validation
+    cases by an earlier run of the same recipe. The class frequencies are the ones ``train`` stored
+    in the checkpoint (its own training cases).
+
+    Args:
+        model: the checkpoint (it must carry class frequencies).
+        out: the calibrated checkpoint; ``<out>.json`` gets the settings.
+        settings: ``key=value`` strings, keys from :data:`CALIBRATION_KEYS`.
+
+    Returns:
+        The summary written next to ``out``.
+    """
+    from brats_cnn.config import config_to_dict, load_config, parse_overrides
+    from brats_cnn.fsutil import write_json_atomic
+    from brats_cnn.model import load_checkpoint, save_checkpoint
+
+    out, model = Path(out), Path(model)
+    parse_overrides(list(settings))  # one-line errors for malformed items
+    unknown = [key for key in (item.split("=", 1)[0].strip() for item in settings) if key not in CALIBRATION_KEYS]
+    if unknown:
+        raise ConfigError(f"--fixed sets only {', '.join(CALIBRATION_KEYS)}; got '{unknown[0]}'", "--fixed")
+    if out.resolve() == model.resolve():
+        raise ConfigError(f"--out would write over the checkpoint being calibrated ({model}); choose another file",
+                          out)
+    checkpoint = load_checkpoint(model)
+    frequencies = (checkpoint.calibration or {}).get("class_frequencies")
+    if not frequencies:
+        raise CheckpointError("has no class frequencies (checkpoints written by train carry them); "
+                              "--fixed cannot calibrate it", model)
+    config = load_config(None, list(settings), base=config_to_dict(checkpoint.config))
+    summary = {"model": str(model), "fixed": list(settings), "class_frequencies": list(frequencies),
+               "validation_cases": []}
+    save_checkpoint(out, network=checkpoint.network, config=config, normaliser=checkpoint.normaliser,
+                    label_convention=checkpoint.label_convention, epoch=checkpoint.epoch, training_state=None,
+                    calibration={"class_frequencies": list(frequencies), "validation_cases": [],
+                                 "fixed": list(settings)})
+    write_json_atomic(out.with_suffix(".json"), summary)
+    log.info("wrote %s with the fixed calibration %s", out, ", ".join(settings))
+    return summary
+
+
 def _validation_cases(run: Path, cache: Path) -> tuple[list[Path], list[Path]]:
     """Training and validation cache folders recorded in the run's ``last.pt``."""
     from brats_cnn.model import load_checkpoint

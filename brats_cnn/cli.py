@@ -126,10 +126,14 @@ def calibrate(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Preprocessed cache of the run's cases (default: <run>/cache)."),
     device: str = DeviceOpt,
     no_tta: bool = typer.Option(False, "--no-tta", help="Do not try test-time augmentation (4x faster)."),
+    fixed: Optional[List[str]] = typer.Option(None, "--fixed", help="KEY=VALUE: write these calibration settings (segment.prior_alpha, segment.prior_adapt, segment.tta_rotations, segment.decision, postprocess.keep_largest) into --model without a search; for a model trained without validation cases. Repeatable."),
 ) -> None:
     """Choose the class-prior correction, test-time augmentation and post-processing on validation cases."""
-    from brats_cnn.calibrate import run_calibrate
+    from brats_cnn.calibrate import CALIBRATED_NAME, run_calibrate, write_fixed_calibration
 
+    if fixed:
+        write_fixed_calibration(model or run / "last.pt", out or run / CALIBRATED_NAME, fixed)
+        return
     run_calibrate(run=run, model=model, out=out, cache=cache, device=device, tta=not no_tta)
 
 

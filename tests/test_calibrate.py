@@ -219,3 +219,40 @@ def test_calibrate_needs_validation_cases(tiny_run, tmp_path):
                     label_convention=last.label_convention, epoch=last.epoch, training_state=state)
     with pytest.raises(CheckpointError, match="no training or no validation cases"):
         run_calibrate(run, cache=tiny_run / "run" / "cache", device="cpu")
+
+
+def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, tmp_path, capsys):
+    from brats_cnn.cli import main
+    from brats_cnn.model import load_checkpoint
+    from brats_cnn.segment import run_segment
+
+    run = tiny_run / "run"
+    out = tmp_path / "fixed.pt"
+    base = ["-q", "calibrate", "--run", str(run), "--model", str(run / "last.pt")]
+    assert main([*base, "--out", str(out), "--fixed", "segment.prior_alpha=0.8",
+                 "--fixed", "segment.tta_rotations=[0,90,180,270]"]) == 0
+    fixed, last = load_checkpoint(out), load_checkpoint(run / "last.pt")
+    assert fixed.config.segment.prior_alpha == 0.8 and fixed.config.segment.tta_rotations == (0, 90, 180, 270)
+    assert fixed.config.segment.decision == "argmax" and fixed.config.segment.prior_adapt is False
+    assert fixed.calibration["class_frequencies"] == pytest.approx(last.calibration["class_frequencies"])
+    assert fixed.calibration["fixed"] == ["segment.prior_alpha=0.8", "segment.tta_rotations=[0,90,180,270]"]
+    assert fixed.training_state is None
+    for a, b in zip(last.network.parameters(), fixed.network.parameters()):
+        assert torch.equal(a, b)
+    assert json.loads(out.with_suffix(".json").read_text())["fixed"] == fixed.calibration["fixed"]
+    case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
+    run_segment([case], model=out, out=tmp_path / "seg.nii.gz", device="cpu")
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert sidecar["prior_alpha"] == 0.8 and sidecar["tta_rotations"] == [0, 90, 180, 270]
+    # only calibration keys, and never over the input: one line, exit 2, nothing written
+    before = (run / "last.pt").read_bytes()
+    capsys.readouterr()
+    for args, message in ((["--fixed", "train.epochs=3", "--out", str(tmp_path / "no.pt")],
+                           "--fixed: --fixed sets only segment.prior_alpha, segment.prior_adapt, "
+                           "segment.tta_rotations, segment.decision, postprocess.keep_largest; got 'train.epochs'"),
+                          (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "last.pt")],
+                           f"{run / 'last.pt'}: --out would write over the checkpoint being calibrated")):
+        assert main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"brats-cnn: error: {message}") and err.count("\n") == 1, err
+    assert (run / "last.pt").read_bytes() == before and not (tmp_path / "no.pt").exists()
