@@ -216,7 +216,15 @@ CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_r
                     "postprocess.keep_largest")
 
 
-def write_fixed_calibration(model: Path, out: Path, settings: Sequence[str]) -> dict:
+def _refuse_to_overwrite(run: Path, model: Path, out: Path) -> None:
+    """ConfigError if ``out`` or ``<out>.json`` is the checkpoint being calibrated or the run's last/best.pt."""
+    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / "last.pt"),
+                         ("the run's best.pt", run / "best.pt")):
+        if out.resolve() == source.resolve() or out.with_suffix(".json").resolve() == source.resolve():
+            raise ConfigError(f"--out would write over {name} ({source}); choose another file", out)
+
+
+def write_fixed_calibration(run: Path, model: Path, out: Path, settings: Sequence[str]) -> dict:
     """Write ``model`` with calibration settings given in advance (``calibrate --fixed``), no search.
 
     For a model trained on every case (no validation cases), with the settings chosen on validation
@@ -224,6 +232,7 @@ def write_fixed_calibration(model: Path, out: Path, settings: Sequence[str]) -> 
     in the checkpoint (its own training cases).
 
     Args:
+        run: the ``train`` run folder (its ``last.pt`` and ``best.pt`` are never written over).
         model: the checkpoint (it must carry class frequencies).
         out: the calibrated checkpoint; ``<out>.json`` gets the settings.
         settings: ``key=value`` strings, keys from :data:`CALIBRATION_KEYS`.
@@ -235,14 +244,12 @@ def write_fixed_calibration(model: Path, out: Path, settings: Sequence[str]) -> 
     from brats_cnn.fsutil import write_json_atomic
     from brats_cnn.model import load_checkpoint, save_checkpoint
 
-    out, model = Path(out), Path(model)
+    run, out, model = Path(run), Path(out), Path(model)
     parse_overrides(list(settings))  # one-line errors for malformed items
     unknown = [key for key in (item.split("=", 1)[0].strip() for item in settings) if key not in CALIBRATION_KEYS]
     if unknown:
         raise ConfigError(f"--fixed sets only {', '.join(CALIBRATION_KEYS)}; got '{unknown[0]}'", "--fixed")
-    if out.resolve() == model.resolve():
-        raise ConfigError(f"--out would write over the checkpoint being calibrated ({model}); choose another file",
-                          out)
+    _refuse_to_overwrite(run, model, out)
     checkpoint = load_checkpoint(model)
     frequencies = (checkpoint.calibration or {}).get("class_frequencies")
     if not frequencies:
@@ -304,10 +311,7 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
     model = Path(model) if model else run / "best.pt"
     out = Path(out) if out else run / CALIBRATED_NAME
     cache = Path(cache) if cache else run / "cache"
-    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / "last.pt"),
-                         ("the run's best.pt", run / "best.pt")):
-        if out.resolve() == source.resolve() or out.with_suffix(".json").resolve() == source.resolve():
-            raise ConfigError(f"--out would write over {name} ({source}); choose another file", out)
+    _refuse_to_overwrite(run, model, out)
     checkpoint = load_checkpoint(model)
     train_dirs, val_dirs = _validation_cases(run, cache)
     convention = checkpoint.label_convention

@@ -132,7 +132,7 @@ def calibrate(
     from brats_cnn.calibrate import CALIBRATED_NAME, run_calibrate, write_fixed_calibration
 
     if fixed:
-        write_fixed_calibration(model or run / "last.pt", out or run / CALIBRATED_NAME, fixed)
+        write_fixed_calibration(run, model or run / "last.pt", out or run / CALIBRATED_NAME, fixed)
         return
     run_calibrate(run=run, model=model, out=out, cache=cache, device=device, tta=not no_tta)
 

@@ -245,14 +245,17 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["prior_alpha"] == 0.8 and sidecar["tta_rotations"] == [0, 90, 180, 270]
     # only calibration keys, and never over the input: one line, exit 2, nothing written
-    before = (run / "last.pt").read_bytes()
+    before, best_before = (run / "last.pt").read_bytes(), (run / "best.pt").read_bytes()
     capsys.readouterr()
     for args, message in ((["--fixed", "train.epochs=3", "--out", str(tmp_path / "no.pt")],
                            "--fixed: --fixed sets only segment.prior_alpha, segment.prior_adapt, "
                            "segment.tta_rotations, segment.decision, postprocess.keep_largest; got 'train.epochs'"),
                           (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "last.pt")],
-                           f"{run / 'last.pt'}: --out would write over the checkpoint being calibrated")):
+                           f"{run / 'last.pt'}: --out would write over the checkpoint being calibrated"),
+                          (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "best.pt")],
+                           f"{run / 'best.pt'}: --out would write over the run's best.pt")):
         assert main([*base, *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"brats-cnn: error: {message}") and err.count("\n") == 1, err
     assert (run / "last.pt").read_bytes() == before and not (tmp_path / "no.pt").exists()
+    assert (run / "best.pt").read_bytes() == best_before
