@@ -97,7 +97,7 @@ def train(
 @app.command()
 def segment(
     inputs: List[Path] = typer.Argument(..., metavar="CASE", help="Case(s): a 4-D case.nii.gz, a case folder, one of a case's files, or a dataset folder."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint file."),
+    model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="Checkpoint file. Repeat it to average the calibrated probabilities of several models (an ensemble; the first one's decision rule and post-processing apply)."),
     grade: Optional[str] = typer.Option(None, "--grade", help="hgg or lgg: use the bundled model of that grade (with --model: the grade the checkpoint must have)."),
     out: Path = typer.Option(Path("segmentations"), "--out", "-o", help="Output file (one case) or folder."),
     mode: Optional[str] = typer.Option(None, "--mode", help="exact, fast or auto (exact on CUDA, fast on CPU)."),
@@ -113,7 +113,7 @@ def segment(
     from brats_cnn.segment import run_segment
 
     overrides = list(set_ or []) + (["segment.prior_alpha=0"] if no_prior_correction else [])
-    run_segment(inputs=inputs, model=model, grade=grade, out=out, mode=mode, device=device,
+    run_segment(inputs=inputs, model=list(model) if model else None, grade=grade, out=out, mode=mode, device=device,
                 save_probabilities=save_probabilities, label_convention=label_convention,
                 overwrite=overwrite, postprocess=not no_postprocess, overrides=overrides)
 

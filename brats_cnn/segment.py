@@ -366,6 +366,15 @@ class _Target:
     sidecar: Any
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One checkpoint of ``segment``: a single model, or one member of an ensemble (``--model`` repeated)."""
+
+    path: Any
+    checkpoint: Any
+    config: Any  # the checkpoint's config with the grade's settings and --set applied
+
+
 def bundled_weights(grade: str) -> Any:
     """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_MODELS`)."""
     from pathlib import Path
@@ -373,8 +382,8 @@ def bundled_weights(grade: str) -> Any:
     return Path(__file__).parent / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]
 
 
-def _checkpoint_path(model: Any, grade: str | None) -> tuple[Any, tuple[str, ...]]:
-    """The checkpoint to load and the grade's settings for it (none unless it is a bundled one)."""
+def _checkpoint_paths(model: Any, grade: str | None) -> tuple[list, tuple[str, ...]]:
+    """The checkpoint(s) to load and the grade's settings for them (none unless it is a bundled one)."""
     from pathlib import Path
 
     from brats_cnn.config import check_grade
@@ -382,8 +391,9 @@ def _checkpoint_path(model: Any, grade: str | None) -> tuple[Any, tuple[str, ...
 
     if grade is not None:
         grade = check_grade(grade)
-    if model is not None:
-        return Path(model), ()  # with --grade as well, run_segment checks the checkpoint's grade
+    models = list(model) if isinstance(model, (list, tuple)) else [] if model is None else [model]
+    if models:
+        return [Path(m) for m in models], ()  # with --grade as well, run_segment checks each checkpoint's grade
     if grade is None:  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
         grade = DEFAULT_GRADE
         log.warning("no --grade or --model given: using the bundled %s model (the default for cases of unknown "
@@ -396,7 +406,7 @@ def _checkpoint_path(model: Any, grade: str | None) -> tuple[Any, tuple[str, ...
     if not path.is_file():
         raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
                               f"(brats-cnn train) and pass it with --model", path)
-    return path, BUNDLED_MODELS[grade][1]
+    return [path], BUNDLED_MODELS[grade][1]
 
 
 def resolve_mode(mode: str, device: "torch.device") -> str:
@@ -529,12 +539,13 @@ def _is_segment_output(path: Any) -> bool:
         return False
 
 
-def _refuse_overwriting(pairs: list, checkpoint_path: Any, save_probabilities: bool, overwrite: bool) -> None:
+def _refuse_overwriting(pairs: list, checkpoint_paths: list, save_probabilities: bool, overwrite: bool) -> None:
     """InputError before any work if an output would replace an input, or (without ``--overwrite``) a file
     that ``segment`` did not write."""
     import os
 
-    inputs = [Path(checkpoint_path)] + [p for ref, _ in pairs for p in (*ref.image_paths, ref.label_path) if p]
+    inputs = [Path(c) for c in checkpoint_paths] + [p for ref, _ in pairs
+                                                    for p in (*ref.image_paths, ref.label_path) if p]
     for ref, target in pairs:
         outputs = [target.labels, target.sidecar] + ([target.probabilities] if save_probabilities else [])
         for output in outputs:
@@ -549,18 +560,54 @@ def _refuse_overwriting(pairs: list, checkpoint_path: Any, save_probabilities: b
                                  "it, or choose another --out", output)
 
 
-def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path: Any, config: Any, mode: str,
-                 device: "torch.device", convention: str, postprocess: bool, save_probabilities: bool,
-                 progress: bool) -> dict:
-    """Load, normalise, predict, post-process and write one case; returns the sidecar dict."""
+def _member_input(member: _Member, case: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A case normalised for one checkpoint (its normaliser, its channel order) and the brain mask."""
+    from brats_cnn.normalise import normalise_case
+
+    image, mask = normalise_case(case, member.checkpoint.normaliser, member.config.preprocess)
+    return _reorder_channels(image, member.checkpoint.channel_order), mask
+
+
+def _member_probabilities(member: _Member, image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
+                          progress: bool) -> tuple[np.ndarray, Any]:
+    """One checkpoint's calibrated probabilities of a case: its own TTA and prior correction.
+
+    Returns:
+        ``(probabilities, class_prior)``; ``class_prior`` is ``None`` without prior correction.
+    """
+    from brats_cnn.calibrate import correct_class_prior
+
+    checkpoint, config = member.checkpoint, member.config
+    probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)
+    class_prior = None
+    if config.segment.prior_alpha > 0:
+        probabilities, class_prior = correct_class_prior(probabilities, mask,
+                                                         prior_frequencies(checkpoint, member.path),
+                                                         config.segment.prior_alpha, config.segment.prior_adapt)
+    return probabilities, class_prior
+
+
+def _member_record(member: _Member, class_prior: Any) -> dict:
+    """The sidecar's account of one checkpoint's settings."""
+    segment = member.config.segment
+    return {"model": str(member.path), "prior_alpha": segment.prior_alpha, "prior_adapt": segment.prior_adapt,
+            "class_prior": None if class_prior is None else [round(float(p), 6) for p in class_prior],
+            "tta_rotations": list(segment.tta_rotations)}
+
+
+def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device: "torch.device", convention: str,
+                 postprocess: bool, save_probabilities: bool, progress: bool) -> dict:
+    """Load, normalise, predict, post-process and write one case; returns the sidecar dict.
+
+    With several ``members`` (an ensemble) each one's calibrated probabilities are averaged; the
+    first member's decision rule, post-processing and label convention apply to the mean.
+    """
     import time
 
     from brats_cnn import __version__
     from brats_cnn.fsutil import write_json_atomic
     from brats_cnn.io import load_case, save_label_map, save_volume
     from brats_cnn.labels import classify, convert_labels, from_class_indices
-    from brats_cnn.normalise import normalise_case
-    from brats_cnn.calibrate import correct_class_prior
     from brats_cnn.postprocess import postprocess_labels
     from brats_cnn.resample import needs_resampling, resample_volume, to_isotropic
 
@@ -570,21 +617,27 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     def lap(stage: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
+        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)  # an ensemble laps once per member
         clock = now
 
     grid = load_case(ref, load_label=False)  # the input grid: the outputs are written on it
     case = to_isotropic(grid) if needs_resampling(grid.spacing) else grid  # the network's 1 mm grid
     lap("load")
-    image, mask = normalise_case(case, checkpoint.normaliser, config.preprocess)
-    image = _reorder_channels(image, checkpoint.channel_order)
-    lap("normalise")
-    probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)
-    class_prior = None
-    if config.segment.prior_alpha > 0:
-        probabilities, class_prior = correct_class_prior(probabilities, mask,
-                                                         prior_frequencies(checkpoint, checkpoint_path),
-                                                         config.segment.prior_alpha, config.segment.prior_adapt)
+    checkpoint, config = members[0].checkpoint, members[0].config
+    probabilities, mask, records = None, None, []
+    for member in members:
+        image, member_mask = _member_input(member, case)
+        if mask is not None and not np.array_equal(member_mask, mask):
+            raise ConfigError("finds another brain mask than the first --model (other preprocess settings); "
+                              "an ensemble needs models preprocessed alike", member.path)
+        mask = member_mask
+        lap("normalise")
+        member_probabilities, class_prior = _member_probabilities(member, image, mask, mode, device, progress)
+        lap("predict")
+        probabilities = member_probabilities if probabilities is None else probabilities + member_probabilities
+        records.append(_member_record(member, class_prior))
+    if len(members) > 1:
+        probabilities = probabilities / np.float32(len(members))
     classes = classify(probabilities, checkpoint.label_convention, config.segment.decision)
     lap("predict")
     removed = 0
@@ -621,17 +674,15 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
         "inputs": [str(p) for p in ref.image_paths],
         "segmentation": str(target.labels),
         "probabilities": str(target.probabilities) if save_probabilities else None,
-        "model": str(checkpoint_path),
+        "model": str(members[0].path),
         "grade": checkpoint.grade,
         "mode": mode,
         "device": str(device),
         "precision": compute_settings(device, config.compute).precision,
         "channels_last": config.compute.channels_last,
         "label_convention": convention,
-        "prior_alpha": config.segment.prior_alpha,
-        "prior_adapt": config.segment.prior_adapt,
-        "class_prior": None if class_prior is None else [round(float(p), 6) for p in class_prior],
-        "tta_rotations": list(config.segment.tta_rotations),
+        **{key: value for key, value in records[0].items() if key != "model"},
+        "ensemble": records if len(members) > 1 else None,
         "decision": config.segment.decision,
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
                         "connectivity": config.postprocess.connectivity,
@@ -650,6 +701,35 @@ def segment_case(ref: Any, target: _Target, *, checkpoint: Any, checkpoint_path:
     return sidecar
 
 
+def _load_members(paths: list, grade: str | None, check_grade: bool, overrides: list,
+                  device: "torch.device") -> list[_Member]:
+    """Load each checkpoint with its config; one-line errors before any work for any that does not fit."""
+    from brats_cnn.config import config_to_dict, load_config
+    from brats_cnn.model import load_checkpoint
+
+    members = []
+    for path in paths:
+        checkpoint = load_checkpoint(path, map_location=device)
+        if check_grade and checkpoint.grade != grade.lower():
+            raise ConfigError(f"checkpoint is for grade '{checkpoint.grade}' but --grade {grade.lower()} was given",
+                              path)
+        config = load_config(None, overrides, base=config_to_dict(checkpoint.config))
+        if config.sampling.patch_size != checkpoint.network.patch_size:  # the trained network fixes it
+            raise ConfigError(f"sampling.patch_size={config.sampling.patch_size} cannot be changed at segmentation: "
+                              f"the network was trained on {checkpoint.network.patch_size}x"
+                              f"{checkpoint.network.patch_size} patches", path)
+        if config.segment.prior_alpha > 0:
+            prior_frequencies(checkpoint, path)
+        if members and (checkpoint.label_convention, checkpoint.network.num_classes) != (
+                members[0].checkpoint.label_convention, members[0].checkpoint.network.num_classes):
+            first = members[0].checkpoint
+            raise ConfigError(f"cannot be averaged with the first --model: it predicts {checkpoint.network.num_classes} "
+                              f"classes in {checkpoint.label_convention}, the first {first.network.num_classes} in "
+                              f"{first.label_convention}", path)
+        members.append(_Member(path, checkpoint, config))
+    return members
+
+
 def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: Any = "segmentations",
                 mode: str | None = None, device: str = "auto", save_probabilities: bool = False,
                 label_convention: str | None = None, overwrite: bool = False, postprocess: bool = True,
@@ -659,7 +739,9 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     Args:
         inputs: paths io can read: a 4-D ``case.nii.gz``, a case folder, one of a case's files, or a
             dataset folder (every case in it).
-        model: checkpoint file; or ``grade`` (``hgg``/``lgg``) for ``brats_cnn/weights/<grade>.pt``.
+        model: checkpoint file, or a list of them (an ensemble: their calibrated probabilities are
+            averaged, and the first one's decision rule and post-processing apply); or ``grade``
+            (``hgg``/``lgg``) for ``brats_cnn/weights/<grade>.pt``.
         out: ``x.nii.gz`` for a single case, else a folder receiving ``<case_id>.nii.gz``,
             ``<case_id>.json`` and (``save_probabilities``) ``<case_id>_probabilities.nii.gz``.
         mode: ``exact``, ``fast`` or ``auto`` (default: the config's, ``auto`` = exact on CUDA).
@@ -676,41 +758,32 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     """
     from pathlib import Path
 
-    from brats_cnn.config import config_to_dict, load_config
-    from brats_cnn.errors import BratsCnnError, ConfigError
+    from brats_cnn.errors import BratsCnnError
     from brats_cnn.labels import conversion_table, get_convention
-    from brats_cnn.model import load_checkpoint
 
-    checkpoint_path, grade_overrides = _checkpoint_path(model, grade)
+    checkpoint_paths, grade_overrides = _checkpoint_paths(model, grade)
     torchrun = torchrun_environment()
     rank, world = torchrun.rank, torchrun.world_size
     torch_device = resolve_device(device, torchrun.local_rank)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=torch_device)
-    if model is not None and grade is not None and checkpoint.grade != grade.lower():
-        raise ConfigError(f"checkpoint is for grade '{checkpoint.grade}' but --grade {grade.lower()} was given",
-                          checkpoint_path)
-    config = load_config(None, [*grade_overrides, *(overrides or ())], base=config_to_dict(checkpoint.config))
-    if config.sampling.patch_size != checkpoint.network.patch_size:  # the trained network fixes it
-        raise ConfigError(f"sampling.patch_size={config.sampling.patch_size} cannot be changed at segmentation: "
-                          f"the network was trained on {checkpoint.network.patch_size}x"
-                          f"{checkpoint.network.patch_size} patches", checkpoint_path)
+    members = _load_members(checkpoint_paths, grade, bool(model) and grade is not None,
+                            [*grade_overrides, *(overrides or ())], torch_device)
+    checkpoint, config = members[0].checkpoint, members[0].config
     chosen_mode = resolve_mode(mode or config.segment.mode, torch_device)
-    if config.segment.prior_alpha > 0:  # fail before any work
-        prior_frequencies(checkpoint, checkpoint_path)
     convention = get_convention(label_convention or checkpoint.label_convention).name
     conversion_table(checkpoint.label_convention, convention)  # fail before any work if undefined
     refs = _find_cases(inputs if isinstance(inputs, (list, tuple)) else [inputs])
     if not refs:
         raise InputError("no cases found in the inputs")
     pairs = list(zip(refs, _targets(refs, out)))[rank::world]
-    _refuse_overwriting(pairs, checkpoint_path, save_probabilities, overwrite)  # before any work
+    _refuse_overwriting(pairs, checkpoint_paths, save_probabilities, overwrite)  # before any work
     for folder in sorted({target.labels.parent for _, target in pairs}):  # fail before any work
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create output folder ({exc.strerror})", folder) from exc
-    log.info("segmenting %d case(s) in %s mode on %s%s", len(pairs), chosen_mode, torch_device,
-             f" (rank {rank} of {world})" if world > 1 else "")
+    log.info("segmenting %d case(s) in %s mode on %s%s%s", len(pairs), chosen_mode, torch_device,
+             f" (rank {rank} of {world})" if world > 1 else "",
+             f", averaging {len(members)} models" if len(members) > 1 else "")
 
     outputs, skipped, failures, last_error = [], [], {}, None
     show_cases = len(pairs) > 1
@@ -723,9 +796,8 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
             skipped.append(target.labels)
             continue
         try:
-            segment_case(ref, target, checkpoint=checkpoint, checkpoint_path=checkpoint_path, config=config,
-                         mode=chosen_mode, device=torch_device, convention=convention, postprocess=postprocess,
-                         save_probabilities=save_probabilities,
+            segment_case(ref, target, members=members, mode=chosen_mode, device=torch_device, convention=convention,
+                         postprocess=postprocess, save_probabilities=save_probabilities,
                          progress=(chosen_mode == "exact" or not show_cases) and progress_wanted())
             outputs.append(target.labels)
             log.info("%s: wrote %s%s", ref.case_id, target.labels,

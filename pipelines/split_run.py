@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grade", nargs="+", choices=("hgg", "lgg"), required=True)
     parser.add_argument("--part", nargs="+", default=None, help="default: train validation (link), test (test)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", type=Path, help="checkpoint to test")
+    parser.add_argument("--model", type=Path, nargs="+", help="checkpoint to test (several: their ensemble)")
     parser.add_argument("--mode", default="fast")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -242,6 +242,85 @@ def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
         run_segment([root / "data"], model=model, out=tmp_path, device="cpu", label_convention="brats2013")
 
 
+def _second_model(root, name: str, overrides: list, seed: int, convention: str = "brats2017",
+                  calibration: dict | None = None):
+    """Another small checkpoint next to ``phantom_setup``'s, with its own weights and normaliser."""
+    from brats_cnn.config import load_config
+    from brats_cnn.model import build_network, save_checkpoint
+    from brats_cnn.normalise import fit_normaliser
+    from brats_cnn.phantom import make_phantom
+
+    config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5", *overrides])
+    torch.manual_seed(seed)
+    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
+    return save_checkpoint(root / name, network=network, config=config, label_convention=convention,
+                           normaliser=fit_normaliser([make_phantom(PHANTOM_SHAPE, seed=seed)], config),
+                           calibration=calibration)
+
+
+def _probabilities(path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj, dtype=np.float32)
+
+
+def test_an_ensemble_of_one_model_twice_is_that_model(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
+    case = refs[0].image_paths[0].parent
+    run_segment([case], model=model, out=tmp_path / "one.nii.gz", mode="fast", device="cpu", save_probabilities=True)
+    run_segment([case], model=[model, model], out=tmp_path / "two.nii.gz", mode="fast", device="cpu",
+                save_probabilities=True)
+    np.testing.assert_array_equal(_probabilities(tmp_path / "two_probabilities.nii.gz"),
+                                  _probabilities(tmp_path / "one_probabilities.nii.gz"))
+    np.testing.assert_array_equal(_probabilities(tmp_path / "two.nii.gz"), _probabilities(tmp_path / "one.nii.gz"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["ensemble"] is None and two["model"] == str(model)
+    assert [member["model"] for member in two["ensemble"]] == [str(model), str(model)]
+
+
+def test_an_ensemble_averages_each_members_calibrated_probabilities(phantom_setup, tmp_path):
+    # member B has its own normaliser, weights and prior correction (alpha 0.7 against its frequencies)
+    root, refs, model = phantom_setup
+    other = _second_model(tmp_path, "b.pt", ["segment.prior_alpha=0.7"], seed=9,
+                          calibration={"class_frequencies": [0.85, 0.05, 0.07, 0.03]})
+    case = refs[1].image_paths[0].parent
+    for name, models in (("a", model), ("b", other), ("ab", [model, other])):
+        run_segment([case], model=models, out=tmp_path / f"{name}.nii.gz", mode="fast", device="cpu",
+                    save_probabilities=True, postprocess=False)
+    a, b, ab = (_probabilities(tmp_path / f"{n}_probabilities.nii.gz") for n in ("a", "b", "ab"))
+    assert np.abs(a - b).max() > 0.05  # two different models, so the mean is not either of them
+    np.testing.assert_allclose(ab, (a + b) / np.float32(2), atol=1e-6)
+    members = json.loads((tmp_path / "ab.json").read_text())["ensemble"]
+    assert [m["prior_alpha"] for m in members] == [0.0, 0.7] and members[0]["class_prior"] is None
+    assert members[1]["class_prior"] == [0.85, 0.05, 0.07, 0.03]
+
+
+def test_the_command_takes_an_ensemble_as_a_repeated_model_option(phantom_setup, tmp_path):
+    import subprocess
+    import sys
+
+    root, refs, model = phantom_setup
+    out = tmp_path / "seg.nii.gz"
+    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "segment", str(refs[2].image_paths[0]),
+                             "--model", str(model), "-m", str(model), "--out", str(out), "--device", "cpu",
+                             "--mode", "fast"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "averaging 2 models" in result.stderr
+    sidecar = json.loads(out.with_name("seg.json").read_text())
+    assert [member["model"] for member in sidecar["ensemble"]] == [str(model), str(model)]
+
+
+def test_an_ensemble_refuses_members_that_do_not_fit_before_any_work(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
+    msd = _second_model(tmp_path, "msd.pt", [], seed=1, convention="msd")
+    with pytest.raises(ConfigError) as err:
+        run_segment([root / "data"], model=[model, msd], out=tmp_path / "out", device="cpu")
+    assert str(err.value) == (f"{msd}: cannot be averaged with the first --model: it predicts 4 classes in msd, "
+                              "the first 4 in brats2017")
+    lgg = _second_model(tmp_path, "lgg.pt", ["grade=lgg"], seed=2)
+    with pytest.raises(ConfigError, match=f"^{lgg}: checkpoint is for grade 'lgg' but --grade hgg was given$"):
+        run_segment([root / "data"], model=[model, lgg], grade="hgg", out=tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_channels_last_agrees_with_float32_in_both_modes():
     from brats_cnn.device import Compute
 
