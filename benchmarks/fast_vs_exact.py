@@ -55,9 +55,10 @@ def labels_of(probabilities: np.ndarray, mask: np.ndarray, checkpoint, config) -
     """Label values (the checkpoint's convention) after the checkpoint's prior correction."""
     from brats_cnn.calibrate import correct_class_prior
     from brats_cnn.labels import classify, from_class_indices
+    from brats_cnn.segment import prior_frequencies
 
     if config.segment.prior_alpha > 0:
-        probabilities, _ = correct_class_prior(probabilities, mask, checkpoint.calibration["class_frequencies"],
+        probabilities, _ = correct_class_prior(probabilities, mask, prior_frequencies(checkpoint, "the checkpoint"),
                                                config.segment.prior_alpha, config.segment.prior_adapt)
     return from_class_indices(classify(probabilities, checkpoint.label_convention, config.segment.decision),
                               checkpoint.label_convention)
