@@ -1,0 +1,106 @@
+"""The analysis scripts behind docs/results.md: ``pipelines/alpha_grid.py`` and ``benchmarks/fast_vs_exact.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAPE = (36, 36, 6)
+
+
+def _script(path: str):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def calibrated_phantom(tmp_path_factory):
+    """A small calibrated checkpoint and one phantom case."""
+    from brats_cnn.config import load_config
+    from brats_cnn.model import build_network, save_checkpoint
+    from brats_cnn.normalise import fit_normaliser
+    from brats_cnn.phantom import make_phantom, write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("alpha_grid")
+    config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5"])
+    (ref,) = write_phantom_dataset(root / "data", 1, seed=3, shape=SHAPE)
+    torch.manual_seed(1)
+    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
+    model = save_checkpoint(root / "model.pt", network=network, config=config, label_convention="brats2017",
+                            normaliser=fit_normaliser([make_phantom(SHAPE, seed=3)], config),
+                            calibration={"class_frequencies": [0.85, 0.05, 0.07, 0.03]})
+    return root, ref, model
+
+
+def _dice_of_written(path, ref) -> tuple[float, ...]:
+    from brats_cnn.calibrate import region_dice
+    from brats_cnn.io import load_case
+    from brats_cnn.labels import REGIONS, to_class_indices
+
+    labels = np.asarray(nib.load(path).dataobj).astype(np.int64)
+    truth = load_case(ref, load_label=True).label
+    dice = region_dice(to_class_indices(labels, "brats2017"), to_class_indices(truth, "brats2017"), "brats2017")
+    return tuple(dice[region] for region in REGIONS)
+
+
+def test_alpha_grid_on_saved_probabilities_equals_segment_run_with_that_alpha(calibrated_phantom):
+    from brats_cnn.segment import run_segment
+
+    root, ref, model = calibrated_phantom
+    case = ref.image_paths[0].parent
+    run_segment([case], model=model, out=root / "alpha0", device="cpu", save_probabilities=True,
+                postprocess=False, overrides=["segment.prior_alpha=0"])
+    expected = {}
+    for alpha in (0.0, 1.0):  # what segment writes with that alpha and the paper's post-processing
+        out = root / f"segment_alpha{alpha}"
+        run_segment([case], model=model, out=out, device="cpu", overrides=[f"segment.prior_alpha={alpha}"])
+        expected[alpha] = _dice_of_written(out / f"{ref.case_id}.nii.gz", ref)
+    assert expected[0.0] != expected[1.0]  # the correction changes this model's labels: the test can fail
+
+    result = subprocess.run([sys.executable, str(REPO / "pipelines" / "alpha_grid.py"), str(case), "--model", str(model),
+                             "--probabilities", str(root / "alpha0"), "--alphas", "0", "1"],
+                            capture_output=True, text=True, check=True)
+    rows = re.findall(r"alpha (\S+): complete (\S+) core (\S+) enhancing (\S+) mean (\S+)", result.stdout)
+    assert [float(row[0]) for row in rows] == [0.0, 1.0]
+    for row in rows:
+        dice = tuple(float(value) for value in row[1:4])
+        np.testing.assert_allclose(dice, expected[float(row[0])], atol=5e-4 + 1e-9)
+        assert float(row[4]) == pytest.approx(np.mean(expected[float(row[0])]), abs=5e-4 + 1e-9)
+
+
+def test_alpha_grid_names_a_missing_probability_file(calibrated_phantom, tmp_path):
+    root, ref, model = calibrated_phantom
+    result = subprocess.run([sys.executable, str(REPO / "pipelines" / "alpha_grid.py"), "--model", str(model),
+                             "--probabilities", str(tmp_path), str(ref.image_paths[0].parent)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"{ref.case_id}_probabilities.nii.gz: no saved probabilities" in result.stderr
+
+
+def test_fast_vs_exact_samples_every_nth_brain_slice_and_scores_only_there():
+    fast_vs_exact = _script("benchmarks/fast_vs_exact.py")
+    mask = np.zeros((4, 4, 30), dtype=bool)
+    mask[1:3, 1:3, 5:26] = True  # brain on slices 5..25
+    chosen = fast_vs_exact.sampled_slices(mask, 10)
+    assert np.flatnonzero(chosen.any(axis=(0, 1))).tolist() == [5, 15, 25]
+    assert chosen.sum() == 3 * 4 and not (chosen & ~mask).any()
+
+    truth = np.zeros(mask.shape, dtype=np.int64)
+    truth[1:3, 1:3, 5:26] = 2  # edema everywhere in the brain
+    labels = truth.copy()
+    labels[1, 1, 15] = 0  # one miss on a sampled slice
+    labels[:, :, 6] = 0  # misses on an unsampled slice do not count
+    dice = fast_vs_exact.region_dice(labels, truth, chosen, "brats2017")
+    assert dice["complete"] == pytest.approx(2 * 11 / (12 + 11))
