@@ -11,7 +11,9 @@ depend on the other slices: the sample gives each mode's Dice over those slices 
 
 Per case and on the mean: Dice complete / core / enhancing of each mode on the sample (from the
 summed overlap counts of the sampled slices), the voxel agreement of the two, seconds, and the
-machine load. Writes ``<out>.json`` and ``<out>.png``.
+machine load; and a simulated refinement (fast mode, then exact mode only where fast mode's top-2
+probability margin is below a threshold), computed on the sample from the two modes' outputs.
+Writes ``<out>.json`` and ``<out>.png``.
 
 Usage:
     .venv/bin/python benchmarks/fast_vs_exact.py --model brats_cnn/weights/hgg.pt \\
@@ -32,6 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 REGIONS = ("complete", "core", "enhancing")
+# fast-mode top-2 margins below which the refinement simulation takes exact mode's label
+REFINE_MARGINS = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def sampled_slices(mask: np.ndarray, every: int) -> np.ndarray:
@@ -51,17 +55,41 @@ def region_dice(labels: np.ndarray, truth: np.ndarray, where: np.ndarray, conven
     return {region: float(dice(reference[region] & where, predicted[region] & where)) for region in REGIONS}
 
 
-def labels_of(probabilities: np.ndarray, mask: np.ndarray, checkpoint, config) -> np.ndarray:
-    """Label values (the checkpoint's convention) after the checkpoint's prior correction."""
+def corrected(probabilities: np.ndarray, mask: np.ndarray, checkpoint, config) -> np.ndarray:
+    """The probabilities after the checkpoint's prior correction."""
     from brats_cnn.calibrate import correct_class_prior
-    from brats_cnn.labels import classify, from_class_indices
     from brats_cnn.segment import prior_frequencies
 
     if config.segment.prior_alpha > 0:
         probabilities, _ = correct_class_prior(probabilities, mask, prior_frequencies(checkpoint, "the checkpoint"),
                                                config.segment.prior_alpha, config.segment.prior_adapt)
+    return probabilities
+
+
+def labels_of(probabilities: np.ndarray, checkpoint, config) -> np.ndarray:
+    """Label values (the checkpoint's convention) of prior-corrected probabilities."""
+    from brats_cnn.labels import classify, from_class_indices
+
     return from_class_indices(classify(probabilities, checkpoint.label_convention, config.segment.decision),
                               checkpoint.label_convention)
+
+
+def top2_margin(probabilities: np.ndarray) -> np.ndarray:
+    """Per voxel, the most probable class's probability minus the second's (0: a tie)."""
+    top = np.sort(probabilities, axis=0)[-2:]
+    return top[1] - top[0]
+
+
+def refined(labels: dict, margin: np.ndarray, truth: np.ndarray, sample: np.ndarray, convention: str) -> list[dict]:
+    """A fast pass refined by exact mode where fast mode is unsure, simulated on the sample: exact mode's
+    label where the fast top-2 margin is below each threshold, fast mode's elsewhere."""
+    rows = []
+    for threshold in REFINE_MARGINS:
+        pick = sample & (margin < threshold)
+        hybrid = np.where(pick, labels["exact"], labels["fast"])
+        rows.append({"margin": threshold, "refined_pct": float(100 * pick.sum() / sample.sum()),
+                     "dice_on_sample": region_dice(hybrid, truth, sample, convention)})
+    return rows
 
 
 def one_case(folder: Path, checkpoint, config, device, every: int) -> dict:
@@ -84,12 +112,16 @@ def one_case(folder: Path, checkpoint, config, device, every: int) -> dict:
     labels = {}
     for mode, where in (("fast", mask), ("exact", sample)):
         start = time.perf_counter()
-        probabilities = predict(checkpoint.network, image, where, mode, device, config)
+        probabilities = corrected(predict(checkpoint.network, image, where, mode, device, config), where,
+                                  checkpoint, config)
         row[f"{mode}_seconds"] = time.perf_counter() - start
-        labels[mode] = labels_of(probabilities, where, checkpoint, config)
+        labels[mode] = labels_of(probabilities, checkpoint, config)
         row[f"{mode}_dice_on_sample"] = region_dice(labels[mode], truth, sample, convention)
+        if mode == "fast":
+            margin = top2_margin(probabilities)
     row["fast_dice_whole_volume"] = region_dice(labels["fast"], truth, mask, convention)
     row["voxel_agreement_pct"] = float(100 * (labels["fast"][sample] == labels["exact"][sample]).mean())
+    row["refined"] = refined(labels, margin, truth, sample, convention)
     row["loadavg_after"] = os.getloadavg()
     return row
 
@@ -126,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     print("mean: exact " + " / ".join(f"{mean['exact_dice_on_sample'][g]:.3f}" for g in REGIONS)
           + "  fast " + " / ".join(f"{mean['fast_dice_on_sample'][g]:.3f}" for g in REGIONS)
           + "  fast, whole volume " + " / ".join(f"{mean['fast_dice_whole_volume'][g]:.3f}" for g in REGIONS))
+    for index, threshold in enumerate(REFINE_MARGINS):
+        share = np.mean([r["refined"][index]["refined_pct"] for r in rows])
+        dice = {g: float(np.mean([r["refined"][index]["dice_on_sample"][g] for r in rows])) for g in REGIONS}
+        mean.setdefault("refined", []).append({"margin": threshold, "refined_pct": float(share), "dice_on_sample": dice})
+        print(f"fast refined by exact where the margin < {threshold}: {share:.1f} % of the sample, "
+              + " / ".join(f"{dice[g]:.3f}" for g in REGIONS))
     results = {"model": str(args.model), "every": args.every, "device": str(device),
                "precision": compute_settings(device, config.compute).precision,
                "prior_alpha": config.segment.prior_alpha, "tta_rotations": [0], "postprocess": False,

@@ -104,3 +104,21 @@ def test_fast_vs_exact_samples_every_nth_brain_slice_and_scores_only_there():
     labels[:, :, 6] = 0  # misses on an unsampled slice do not count
     dice = fast_vs_exact.region_dice(labels, truth, chosen, "brats2017")
     assert dice["complete"] == pytest.approx(2 * 11 / (12 + 11))
+
+
+def test_fast_vs_exact_refinement_takes_exact_labels_only_below_the_margin():
+    fast_vs_exact = _script("benchmarks/fast_vs_exact.py")
+    probabilities = np.array([[0.6, 0.3, 0.1, 0.0], [0.1, 0.1, 0.8, 0.0], [0.26, 0.25, 0.25, 0.24]],
+                             dtype=np.float32).T.reshape(4, 3, 1, 1)  # (C, X, Y, Z): 3 voxels
+    margin = fast_vs_exact.top2_margin(probabilities)
+    np.testing.assert_allclose(margin.ravel(), [0.3, 0.7, 0.01], atol=1e-6)
+
+    sample = np.ones((3, 1, 1), dtype=bool)
+    truth = np.array([2, 2, 2]).reshape(3, 1, 1)
+    labels = {"fast": np.array([0, 2, 0]).reshape(3, 1, 1), "exact": np.array([2, 0, 2]).reshape(3, 1, 1)}
+    rows = {row["margin"]: row for row in fast_vs_exact.refined(labels, margin, truth, sample, "brats2017")}
+    # below 0.05 only the near-tie voxel 2 takes exact's (right) label; below 0.5 voxel 0 as well
+    assert rows[0.05]["refined_pct"] == pytest.approx(100 / 3)
+    assert rows[0.05]["dice_on_sample"]["complete"] == pytest.approx(2 * 2 / (3 + 2))
+    assert rows[0.5]["refined_pct"] == pytest.approx(200 / 3)
+    assert rows[0.5]["dice_on_sample"]["complete"] == pytest.approx(1.0)
