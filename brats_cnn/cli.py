@@ -107,12 +107,14 @@ def segment(
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute cases whose output exists."),
     no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Skip small-component removal."),
     no_prior_correction: bool = typer.Option(False, "--no-prior-correction", help="Use the network's class-balanced probabilities as they are (same as --set segment.prior_alpha=0)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average over the model's calibrated rotations (test-time augmentation), or not. Default (segment.tta auto): on CUDA only; on a CPU it costs 4x the time for about +0.006 Dice."),
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Segment cases with a trained model and write label-map NIfTIs."""
     from brats_cnn.segment import run_segment
 
     overrides = list(set_ or []) + (["segment.prior_alpha=0"] if no_prior_correction else [])
+    overrides += [] if tta is None else [f"segment.tta={'always' if tta else 'never'}"]
     run_segment(inputs=inputs, model=list(model) if model else None, grade=grade, out=out, mode=mode, device=device,
                 save_probabilities=save_probabilities, label_convention=label_convention,
                 overwrite=overwrite, postprocess=not no_postprocess, overrides=overrides)

@@ -241,9 +241,14 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
         assert torch.equal(a, b)
     assert json.loads(out.with_suffix(".json").read_text())["fixed"] == fixed.calibration["fixed"]
     case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
-    run_segment([case], model=out, out=tmp_path / "seg.nii.gz", device="cpu")
+    run_segment([case], model=out, out=tmp_path / "seg.nii.gz", device="cpu", overrides=["segment.tta=always"])
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["prior_alpha"] == 0.8 and sidecar["tta_rotations"] == [0, 90, 180, 270]
+    assert sidecar["tta"] == "always"
+    # segment.tta auto (the default) on a CPU: the calibrated rotations are not used
+    run_segment([case], model=out, out=tmp_path / "auto.nii.gz", device="cpu")
+    sidecar = json.loads((tmp_path / "auto.json").read_text())
+    assert sidecar["tta"] == "auto" and sidecar["tta_rotations"] == [0]
     # only calibration keys, and never over the input: one line, exit 2, nothing written
     before, best_before = (run / "last.pt").read_bytes(), (run / "best.pt").read_bytes()
     capsys.readouterr()

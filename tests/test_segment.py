@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -390,3 +391,114 @@ def test_dense_network_computes_fast_mode_and_trains_the_patch_network(architect
 
 def _weights_of(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# fast mode without a per-voxel gather; TTA chosen by device; runtime settings
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+def test_separable_dilated_max_pool_equals_padded_max_pool2d_exactly(dilation):
+    from brats_cnn.segment import _dilated_max_pool
+
+    x = torch.randn(2, 5, 17, 13)
+    reference = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(x, (dilation,) * 4, value=float("-inf")), 3, stride=1, dilation=dilation)
+    got = _dilated_max_pool(3, dilation)(x)
+    assert got.shape == x.shape
+    assert torch.equal(got, reference)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_dilated_max_pool(3, dilation)(cl), reference)
+
+
+def test_convolutional_head_equals_the_fc_layers_on_each_gathered_neighbourhood():
+    from brats_cnn.segment import to_fully_convolutional
+
+    net = _network("hgg", classes=5, seed=3)
+    dense = to_fully_convolutional(net)
+    head = dense.convolutional_head()
+    fmap = torch.randn(2, 128, 9 + 2 * dense.head_reach, 6 + 2 * dense.head_reach)
+    with torch.no_grad():
+        logits = head(fmap)  # (2, 5, 9, 6)
+        step, width = dense.head_dilation, 2 * dense.head_reach + 1
+        windows = fmap.unfold(2, width, 1).unfold(3, width, 1)[..., ::step, ::step]  # (2, 128, 9, 6, 7, 7)
+        gathered = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 128, 7, 7)
+        reference = net.eval().classifier(gathered).reshape(2, 9, 6, 5).permute(0, 3, 1, 2)
+    assert logits.shape == (2, 5, 9, 6)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 10_000])
+def test_fast_mode_is_the_same_for_any_fc_strip_size(batch_size):
+    net = _network("hgg", classes=5, seed=1)
+    image, mask = _volume((4, 19, 15, 3), seed=6, brain=0.6)
+    reference = predict_fast(net, image, mask, batch_size=10_000, device="cpu", background_value=BACKGROUND)
+    got = predict_fast(net, image, mask, batch_size=batch_size, device="cpu", background_value=BACKGROUND,
+                       slices_per_batch=1)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    assert (got[0][~mask] == 1).all()
+
+
+def test_tta_is_chosen_by_device_unless_asked():
+    import dataclasses
+
+    from brats_cnn.config import load_config
+    from brats_cnn.segment import tta_rotations
+
+    config = load_config("smoke", ["segment.tta_rotations=[0,90,180,270]"])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert config.segment.tta == "auto"
+    assert tta_rotations(config, cpu) == (0,)
+    assert tta_rotations(config, cuda) == (0, 90, 180, 270)
+    for setting, expected in (("always", (0, 90, 180, 270)), ("never", (0,))):
+        chosen = dataclasses.replace(config, segment=dataclasses.replace(config.segment, tta=setting))
+        assert tta_rotations(chosen, cpu) == expected and tta_rotations(chosen, cuda) == expected
+    with pytest.raises(ConfigError, match="must be one of \\['auto', 'always', 'never'\\], got 'maybe'"):
+        load_config("smoke", ["segment.tta=maybe"])
+
+
+def test_segment_takes_speed_settings_from_this_version_not_the_checkpoint(phantom_setup, tmp_path, monkeypatch):
+    from brats_cnn import segment
+    from brats_cnn.config import SegmentConfig, config_to_dict, load_config
+    from brats_cnn.model import load_checkpoint, save_checkpoint
+
+    root, refs, model = phantom_setup
+    old = load_checkpoint(model)
+    stored = load_config(None, ["segment.slices_per_batch=7", "segment.batch_size=99",
+                                "segment.tta_rotations=[0,180]"], base=config_to_dict(old.config))
+    older = save_checkpoint(tmp_path / "older.pt", network=old.network, config=stored, normaliser=old.normaliser,
+                            label_convention="brats2017")
+    seen = []
+    real = segment.predict_fast
+    monkeypatch.setattr(segment, "predict_fast", lambda *a, **k: seen.append(
+        (k["slices_per_batch"], k["batch_size"])) or real(*a, **k))
+    run_segment([refs[0].image_paths[0].parent], model=older, out=tmp_path / "a.nii.gz", device="cpu", mode="fast")
+    assert seen == [(SegmentConfig().slices_per_batch, SegmentConfig().batch_size)]
+    seen.clear()
+    run_segment([refs[0].image_paths[0].parent], model=older, out=tmp_path / "b.nii.gz", device="cpu", mode="fast",
+                overrides=["segment.slices_per_batch=3", "segment.tta=always"])
+    assert seen == [(3, SegmentConfig().batch_size)] * 2  # two rotations, the checkpoint's [0, 180]
+    assert json.loads((tmp_path / "b.json").read_text())["tta_rotations"] == [0, 180]
+
+
+def test_the_command_says_whether_tta_runs_and_the_time_of_each_case(phantom_setup, tmp_path):
+    import subprocess
+    import sys
+
+    root, refs, model = phantom_setup
+    for flag, said, rotations in (
+            ([], "test-time augmentation off (segment.tta auto on cpu)", [0]),
+            (["--tta"], "asked for, but the model's segment.tta_rotations is [0]: nothing to average", [0]),
+            (["--tta", "--set", "segment.tta_rotations=[0,90]"],
+             "test-time augmentation on (segment.tta always): averaging over rotations [0, 90], 2x the time", [0, 90]),
+            (["--no-tta", "--set", "segment.tta_rotations=[0,90]"], "off (segment.tta never on cpu)", [0])):
+        out = tmp_path / f"seg{len(flag)}{flag[:1]}.nii.gz".replace("'", "").replace("[", "").replace("]", "")
+        result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "segment", str(refs[0].image_paths[0]),
+                                 "--model", str(model), "--out", str(out), "--device", "cpu", *flag],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert said in result.stderr
+        assert re.search(rf"wrote {re.escape(str(out))} in \d+\.\d s", result.stderr)
+        sidecar = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["tta"] == {"--tta": "always", "--no-tta": "never"}.get(flag[0] if flag else "", "auto")
+        assert sidecar["tta_rotations"] == rotations
