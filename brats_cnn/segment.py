@@ -661,6 +661,19 @@ def _member_record(member: _Member, class_prior: Any) -> dict:
             "tta": segment.tta, "tta_rotations": list(segment.tta_rotations)}
 
 
+def _say_what_was_removed(case_id: str, report: dict, config: Any) -> None:
+    """One terminal line when post-processing removed tumour; a warning when it would have removed all of it."""
+    if report["never_empty_applied"]:
+        log.warning("%s: every tumour component was smaller than t_vol = %d voxels; kept the largest (%d voxels) "
+                    "instead of an empty segmentation, removed %d voxels in %d component(s)", case_id,
+                    config.min_component_voxels, report["kept_voxels"], report["removed_voxels"],
+                    report["removed_components"])
+    elif report["removed_voxels"]:
+        log.info("%s: post-processing removed %d tumour voxels in %d component(s) (t_vol %d%s)", case_id,
+                 report["removed_voxels"], report["removed_components"], config.min_component_voxels,
+                 ", keep-largest" if config.keep_largest else "")
+
+
 def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device: "torch.device", convention: str,
                  postprocess: bool, save_probabilities: bool, progress: bool) -> dict:
     """Load, normalise, predict, post-process and write one case; returns the sidecar dict.
@@ -674,7 +687,7 @@ def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device:
     from brats_cnn.fsutil import write_json_atomic
     from brats_cnn.io import load_case, save_label_map, save_volume
     from brats_cnn.labels import classify, convert_labels, from_class_indices
-    from brats_cnn.postprocess import postprocess_labels
+    from brats_cnn.postprocess import postprocess_with_report
     from brats_cnn.resample import needs_resampling, resample_volume, to_isotropic
 
     timings: dict[str, float] = {}
@@ -706,11 +719,10 @@ def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device:
         probabilities = probabilities / np.float32(len(members))
     classes = classify(probabilities, checkpoint.label_convention, config.segment.decision)
     lap("predict")
-    removed = 0
+    report = {"removed_voxels": 0, "removed_components": 0, "never_empty_applied": False}
     if postprocess:
-        kept = postprocess_labels(classes, config.postprocess)
-        removed = int(np.count_nonzero(classes) - np.count_nonzero(kept))
-        classes = kept
+        classes, report = postprocess_with_report(classes, config.postprocess)
+        _say_what_was_removed(ref.case_id, report, config.postprocess)
     lap("postprocess")
     labels = from_class_indices(classes, checkpoint.label_convention)
     if convention != checkpoint.label_convention:
@@ -752,7 +764,8 @@ def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device:
         "decision": config.segment.decision,
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
                         "connectivity": config.postprocess.connectivity,
-                        "keep_largest": config.postprocess.keep_largest, "removed_voxels": removed},
+                        "keep_largest": config.postprocess.keep_largest,
+                        "never_empty": config.postprocess.never_empty, **report},
         "brain_voxels": int(mask.sum()),
         "resampled_to_1mm": case is not grid,
         "timings_s": timings,

@@ -81,3 +81,43 @@ def test_min_voxels_of_one_or_less_removes_nothing():
 def test_bad_connectivity_is_a_config_error():
     with pytest.raises(ConfigError, match="connectivity"):
         remove_small_components(np.zeros((3, 3, 3), dtype=np.int16), 10, connectivity=4)
+
+
+def _blobs(sizes_and_corners):
+    labels = np.zeros((30, 30, 30), dtype=np.int16)
+    for (side, (x, y, z)) in sizes_and_corners:
+        labels[x:x + side, y:y + side, z:z + side] = 2
+    return labels
+
+
+def test_a_small_tumour_is_never_removed_entirely():
+    from brats_cnn.config import PostprocessConfig
+    from brats_cnn.postprocess import postprocess_labels, postprocess_with_report
+
+    labels = _blobs([(4, (0, 0, 0)), (5, (10, 10, 10)), (3, (20, 20, 20))])  # 64, 125 and 27 voxels, all < t_vol
+    kept, report = postprocess_with_report(labels, PostprocessConfig(min_component_voxels=10_000))
+    assert np.count_nonzero(kept) == 125 and (kept[10:15, 10:15, 10:15] == 2).all()
+    assert report == {"removed_voxels": 91, "removed_components": 2, "kept_voxels": 125, "never_empty_applied": True}
+    strict = PostprocessConfig(min_component_voxels=10_000, never_empty=False)  # the paper's rule as written
+    assert np.count_nonzero(postprocess_labels(labels, strict)) == 0
+    # a component at or above t_vol: the rule as before, nothing rescued
+    kept, report = postprocess_with_report(labels, PostprocessConfig(min_component_voxels=100))
+    assert np.count_nonzero(kept) == 125 and report["never_empty_applied"] is False and report["removed_voxels"] == 91
+    empty, report = postprocess_with_report(np.zeros((4, 4, 4), dtype=np.int16), PostprocessConfig())
+    assert not empty.any() and report["never_empty_applied"] is False
+
+
+@pytest.mark.parametrize("t_vol", [0, 30, 100, 200])
+def test_postprocess_with_report_equals_removal_then_keep_largest(t_vol):
+    from brats_cnn.config import PostprocessConfig
+    from brats_cnn.postprocess import keep_largest_component, postprocess_with_report
+
+    rng = np.random.default_rng(t_vol)
+    labels = (rng.random((20, 20, 20)) < 0.3).astype(np.int16) * rng.integers(1, 4, (20, 20, 20)).astype(np.int16)
+    for keep_largest in (False, True):
+        config = PostprocessConfig(min_component_voxels=t_vol, keep_largest=keep_largest, never_empty=False)
+        expected = remove_small_components(labels, t_vol)
+        expected = keep_largest_component(expected) if keep_largest else expected
+        kept, report = postprocess_with_report(labels, config)
+        np.testing.assert_array_equal(kept, expected)
+        assert report["removed_voxels"] == np.count_nonzero(labels) - np.count_nonzero(expected)

@@ -502,3 +502,23 @@ def test_the_command_says_whether_tta_runs_and_the_time_of_each_case(phantom_set
         sidecar = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["tta"] == {"--tta": "always", "--no-tta": "never"}.get(flag[0] if flag else "", "auto")
         assert sidecar["tta_rotations"] == rotations
+
+
+def test_segment_never_writes_an_empty_map_because_post_processing_removed_everything(phantom_setup, tmp_path,
+                                                                                      caplog):
+    root, refs, model = phantom_setup
+    case = refs[0].image_paths[0].parent
+    run_segment([case], model=model, out=tmp_path / "raw.nii.gz", device="cpu", postprocess=False)
+    called = np.asarray(nib.load(tmp_path / "raw.nii.gz").dataobj)
+    assert called.any()  # the network calls tumour on this phantom
+    with caplog.at_level("WARNING"):
+        run_segment([case], model=model, out=tmp_path / "pp.nii.gz", device="cpu",
+                    overrides=[f"postprocess.min_component_voxels={called.size + 1}"])
+    kept = np.asarray(nib.load(tmp_path / "pp.nii.gz").dataobj)
+    report = json.loads((tmp_path / "pp.json").read_text())["postprocess"]
+    assert kept.any() and report["never_empty_applied"] is True and report["kept_voxels"] == np.count_nonzero(kept)
+    assert report["removed_voxels"] == np.count_nonzero(called) - np.count_nonzero(kept)
+    assert "every tumour component was smaller than t_vol" in caplog.text
+    run_segment([case], model=model, out=tmp_path / "strict.nii.gz", device="cpu",
+                overrides=[f"postprocess.min_component_voxels={called.size + 1}", "postprocess.never_empty=false"])
+    assert not np.asarray(nib.load(tmp_path / "strict.nii.gz").dataobj).any()
