@@ -96,6 +96,29 @@ def keep_largest_component(labels: np.ndarray, connectivity: int = 1) -> np.ndar
     return out
 
 
+def kept_components(sizes: np.ndarray, config: "PostprocessConfig") -> tuple[np.ndarray, bool]:
+    """Which components the configured post-processing keeps, from their sizes alone.
+
+    Args:
+        sizes: voxel count per component id, ``sizes[0]`` the background (:func:`component_sizes`).
+        config: ``min_component_voxels``, ``keep_largest`` and ``never_empty``.
+
+    Returns:
+        ``(keep, rescued)``: bool per id (``keep[0]`` True), and whether ``never_empty`` kept the
+        largest component because ``t_vol`` would have removed them all.
+    """
+    keep = np.asarray(sizes) >= config.min_component_voxels  # the paper's rule: exactly t_vol stays
+    keep[0] = True  # the background id
+    rescued = bool(getattr(config, "never_empty", False) and keep.size > 1 and not keep[1:].any())
+    if rescued or (config.keep_largest and keep[1:].any()):
+        candidates = np.where(keep | rescued, sizes, -1)
+        candidates[0] = -1
+        largest = int(np.argmax(candidates))  # ties: the lowest id, the first in scan order
+        keep[1:] = False
+        keep[largest] = True
+    return keep, rescued
+
+
 def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig") -> tuple[np.ndarray, dict]:
     """:func:`postprocess_labels` and what it removed.
 
@@ -106,15 +129,7 @@ def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig") -> 
     """
     labels = np.asarray(labels)
     components, sizes = component_sizes(labels != 0, config.connectivity)  # one labelling for every step
-    keep = sizes >= config.min_component_voxels  # the paper's t_vol rule (a component of exactly t_vol stays)
-    keep[0] = True  # the background id
-    rescued = bool(getattr(config, "never_empty", False) and sizes.size > 1 and not keep[1:].any())
-    if rescued or (config.keep_largest and keep[1:].any()):
-        candidates = np.where(keep | rescued, sizes, -1)
-        candidates[0] = -1
-        largest = int(np.argmax(candidates))  # ties: the lowest id, the first in scan order
-        keep[1:] = False
-        keep[largest] = True
+    keep, rescued = kept_components(sizes, config)
     kept = labels.copy()
     kept[~keep[components]] = 0
     report = {"removed_voxels": int(np.count_nonzero(labels) - np.count_nonzero(kept)),

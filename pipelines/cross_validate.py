@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""K-fold cross-validation over the sample cases: one model per fold, out-of-fold probabilities saved once,
+and every segment decision chosen on all out-of-fold cases (issue 34; nnU-Net chooses its
+post-processing the same way). Each step resumes where it stopped.
+
+    # 1. the folds, fixed and committed before any training (the v3 split's 5 HGG test cases stay out)
+    .venv/bin/python pipelines/cross_validate.py split --data ../shared/data/brats_sample \\
+        --exclude-split pipelines/splits/brats_sample_v3.json --out pipelines/splits/brats_sample_cv4.json
+    # 2. train every fold (resumes a fold's last.pt), then save its held-out cases' probabilities at
+    #    alpha 0 without post-processing, without TTA and with it (segment's skip-existing resumes)
+    nohup .venv/bin/python pipelines/cross_validate.py run --data ../shared/data/brats_sample \\
+        --split pipelines/splits/brats_sample_cv4.json --config pipelines/configs/cv_hgg.yaml \\
+        --out runs/cv > runs/cv.log 2>&1 &
+    # 3. the decision grid over the saved arrays: a CSV of every rule, the table of docs/results.md
+    .venv/bin/python pipelines/cross_validate.py grid --data ../shared/data/brats_sample \\
+        --split pipelines/splits/brats_sample_cv4.json --out runs/cv
+
+Fold layout under ``--out``: ``fold<k>/data`` (links to its training cases), ``fold<k>/run`` (the
+train run; ``done.json`` when it ended), ``oof/plain`` and ``oof/tta`` (``<case>_probabilities.nii.gz``
+and sidecars), ``grid.csv`` and ``grid.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_brats import link_cases  # noqa: E402
+
+SEED = 2026
+TTA_ROTATIONS = "[0,90,180,270]"
+ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+T_VOLS = (0, 1000, 3000, 10000)  # chosen per population (HGG, LGG, both) on its own cases
+EDEMA_BOOSTS = (1.0, 1.5, 2.0)  # extra weight of the edema class after the prior correction (1 = none)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. folds
+
+
+def make_folds(hgg: list[str], lgg: list[str], k: int, seed: int = SEED) -> list[dict[str, list[str]]]:
+    """``k`` folds: the HGG cases shuffled by ``seed`` and dealt round-robin, the LGG cases dealt
+    after them (so each fold has about ``len(hgg) / k`` HGG cases and at most one more LGG case
+    than any other)."""
+    rng = np.random.default_rng(seed)
+    folds: list[dict[str, list[str]]] = [{"hgg": [], "lgg": []} for _ in range(k)]
+    hgg_order = [hgg[i] for i in rng.permutation(len(hgg))]
+    for i, case in enumerate(hgg_order):
+        folds[i % k]["hgg"].append(case)
+    lgg_order = [lgg[i] for i in rng.permutation(len(lgg))]
+    for i, case in enumerate(lgg_order):
+        folds[(len(hgg_order) + i) % k]["lgg"].append(case)
+    return [{grade: sorted(cases) for grade, cases in fold.items()} for fold in folds]
+
+
+def split(args: argparse.Namespace) -> int:
+    from brats_cnn.io import list_cases
+
+    excluded: set[str] = set()
+    for path in args.exclude_split or []:
+        held = json.loads(Path(path).read_text())
+        excluded |= set(held["hgg"]["test"])  # the LGG cases are too few to hold one out: all are in folds
+    refs = [r for r in list_cases(args.data) if r.case_id not in excluded]
+    by_grade = {g: sorted(r.case_id for r in refs if (r.grade or "").lower() == g) for g in ("hgg", "lgg")}
+    folds = make_folds(by_grade["hgg"], by_grade["lgg"], args.k)
+    document = {"description": f"{args.k}-fold cross-validation split of the sample cases, fixed before training "
+                               f"(pipelines/cross_validate.py split, seed {SEED}): HGG cases shuffled and dealt "
+                               "round-robin, LGG cases dealt after them; the HGG test cases of "
+                               f"{', '.join(str(p) for p in args.exclude_split or [])} are in no fold.",
+                "excluded": sorted(excluded), "folds": folds}
+    if args.out.exists() and json.loads(args.out.read_text()).get("folds") != folds:
+        raise SystemExit(f"{args.out}: exists with other folds; a split is fixed once (delete it to start over)")
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    for i, fold in enumerate(folds):
+        print(f"fold {i}: {len(fold['hgg'])} HGG, {len(fold['lgg'])} LGG: {', '.join(fold['hgg'] + fold['lgg'])}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. training and out-of-fold probabilities
+
+
+def _brats_cnn() -> list[str]:
+    return [sys.executable, "-m", "brats_cnn.cli"]
+
+
+def _call(command: list[str]) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path, device: str,
+               overrides: list[str]) -> Path:
+    """Train fold ``fold`` on the HGG cases of the other folds (resuming its last.pt); its last.pt."""
+    from brats_cnn.io import list_cases
+
+    folder = out / f"fold{fold}"
+    run = folder / "run"
+    if (run / "done.json").is_file():
+        return run / "last.pt"
+    train_ids = {case for i, f in enumerate(folds) if i != fold for case in f["hgg"]}
+    refs = [replace(r, grade="HGG") for r in list_cases(data) if r.case_id in train_ids]
+    if len(refs) != len(train_ids):
+        raise SystemExit(f"{data}: fold {fold}: training cases not found: "
+                         f"{sorted(train_ids - {r.case_id for r in refs})}")
+    link_cases(refs, folder / "data")
+    earlier = sorted(out.glob("fold*/run/cache/.percase"))  # N4 results of the same cases: reused
+    if earlier and not (run / "cache" / ".percase").exists():
+        (run / "cache").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(earlier[0], run / "cache" / ".percase")
+    command = [*_brats_cnn(), "train", "--grade", "hgg", "--data", str(folder / "data"), "--out", str(run),
+               "--device", device]
+    sets = [a for o in overrides for a in ("--set", o)]
+    if (run / "last.pt").is_file():
+        _call([*command, "--resume", *sets])
+    else:
+        _call([*command, "--config", str(config), *sets])
+    (run / "done.json").write_text(json.dumps({"fold": fold, "train": sorted(train_ids)}, indent=2) + "\n")
+    return run / "last.pt"
+
+
+def predict_fold(data: Path, folds: list[dict], fold: int, model: Path, out: Path, device: str) -> None:
+    """The held-out cases' probabilities at alpha 0, no post-processing, without and with TTA."""
+    from brats_cnn.io import list_cases
+
+    held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
+    cases = [str(Path(r.image_paths[0]).parent) for r in list_cases(data) if r.case_id in held]
+    common = ["--model", str(model), "--device", device, "--save-probabilities", "--no-postprocess",
+              "--set", "segment.prior_alpha=0"]
+    _call([*_brats_cnn(), "segment", *cases, "--out", str(out / "oof" / "plain"), "--no-tta", *common])
+    _call([*_brats_cnn(), "segment", *cases, "--out", str(out / "oof" / "tta"), "--tta",
+           "--set", f"segment.tta_rotations={TTA_ROTATIONS}", *common])
+
+
+def run(args: argparse.Namespace) -> int:
+    folds = json.loads(args.split.read_text())["folds"]
+    for fold in args.fold if args.fold is not None else range(len(folds)):
+        model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [])
+        predict_fold(args.data, folds, fold, model, args.out, args.device)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the decision grid over the saved probabilities
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One decision rule: the prior correction, TTA and post-processing applied to saved probabilities."""
+
+    tta: bool
+    alpha: float
+    edema_boost: float
+    t_vol: int
+    keep_largest: bool
+    never_empty: bool
+
+    def name(self) -> str:
+        return (f"tta={'on' if self.tta else 'off'} alpha={self.alpha:g} edema_boost={self.edema_boost:g} "
+                f"t_vol={self.t_vol} keep_largest={self.keep_largest} never_empty={self.never_empty}")
+
+
+def corrected(probabilities: np.ndarray, frequencies: np.ndarray, alpha: float, edema_boost: float,
+              edema_class: int) -> np.ndarray:
+    """``p(c|x) * pi_c ** alpha * boost_c`` renormalised (boost = ``edema_boost`` for edema, else 1)."""
+    weights = np.asarray(frequencies, dtype=np.float64) ** alpha
+    weights[edema_class] *= edema_boost
+    weighted = probabilities * weights.astype(np.float32).reshape(-1, 1, 1, 1)
+    return weighted / np.maximum(weighted.sum(axis=0, keepdims=True), np.finfo(np.float32).tiny)
+
+
+def _counts(classes: np.ndarray, truth: np.ndarray, convention: str) -> tuple[np.ndarray, dict[str, tuple]]:
+    """Component sizes of the tumour in ``classes`` and, per region, the true positives and predicted
+    voxels in each component plus the reference volume: every post-processing rule keeps whole
+    components, so its scores are sums over the components it keeps (no volume is relabelled)."""
+    from brats_cnn.labels import REGIONS, from_class_indices, region_masks
+    from brats_cnn.postprocess import component_sizes
+
+    components, sizes = component_sizes(classes != 0, 1)
+    predicted = region_masks(from_class_indices(classes, convention), convention)
+    reference = region_masks(from_class_indices(truth, convention), convention)
+    tables = {}
+    for region in REGIONS:
+        tp = np.bincount(components[predicted[region] & reference[region]], minlength=sizes.size)
+        positive = np.bincount(components[predicted[region]], minlength=sizes.size)
+        tables[region] = (tp, positive, int(np.count_nonzero(reference[region])))
+    return sizes, tables
+
+
+def rule_scores(sizes: np.ndarray, tables: dict[str, tuple], rule: "Rule") -> dict[str, float]:
+    """Dice and sensitivity of complete/core/enhancing after the rule's post-processing (from :func:`_counts`)."""
+    from brats_cnn.config import PostprocessConfig
+    from brats_cnn.metrics import dice_from_counts, sensitivity_from_counts
+    from brats_cnn.postprocess import kept_components
+
+    keep, _ = kept_components(sizes, PostprocessConfig(min_component_voxels=rule.t_vol,
+                                                       keep_largest=rule.keep_largest, never_empty=rule.never_empty))
+    keep[0] = False  # id 0 is outside the tumour: no predicted voxel there
+    scores = {}
+    for region, (tp, positive, reference) in tables.items():
+        kept_tp, kept_positive = int(tp[keep].sum()), int(positive[keep].sum())
+        scores[f"dice_{region}"] = dice_from_counts(kept_tp, kept_positive - kept_tp, reference - kept_tp)
+        scores[f"sens_{region}"] = sensitivity_from_counts(kept_tp, kept_positive - kept_tp, reference - kept_tp)
+    return scores
+
+
+def score_case(case: dict, convention: str, rules: list["Rule"]) -> dict["Rule", dict[str, float]]:
+    """Scores of one case under every rule. ``case`` holds ``truth`` (class indices), ``frequencies``
+    (its fold model's training class frequencies) and ``plain`` / ``tta`` probabilities ``(C, X, Y, Z)``."""
+    from brats_cnn.labels import classify, get_convention
+
+    edema = get_convention(convention).tissues.index("edema")
+    tables: dict[tuple, tuple] = {}
+    scores = {}
+    for rule in rules:
+        key = (rule.tta, rule.alpha, rule.edema_boost)
+        if key not in tables:
+            probabilities = case["tta" if rule.tta else "plain"]
+            classes = classify(corrected(probabilities, case["frequencies"], rule.alpha, rule.edema_boost, edema),
+                               convention)
+            tables[key] = _counts(classes, case["truth"], convention)
+        scores[rule] = rule_scores(*tables[key], rule)
+    return scores
+
+
+def summarise(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean, median and worst of each score over cases, and the cases with complete Dice < 0.5."""
+    keys = next(iter(per_case.values())).keys()
+    out: dict[str, float] = {}
+    for key in keys:
+        values = np.array([scores[key] for scores in per_case.values()])
+        out[f"mean_{key}"], out[f"median_{key}"], out[f"worst_{key}"] = (
+            float(values.mean()), float(np.median(values)), float(values.min()))
+    out["mean_dice"] = float(np.mean([out[f"mean_dice_{r}"] for r in ("complete", "core", "enhancing")]))
+    out["cases_complete_below_0.5"] = int(sum(s["dice_complete"] < 0.5 for s in per_case.values()))
+    return out
+
+
+def grid_rules(t_vols: tuple[int, ...]) -> list[Rule]:
+    return [Rule(tta, alpha, boost, t_vol, keep_largest, never_empty)
+            for tta in (False, True) for alpha in ALPHAS for boost in EDEMA_BOOSTS for t_vol in t_vols
+            for keep_largest in (False, True) for never_empty in (False, True)]
+
+
+def _crop(case: dict) -> dict:
+    """The arrays cut to the box of the brain and the reference tumour (outside, every rule says background)."""
+    inside = (case["plain"][0] < 1) | (case["tta"][0] < 1) | (case["truth"] > 0)
+    box = tuple(slice(int(np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != d)))[0]),
+                      int(np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1)
+                for d in range(3))
+    return {**case, "truth": case["truth"][box], "plain": case["plain"][(slice(None), *box)],
+            "tta": case["tta"][(slice(None), *box)]}
+
+
+def _load_oof_case(ref, out: Path, convention: str) -> dict:
+    import nibabel as nib
+
+    from brats_cnn.io import load_case
+    from brats_cnn.labels import to_class_indices
+    from brats_cnn.model import load_checkpoint
+    from brats_cnn.segment import prior_frequencies
+
+    case: dict = {"truth": to_class_indices(load_case(ref, load_label=True).label, convention)}
+    for name in ("plain", "tta"):
+        path = out / "oof" / name / f"{ref.case_id}_probabilities.nii.gz"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no out-of-fold probabilities for {ref.case_id} (run the 'run' step first)")
+        case[name] = np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
+    model = Path(json.loads((out / "oof" / "plain" / f"{ref.case_id}.json").read_text())["model"])
+    case["frequencies"] = np.asarray(prior_frequencies(load_checkpoint(model), model))
+    return case
+
+
+def grid(args: argparse.Namespace) -> int:
+    from brats_cnn.io import list_cases
+
+    folds = json.loads(args.split.read_text())["folds"]
+    grades = {case: grade for fold in folds for grade in ("hgg", "lgg") for case in fold[grade]}
+    refs = [r for r in list_cases(args.data) if r.case_id in grades]
+    convention = "brats2017"
+    rules = grid_rules(T_VOLS)
+    per_rule: dict[Rule, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
+    for ref in refs:  # one case in memory at a time
+        for rule, scores in score_case(_crop(_load_oof_case(ref, args.out, convention)), convention, rules).items():
+            per_rule[rule][ref.case_id] = scores
+        print(f"scored {ref.case_id} under {len(rules)} rules", flush=True)
+    rows, summary = [], {}
+    for population in ("hgg", "lgg", "all"):
+        members = [c for c in grades if population in ("all", grades[c])]
+        if not members:
+            continue
+        for rule in rules:
+            rows.append({"population": population, "rule": rule.name(),
+                         **summarise({c: per_rule[rule][c] for c in members})})
+        best = choose(rows, population)
+        rule = next(r for r in rules if r.name() == best["rule"])
+        summary[population] = {"rule": best["rule"], "summary": best,
+                               "per_case": {c: per_rule[rule][c] for c in members}}
+    with open(args.out / "grid.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "grid.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for population, chosen in summary.items():
+        s = chosen["summary"]
+        print(f"{population}: {chosen['rule']}: mean {s['mean_dice_complete']:.3f} / {s['mean_dice_core']:.3f} / "
+              f"{s['mean_dice_enhancing']:.3f}, worst complete {s['worst_dice_complete']:.3f}, "
+              f"{s['cases_complete_below_0.5']} case(s) < 0.5")
+    return 0
+
+
+NOISE = 0.005  # mean Dice differences below this are within noise: the better worst case decides
+
+
+def choose(rows: list[dict], population: str) -> dict:
+    """The rule with the fewest cases under complete Dice 0.5, then the best mean Dice over the regions;
+    among rules within :data:`NOISE` of that mean, the one with the best worst-case complete Dice."""
+    candidates = [r for r in rows if r["population"] == population]
+    fewest = min(r["cases_complete_below_0.5"] for r in candidates)
+    candidates = [r for r in candidates if r["cases_complete_below_0.5"] == fewest]
+    top = max(r["mean_dice"] for r in candidates)
+    near = [r for r in candidates if r["mean_dice"] >= top - NOISE]
+    return max(near, key=lambda r: (r["worst_dice_complete"], r["mean_dice"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("split")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--exclude-split", type=Path, action="append", help="a split whose HGG test cases stay out")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fold", type=int, nargs="+", help="only these folds (default: all, in order)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", help="a train --set (a tiny schedule for a trial run)")
+    p = sub.add_parser("grid")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    return {"split": split, "run": run, "grid": grid}[args.action](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""pipelines/cross_validate.py: the folds, the whole pipeline on phantoms at a tiny schedule, and the
+decision grid's scores against post-processing each rule for real."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("cross_validate", REPO / "pipelines" / "cross_validate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cross_validate"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_folds_are_stratified_disjoint_and_fixed_by_the_seed():
+    cv = _module()
+    hgg = [f"H{i:02d}" for i in range(20)]
+    lgg = ["L0", "L1", "L2"]
+    folds = cv.make_folds(hgg, lgg, 4)
+    assert [len(f["hgg"]) for f in folds] == [5, 5, 5, 5]
+    assert sorted(len(f["lgg"]) for f in folds) == [0, 1, 1, 1]
+    everything = [c for f in folds for g in ("hgg", "lgg") for c in f[g]]
+    assert sorted(everything) == sorted(hgg + lgg)  # each case in exactly one fold
+    assert cv.make_folds(hgg, lgg, 4) == folds and cv.make_folds(hgg, lgg, 4, seed=1) != folds
+
+
+def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
+    from brats_cnn.config import PostprocessConfig
+    from brats_cnn.labels import classify
+    from brats_cnn.postprocess import postprocess_labels
+
+    cv = _module()
+    rng = np.random.default_rng(0)
+    shape = (24, 22, 10)
+    truth = np.zeros(shape, dtype=np.int64)
+    truth[4:14, 5:15, 2:8] = 2
+    truth[7:11, 8:12, 3:7] = 3
+    truth[8:10, 9:11, 4:6] = 1
+    logits = rng.normal(size=(4, *shape)) + 3.0 * np.eye(4)[truth].transpose(3, 0, 1, 2)
+    probabilities = np.exp(logits) / np.exp(logits).sum(0)
+    case = {"truth": truth, "frequencies": np.array([0.9, 0.02, 0.05, 0.03]),
+            "plain": probabilities.astype(np.float32), "tta": probabilities[:, ::-1].copy().astype(np.float32)}
+    rules = [cv.Rule(tta, alpha, boost, t_vol, keep, never) for tta in (False, True) for alpha in (0.0, 0.6)
+             for boost in (1.0, 2.0) for t_vol in (0, 3, 40, 10_000) for keep in (False, True) for never in (False, True)]
+    scores = cv.score_case(case, "brats2017", rules)
+    for rule in rules:
+        chosen = case["tta" if rule.tta else "plain"]
+        classes = classify(cv.corrected(chosen, case["frequencies"], rule.alpha, rule.edema_boost, 2), "brats2017")
+        kept = postprocess_labels(classes, PostprocessConfig(min_component_voxels=rule.t_vol,
+                                                             keep_largest=rule.keep_largest,
+                                                             never_empty=rule.never_empty))
+        from brats_cnn.labels import from_class_indices, region_masks
+        from brats_cnn.metrics import dice, sensitivity
+
+        predicted = region_masks(from_class_indices(kept, "brats2017"), "brats2017")
+        reference = region_masks(from_class_indices(truth, "brats2017"), "brats2017")
+        for region in ("complete", "core", "enhancing"):
+            assert scores[rule][f"dice_{region}"] == pytest.approx(dice(reference[region], predicted[region]))
+            assert scores[rule][f"sens_{region}"] == pytest.approx(sensitivity(reference[region], predicted[region]))
+    # the strict paper rule at t_vol 10,000 empties this small case; never_empty keeps its largest component
+    strict = scores[cv.Rule(False, 0.0, 1.0, 10_000, False, False)]
+    rescued = scores[cv.Rule(False, 0.0, 1.0, 10_000, False, True)]
+    assert strict["dice_complete"] == 0.0 and rescued["dice_complete"] > 0.5
+
+
+def test_choose_prefers_fewer_failures_then_the_better_worst_case_within_noise():
+    cv = _module()
+    rows = [{"population": "hgg", "rule": "a", "mean_dice": 0.85, "worst_dice_complete": 0.30, "cases_complete_below_0.5": 1},
+            {"population": "hgg", "rule": "b", "mean_dice": 0.80, "worst_dice_complete": 0.55, "cases_complete_below_0.5": 0},
+            {"population": "hgg", "rule": "c", "mean_dice": 0.797, "worst_dice_complete": 0.62, "cases_complete_below_0.5": 0},
+            {"population": "hgg", "rule": "d", "mean_dice": 0.70, "worst_dice_complete": 0.90, "cases_complete_below_0.5": 0},
+            {"population": "lgg", "rule": "e", "mean_dice": 0.99, "worst_dice_complete": 0.99, "cases_complete_below_0.5": 0}]
+    assert cv.choose(rows, "hgg")["rule"] == "c"  # b and c within 0.005: the better worst case; d is too far below
+
+
+def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
+    from brats_cnn.phantom import write_phantom_dataset
+
+    cv = _module()
+    data = tmp_path / "data"
+    write_phantom_dataset(data, 5, seed=11, shape=(40, 40, 8), grades=["HGG", "HGG", "HGG", "HGG", "LGG"])
+    split = tmp_path / "split.json"
+    assert cv.main(["split", "--data", str(data), "--k", "2", "--out", str(split)]) == 0
+    folds = json.loads(split.read_text())["folds"]
+    assert [len(f["hgg"]) for f in folds] == [2, 2] and sum(len(f["lgg"]) for f in folds) == 1
+    tiny = ["train.epochs=1", "sampling.total_patches=256", "preprocess.n4.sequences=[]", "train.batch_size=64",
+            "data.validation_cases=0", "postprocess.min_component_voxels=10"]
+    args = ["run", "--data", str(data), "--split", str(split), "--config", str(REPO / "configs" / "smoke.yaml"),
+            "--out", str(tmp_path / "cv"), "--device", "cpu", *[a for s in tiny for a in ("--set", s)]]
+    assert cv.main(args) == 0
+    for fold in (0, 1):
+        assert (tmp_path / "cv" / f"fold{fold}" / "run" / "done.json").is_file()
+    for name in ("plain", "tta"):
+        saved = sorted(p.name for p in (tmp_path / "cv" / "oof" / name).glob("*_probabilities.nii.gz"))
+        assert len(saved) == 5
+    sidecar = json.loads((tmp_path / "cv" / "oof" / "tta" / "Phantom_011.json").read_text())
+    assert sidecar["tta_rotations"] == [0, 90, 180, 270] and sidecar["prior_alpha"] == 0
+    assert sidecar["postprocess"]["enabled"] is False
+    before = (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns
+    assert cv.main(args) == 0  # a rerun trains and predicts nothing again
+    assert (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns == before
+    assert cv.main(["grid", "--data", str(data), "--split", str(split), "--out", str(tmp_path / "cv")]) == 0
+    chosen = json.loads((tmp_path / "cv" / "grid.json").read_text())
+    assert set(chosen) == {"hgg", "lgg", "all"} and len(chosen["hgg"]["per_case"]) == 4
+    rows = (tmp_path / "cv" / "grid.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * len(cv.grid_rules(cv.T_VOLS))
