@@ -108,6 +108,7 @@ def segment(
     no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Skip small-component removal."),
     no_prior_correction: bool = typer.Option(False, "--no-prior-correction", help="Use the network's class-balanced probabilities as they are (same as --set segment.prior_alpha=0)."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average over the model's calibrated rotations (test-time augmentation), or not. Default (segment.tta auto): on CUDA only; on a CPU it costs 4x the time for about +0.006 Dice."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: segment only every N-th case from the K-th (0-based), e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; under torchrun each rank takes every WORLD_SIZE-th case by itself."),
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Segment cases with a trained model and write label-map NIfTIs."""
@@ -117,7 +118,7 @@ def segment(
     overrides += [] if tta is None else [f"segment.tta={'always' if tta else 'never'}"]
     run_segment(inputs=inputs, model=list(model) if model else None, grade=grade, out=out, mode=mode, device=device,
                 save_probabilities=save_probabilities, label_convention=label_convention,
-                overwrite=overwrite, postprocess=not no_postprocess, overrides=overrides)
+                overwrite=overwrite, postprocess=not no_postprocess, overrides=overrides, shard=shard)
 
 
 @app.command()

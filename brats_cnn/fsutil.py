@@ -21,6 +21,32 @@ def _current_umask() -> int:
     return mask
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name.split('.')[0]}."
+
+
+def _temporary_suffix(path: Path) -> str:
+    return ".tmp" + ("".join(path.suffixes) or ".tmp")
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` left next to ``path`` when a run writing it
+    was killed (SIGKILL, power loss: no ``finally`` ran); returns what was removed. Call it only when
+    no other process is writing ``path`` (segment: before the case is computed)."""
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(_temporary_prefix(path) + "*" + _temporary_suffix(path)):
+        middle = candidate.name[len(_temporary_prefix(path)):-len(_temporary_suffix(path))]
+        if "." in middle:  # mkstemp's random part has no dot: another output's temporary file
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
@@ -33,9 +59,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BratsCnnError(f"cannot create output folder ({exc.strerror})", path.parent) from exc
-    suffix = "".join(path.suffixes) or ".tmp"
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix,
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=_temporary_suffix(path),
                                         dir=path.parent)
     except OSError as exc:
         raise BratsCnnError(f"cannot write output ({exc.strerror})", path) from exc

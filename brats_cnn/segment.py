@@ -675,11 +675,14 @@ def _say_what_was_removed(case_id: str, report: dict, config: Any) -> None:
 
 
 def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device: "torch.device", convention: str,
-                 postprocess: bool, save_probabilities: bool, progress: bool) -> dict:
+                 postprocess: bool, save_probabilities: bool, progress: bool,
+                 proof: "tuple[dict, dict] | None" = None) -> dict:
     """Load, normalise, predict, post-process and write one case; returns the sidecar dict.
 
     With several ``members`` (an ensemble) each one's calibrated probabilities are averaged; the
     first member's decision rule, post-processing and label convention apply to the mean.
+    ``proof``: ``(models, settings)`` for the sidecar's ``provenance`` record (:mod:`brats_cnn.provenance`);
+    :func:`run_segment` passes what it will compare on a rerun.
     """
     import time
 
@@ -772,6 +775,11 @@ def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device:
         "brats_cnn_version": __version__,
     }
     try:
+        if proof is not None:
+            from brats_cnn import provenance
+
+            sidecar["provenance"] = provenance.record(ref.case_id, ref.image_paths, proof[0], proof[1],
+                                                      _requested_outputs(target, save_probabilities))
         write_json_atomic(target.sidecar, sidecar)
     except BaseException:
         for path in written:
@@ -837,10 +845,73 @@ def _load_members(paths: list, grade: str | None, check_grade: bool, overrides: 
     return members
 
 
+def _requested_outputs(target: _Target, save_probabilities: bool) -> dict:
+    """Output role -> path of what this run writes for a case (the sidecar aside)."""
+    return {"labels": target.labels, **({"probabilities": target.probabilities} if save_probabilities else {})}
+
+
+def _output_settings(members: list, mode: str, device: "torch.device", convention: str, postprocess: bool) -> dict:
+    """Every setting that changes a case's outputs (the provenance compared by a rerun): mode, device
+    kind and precision, label convention, post-processing on/off, and each member's whole config
+    but :data:`RUNTIME_KEYS` and ``segment.tta`` (the rotations it resolved to are in the config)."""
+    from brats_cnn.config import config_to_dict
+
+    configs = []
+    for member in members:
+        values = config_to_dict(member.config)
+        for key in (*RUNTIME_KEYS, "tta"):
+            values["segment"].pop(key, None)
+        configs.append(values)
+    return {"mode": mode, "device": device.type, "precision": compute_settings(device, members[0].config.compute).precision,
+            "label_convention": convention, "postprocess": postprocess, "configs": configs}
+
+
+def _refuse_foreign_outputs(pairs: list, overwrite: bool) -> None:
+    """InputError before any work when (without ``--overwrite``) a case's output folder holds another
+    case's segmentation under its name (its sidecar's ``case_id`` says so)."""
+    import json
+
+    if overwrite:
+        return
+    for ref, target in pairs:
+        if not target.sidecar.is_file():
+            continue
+        try:
+            holder = json.loads(target.sidecar.read_text()).get("case_id")
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable sidecar: the case is recomputed (provenance.check_existing)
+        if holder is not None and holder != ref.case_id:
+            raise InputError(f"holds the segmentation of case '{holder}', not '{ref.case_id}'; pass --overwrite to "
+                             "replace it, or choose another --out", target.labels)
+
+
+def shard_pairs(pairs: list, shard: "tuple[int, int] | None", rank: int, world: int) -> list:
+    """This process's cases: every ``N``-th from ``K`` (``--shard K/N``, 0-based), then every
+    ``WORLD_SIZE``-th of those from ``RANK`` (torchrun or any launcher that sets them)."""
+    if shard is not None:
+        index, count = shard
+        pairs = pairs[index::count]
+    return pairs[rank::world]
+
+
+def parse_shard(text: "str | None") -> "tuple[int, int] | None":
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``; ConfigError otherwise."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must be K/N with integers, e.g. 0/4 (the first of 4 shards), got '{text}'") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard K/N needs 0 <= K < N, got '{text}' (SLURM arrays: --shard "
+                          "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1))")
+    return index, count
+
+
 def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: Any = "segmentations",
                 mode: str | None = None, device: str = "auto", save_probabilities: bool = False,
                 label_convention: str | None = None, overwrite: bool = False, postprocess: bool = True,
-                overrides: Any = ()) -> SegmentResult:
+                overrides: Any = (), shard: "str | tuple[int, int] | None" = None) -> SegmentResult:
     """The ``brats-cnn segment`` command: segment one case or a whole dataset with a checkpoint.
 
     Args:
@@ -855,7 +926,10 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
         device: ``auto``, ``cpu``, ``cuda``; under torchrun rank ``r`` uses ``cuda:LOCAL_RANK`` and
             takes cases ``r, r + WORLD_SIZE, ...``.
         label_convention: convention of the written labels (default: the checkpoint's).
-        overwrite: recompute cases whose label map exists (default: skip them).
+        overwrite: recompute every case (default: skip a case whose outputs prove they were produced
+            from the same inputs, model and settings and still verify; recompute a stale or broken one,
+            saying why; refuse an output that holds another case).
+        shard: ``"K/N"`` or ``(K, N)``: only every N-th case from the K-th (0-based; SLURM arrays).
         postprocess: remove components smaller than the checkpoint config's ``t_vol``.
         overrides: ``--set key=value`` applied on top of the checkpoint's config.
 
@@ -882,8 +956,10 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     refs = _find_cases(inputs if isinstance(inputs, (list, tuple)) else [inputs])
     if not refs:
         raise InputError("no cases found in the inputs")
-    pairs = list(zip(refs, _targets(refs, out)))[rank::world]
+    pairs = shard_pairs(list(zip(refs, _targets(refs, out))),
+                        parse_shard(shard) if isinstance(shard, (str, type(None))) else shard, rank, world)
     _refuse_overwriting(pairs, checkpoint_paths, save_probabilities, overwrite)  # before any work
+    _refuse_foreign_outputs(pairs, overwrite)
     for folder in sorted({target.labels.parent for _, target in pairs}):  # fail before any work
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -903,21 +979,38 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
         log.info("test-time augmentation off (segment.tta %s on %s); --tta averages over the calibrated rotations",
                  config.segment.tta, torch_device.type)
 
+    from brats_cnn import provenance
+    from brats_cnn.fsutil import remove_stale_temporaries
+
+    models = {str(member.path): provenance.sha256(member.path) for member in members}
+    settings = _output_settings(members, chosen_mode, torch_device, convention, postprocess)
     outputs, skipped, failures, last_error = [], [], {}, None
     show_cases = len(pairs) > 1
     from tqdm import tqdm
 
     for ref, target in tqdm(pairs, desc="cases", unit="case", disable=not (show_cases and progress_wanted()),
                             dynamic_ncols=True):
-        # the sidecar is written last: a case killed between the two writes is done again
-        if target.labels.exists() and target.sidecar.exists() and not overwrite:
-            skipped.append(target.labels)
-            continue
         try:
+            wanted = _requested_outputs(target, save_probabilities)
+            left = [p for output in (*wanted.values(), target.sidecar) for p in remove_stale_temporaries(output)]
+            if left:
+                log.info("%s: removed %d temporary file(s) left by an interrupted run", ref.case_id, len(left))
+            if not overwrite:
+                # the sidecar is written last: a case killed between the writes has no proof and is done again
+                existing = provenance.check_existing(ref.case_id, target.sidecar, wanted, list(ref.image_paths),
+                                                     models, settings)
+                if existing.action == "skip":
+                    skipped.append(target.labels)
+                    continue
+                if existing.action == "foreign":  # appeared after the check before any work
+                    raise InputError(f"{existing.reason}; pass --overwrite to replace it", target.labels)
+                if existing.action == "recompute":
+                    log.info("%s: recomputing %s: %s", ref.case_id, target.labels, existing.reason)
             started = time.perf_counter()
             segment_case(ref, target, members=members, mode=chosen_mode, device=torch_device, convention=convention,
                          postprocess=postprocess, save_probabilities=save_probabilities,
-                         progress=(chosen_mode == "exact" or not show_cases) and progress_wanted())
+                         progress=(chosen_mode == "exact" or not show_cases) and progress_wanted(),
+                         proof=(models, settings))
             outputs.append(target.labels)
             log.info("%s: wrote %s%s in %.1f s", ref.case_id, target.labels,
                      f" and {target.probabilities}" if save_probabilities else "", time.perf_counter() - started)
@@ -928,7 +1021,8 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
             failures[ref.case_id] = message
             last_error = exc
     if skipped:
-        log.info("skipped %d case(s) whose output exists (use --overwrite to recompute)", len(skipped))
+        log.info("skipped %d case(s) whose outputs were produced from the same inputs, model and settings "
+                 "(use --overwrite to recompute)", len(skipped))
     if failures:
         listed = "; ".join(f"{case_id} ({message})" for case_id, message in failures.items())
         if len(pairs) == 1 and isinstance(last_error, BratsCnnError):

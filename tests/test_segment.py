@@ -195,8 +195,10 @@ def test_run_segment_dataset_skips_existing_and_overwrites(phantom_setup, tmp_pa
     root, refs, model = phantom_setup
     first = run_segment([root / "data"], model=model, out=tmp_path, device="cpu", postprocess=False)
     assert sorted(p.name for p in first.outputs) == sorted(f"{r.case_id}.nii.gz" for r in refs)
-    again = run_segment([root / "data"], model=model, out=tmp_path, device="cpu")
+    again = run_segment([root / "data"], model=model, out=tmp_path, device="cpu", postprocess=False)
     assert again.outputs == [] and len(again.skipped) == 3
+    changed = run_segment([root / "data"], model=model, out=tmp_path, device="cpu")  # post-processing now on
+    assert len(changed.outputs) == 3 and changed.skipped == []
     forced = run_segment([refs[1].image_paths[2]], model=model, out=tmp_path, device="cpu", overwrite=True)
     assert [p.name for p in forced.outputs] == [f"{refs[1].case_id}.nii.gz"]
 
