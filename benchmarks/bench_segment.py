@@ -12,8 +12,16 @@ Measures on one real BraTS volume (240x240x155):
 
 Prints a table and writes ``benchmarks/results/bench_segment.json`` and ``.png``.
 
+``--command CASE...`` instead times the whole ``brats-cnn segment`` command as a user runs it (its
+defaults: bundled HGG model, ``segment.tta auto``), one case per process under ``/usr/bin/time -v``:
+wall, user and system seconds, minor page faults, peak RSS, and the sidecar's stage timings, on this
+CPU as it is (``native``) and with oneDNN and ATen held to AVX2 (``avx2``: ``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2``, so no bf16 and no AVX-512: an estimate of an AVX2-only machine of the same
+clock). Writes ``benchmarks/results/bench_segment_command.json`` and ``.png``.
+
 Usage:
     .venv/bin/python benchmarks/bench_segment.py --model runs/train/best.pt [--case DIR]
+    .venv/bin/python benchmarks/bench_segment.py --command CASE_DIR CASE_DIR CASE_DIR [--isa native avx2]
 Without ``--model`` a randomly initialised HGG network is used (agreement numbers are then not
 meaningful for a trained model; the output says so).
 """
@@ -126,7 +134,9 @@ def main() -> None:
         model_note = "randomly initialised HGG network (agreement not representative of a trained model)"
     normalise_s = time.perf_counter() - t0
     background = config.preprocess.background_value
-    spb, batch = config.segment.slices_per_batch, config.segment.batch_size
+    from brats_cnn.config import SegmentConfig
+
+    spb, batch = SegmentConfig().slices_per_batch, SegmentConfig().batch_size  # what segment runs (RUNTIME_KEYS)
     brain_voxels = int(mask.sum())
     rows = []
     results: dict = {"case": str(args.case), "shape": list(mask.shape), "brain_voxels": brain_voxels,
@@ -205,5 +215,103 @@ def main() -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
+ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def _time_v(stderr: str) -> dict:
+    """The fields of ``/usr/bin/time -v`` this benchmark reports."""
+    fields = {"User time (seconds)": "user_s", "System time (seconds)": "system_s",
+              "Minor (reclaiming a frame) page faults": "minor_faults", "Maximum resident set size (kbytes)": "rss_kb",
+              "Elapsed (wall clock) time (h:mm:ss or m:ss)": "wall"}
+    out = {}
+    for line in stderr.splitlines():
+        key, _, value = line.strip().rpartition(": ")
+        if key in fields:
+            out[fields[key]] = value
+    minutes, _, seconds = out.pop("wall").rpartition(":")
+    out["wall_s"] = float(seconds) + 60 * sum(float(p) * 60 ** i for i, p in enumerate(reversed(minutes.split(":"))) if p)
+    for key in ("user_s", "system_s"):
+        out[key] = float(out[key])
+    out["minor_faults"], out["peak_rss_gb"] = int(out["minor_faults"]), int(out.pop("rss_kb")) / 1e6
+    return out
+
+
+def command_benchmark(cases: list[Path], isas: list[str], out: Path, extra: list[str]) -> None:
+    """Time ``brats-cnn segment CASE`` (defaults) per case and CPU mode; table, JSON and PNG."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    import tempfile
+
+    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
+    kind = ("AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+            else "AVX2" if "avx2" in flags else "other")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for isa in isas:
+            for case in cases:
+                target = Path(scratch) / f"{isa}_{case.name}.nii.gz"
+                load = os.getloadavg()[0]
+                result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "brats_cnn.cli", "segment",
+                                         str(case), "--out", str(target), "--device", "cpu", *extra],
+                                        capture_output=True, text=True, env={**os.environ, **ISA_ENV[isa]})
+                if result.returncode != 0:
+                    raise SystemExit(f"segment failed on {case}: {result.stderr[-500:]}")
+                sidecar = json.loads(target.with_name(target.name.replace(".nii.gz", ".json")).read_text())
+                row = {"isa": isa, "case": case.name, "load_before": round(load, 2), **_time_v(result.stderr),
+                       "precision": sidecar["precision"], "tta_rotations": sidecar["tta_rotations"],
+                       "stages_s": sidecar["timings_s"]}
+                row["system_share"] = row["system_s"] / row["user_s"]
+                rows.append(row)
+                print(f"{isa:6s} {case.name:24s} wall {row['wall_s']:6.1f} s  user {row['user_s']:6.1f}  "
+                      f"sys {row['system_s']:5.1f} ({100 * row['system_share']:.0f} %)  faults {row['minor_faults']:>9,}  "
+                      f"RSS {row['peak_rss_gb']:.2f} GB  {row['precision']}  predict {row['stages_s']['predict']:.1f} s  "
+                      f"load {load:.2f}", flush=True)
+    summary = {isa: {"mean_wall_s": float(np.mean([r["wall_s"] for r in rows if r["isa"] == isa])),
+                     "max_wall_s": float(np.max([r["wall_s"] for r in rows if r["isa"] == isa])),
+                     "mean_system_share": float(np.mean([r["system_share"] for r in rows if r["isa"] == isa]))}
+               for isa in isas}
+    for isa, figures in summary.items():
+        print(f"{isa}: mean {figures['mean_wall_s']:.1f} s per case (max {figures['max_wall_s']:.1f} s), "
+              f"system time {100 * figures['mean_system_share']:.0f} % of user time")
+    document = {"cpu": platform.processor() or platform.machine(), "cpu_kind": kind, "threads": os.cpu_count(),
+                "command": "brats-cnn segment CASE --out X --device cpu " + " ".join(extra), "rows": rows,
+                "summary": summary}
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    labels = [f"{r['isa']}\n{r['case'].replace('Brats18_', '')}" for r in rows]
+    stages = ["load", "normalise", "predict", "postprocess", "write"]
+    bottom = np.zeros(len(rows))
+    for stage in stages:
+        values = np.array([r["stages_s"].get(stage, 0.0) for r in rows])
+        ax.bar(labels, values, bottom=bottom, label=stage)
+        bottom += values
+    ax.scatter(labels, [r["wall_s"] for r in rows], color="k", marker="_", s=300, label="whole command")
+    ax.axhline(60, color="grey", ls="--", lw=0.8)
+    ax.set_ylabel("seconds per case")
+    ax.set_title(f"brats-cnn segment (defaults) on a 2-core {kind} CPU")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--command" in sys.argv:
+        parser = argparse.ArgumentParser(description="time the whole segment command per case")
+        parser.add_argument("--command", type=Path, nargs="+", required=True, metavar="CASE")
+        parser.add_argument("--isa", nargs="+", choices=sorted(ISA_ENV), default=["native", "avx2"])
+        parser.add_argument("--set", dest="extra", action="append", default=[], help="extra segment argument")
+        parser.add_argument("--out", type=Path, default=RESULTS / "bench_segment_command.json")
+        args = parser.parse_args()
+        command_benchmark(args.command, args.isa, args.out, args.extra)
+    else:
+        main()

@@ -943,7 +943,10 @@ def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: A
     from brats_cnn.errors import BratsCnnError
     from brats_cnn.labels import conversion_table, get_convention
 
+    from brats_cnn.device import keep_freed_memory
+
     checkpoint_paths, grade_overrides = _checkpoint_paths(model, grade)
+    keep_freed_memory()  # large freed blocks are reused, not faulted in again (system time)
     torchrun = torchrun_environment()
     rank, world = torchrun.rank, torchrun.world_size
     torch_device = resolve_device(device, torchrun.local_rank)
