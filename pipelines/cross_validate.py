@@ -1,23 +1,28 @@
 #!/usr/bin/env python
 """K-fold cross-validation over the sample cases: one model per fold, out-of-fold probabilities saved once,
 and every segment decision chosen on all out-of-fold cases (issue 34; nnU-Net chooses its
-post-processing the same way). Each step resumes where it stopped.
+post-processing the same way). Each step resumes where it stopped, across sessions too.
 
     # 1. the folds, fixed and committed before any training (the v3 split's 5 HGG test cases stay out)
-    .venv/bin/python pipelines/cross_validate.py split --data ../shared/data/brats_sample \\
+    .venv/bin/python pipelines/cross_validate.py split --data ../shared/data/brats_sample \
         --exclude-split pipelines/splits/brats_sample_v3.json --out pipelines/splits/brats_sample_cv4.json
-    # 2. train every fold (resumes a fold's last.pt), then save its held-out cases' probabilities at
-    #    alpha 0 without post-processing, without TTA and with it (segment's skip-existing resumes)
-    nohup .venv/bin/python pipelines/cross_validate.py run --data ../shared/data/brats_sample \\
-        --split pipelines/splits/brats_sample_cv4.json --config pipelines/configs/cv_hgg.yaml \\
-        --out runs/cv > runs/cv.log 2>&1 &
-    # 3. the decision grid over the saved arrays: a CSV of every rule, the table of docs/results.md
-    .venv/bin/python pipelines/cross_validate.py grid --data ../shared/data/brats_sample \\
-        --split pipelines/splits/brats_sample_cv4.json --out runs/cv
+    # 2. per fold: train (resuming its last.pt), save its held-out cases' probabilities at alpha 0
+    #    without post-processing, without and with TTA (segment's skip rule resumes), then reduce them
+    #    to per-component count tables (kB per case, committed): a fold whose tables exist is done
+    nohup .venv/bin/python pipelines/cross_validate.py run --data ../shared/data/brats_sample \
+        --split pipelines/splits/brats_sample_cv4.json --config pipelines/configs/cv_hgg.yaml \
+        --out runs/cv --tables benchmarks/results/cv4/tables > runs/cv.log 2>&1 &
+    # 3. the decision grid over the tables: every rule's mean/median/worst per population (HGG, LGG,
+    #    both) in grid.csv, the chosen rules with per-case scores in grid.json
+    .venv/bin/python pipelines/cross_validate.py grid --split pipelines/splits/brats_sample_cv4.json \
+        --tables benchmarks/results/cv4/tables --out benchmarks/results/cv4
 
-Fold layout under ``--out``: ``fold<k>/data`` (links to its training cases), ``fold<k>/run`` (the
-train run; ``done.json`` when it ended), ``oof/plain`` and ``oof/tta`` (``<case>_probabilities.nii.gz``
-and sidecars), ``grid.csv`` and ``grid.json``.
+Layout under ``--out``: ``fold<k>/data`` (links to its training cases), ``fold<k>/run`` (the train run;
+``done.json`` when it ended), ``oof/plain`` and ``oof/tta`` (``<case>_probabilities.nii.gz`` and
+sidecars). ``tables`` (the count tables, one ``<case>.npz`` each) rebuilds from ``oof/`` where the
+probabilities exist. A run that outlives a session: commit the fold in progress' ``last.pt`` (and its
+steps/config) under ``training/cv4/`` and copy it back into ``fold<k>/run`` before ``run`` again
+(training/cv4/README.md).
 """
 
 from __future__ import annotations
@@ -143,9 +148,15 @@ def predict_fold(data: Path, folds: list[dict], fold: int, model: Path, out: Pat
 
 def run(args: argparse.Namespace) -> int:
     folds = json.loads(args.split.read_text())["folds"]
+    tables = args.tables or args.out / "tables"
     for fold in args.fold if args.fold is not None else range(len(folds)):
+        held = folds[fold]["hgg"] + folds[fold]["lgg"]
+        if all((tables / f"{case}.npz").is_file() for case in held):
+            print(f"fold {fold}: the tables of its {len(held)} held-out cases exist; nothing to do", flush=True)
+            continue
         model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [])
         predict_fold(args.data, folds, fold, model, args.out, args.device)
+        write_tables(args.data, folds, fold, args.out, tables)
     return 0
 
 
@@ -216,20 +227,8 @@ def rule_scores(sizes: np.ndarray, tables: dict[str, tuple], rule: "Rule") -> di
 def score_case(case: dict, convention: str, rules: list["Rule"]) -> dict["Rule", dict[str, float]]:
     """Scores of one case under every rule. ``case`` holds ``truth`` (class indices), ``frequencies``
     (its fold model's training class frequencies) and ``plain`` / ``tta`` probabilities ``(C, X, Y, Z)``."""
-    from brats_cnn.labels import classify, get_convention
-
-    edema = get_convention(convention).tissues.index("edema")
-    tables: dict[tuple, tuple] = {}
-    scores = {}
-    for rule in rules:
-        key = (rule.tta, rule.alpha, rule.edema_boost)
-        if key not in tables:
-            probabilities = case["tta" if rule.tta else "plain"]
-            classes = classify(corrected(probabilities, case["frequencies"], rule.alpha, rule.edema_boost, edema),
-                               convention)
-            tables[key] = _counts(classes, case["truth"], convention)
-        scores[rule] = rule_scores(*tables[key], rule)
-    return scores
+    tables = case_tables(case, convention)
+    return {rule: rule_scores(*tables[(rule.tta, rule.alpha, rule.edema_boost)], rule) for rule in rules}
 
 
 def summarise(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -280,19 +279,89 @@ def _load_oof_case(ref, out: Path, convention: str) -> dict:
     return case
 
 
-def grid(args: argparse.Namespace) -> int:
+def _key_name(key: tuple) -> str:
+    tta, alpha, boost = key
+    return f"tta={int(tta)}_alpha={alpha:g}_boost={boost:g}"
+
+
+def case_tables(case: dict, convention: str) -> dict[tuple, tuple]:
+    """:func:`_counts` of one case for every (TTA, alpha, edema boost) of the grid."""
+    from brats_cnn.labels import classify, get_convention
+
+    edema = get_convention(convention).tissues.index("edema")
+    tables = {}
+    for key in ((tta, alpha, boost) for tta in (False, True) for alpha in ALPHAS for boost in EDEMA_BOOSTS):
+        probabilities = case["tta" if key[0] else "plain"]
+        classes = classify(corrected(probabilities, case["frequencies"], key[1], key[2], edema), convention)
+        tables[key] = _counts(classes, case["truth"], convention)
+    return tables
+
+
+def save_tables(path: Path, tables: dict[tuple, tuple], frequencies: np.ndarray) -> None:
+    """The per-component count tables of a case, compressed (kB, not the GB of its probabilities): what
+    the grid needs, small enough to commit so that a later session chooses rules without the folds."""
+    arrays = {"frequencies": np.asarray(frequencies, dtype=np.float64)}
+    for key, (sizes, regions) in tables.items():
+        name = _key_name(key)
+        arrays[f"{name}/sizes"] = sizes.astype(np.int64)
+        for region, (tp, positive, reference) in regions.items():
+            arrays[f"{name}/{region}/tp"] = tp.astype(np.int64)
+            arrays[f"{name}/{region}/positive"] = positive.astype(np.int64)
+            arrays[f"{name}/{region}/reference"] = np.int64(reference)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_tables(path: Path) -> dict[tuple, tuple]:
+    from brats_cnn.labels import REGIONS
+
+    with np.load(path) as arrays:
+        tables = {}
+        for key in ((tta, alpha, boost) for tta in (False, True) for alpha in ALPHAS for boost in EDEMA_BOOSTS):
+            name = _key_name(key)
+            regions = {r: (arrays[f"{name}/{r}/tp"], arrays[f"{name}/{r}/positive"],
+                           int(arrays[f"{name}/{r}/reference"])) for r in REGIONS}
+            tables[key] = (arrays[f"{name}/sizes"], regions)
+    return tables
+
+
+def write_tables(data: Path, folds: list[dict], fold: int, out: Path, tables: Path) -> None:
+    """The count tables of a fold's held-out cases from their saved probabilities (skips existing ones)."""
     from brats_cnn.io import list_cases
 
+    held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
+    for ref in (r for r in list_cases(data) if r.case_id in held):
+        path = tables / f"{ref.case_id}.npz"
+        if path.is_file():
+            continue
+        case = _crop(_load_oof_case(ref, out, "brats2017"))
+        save_tables(path, case_tables(case, "brats2017"), case["frequencies"])
+        print(f"fold {fold}: tables of {ref.case_id} written ({path.stat().st_size / 1e3:.0f} kB)", flush=True)
+
+
+def tables_step(args: argparse.Namespace) -> int:
+    folds = json.loads(args.split.read_text())["folds"]
+    for fold in args.fold if args.fold is not None else range(len(folds)):
+        write_tables(args.data, folds, fold, args.out, args.tables or args.out / "tables")
+    return 0
+
+
+def grid(args: argparse.Namespace) -> int:
     folds = json.loads(args.split.read_text())["folds"]
     grades = {case: grade for fold in folds for grade in ("hgg", "lgg") for case in fold[grade]}
-    refs = [r for r in list_cases(args.data) if r.case_id in grades]
-    convention = "brats2017"
+    tables = args.tables or args.out / "tables"
+    missing = sorted(c for c in grades if not (tables / f"{c}.npz").is_file())
+    if missing:
+        raise SystemExit(f"{tables}: no count tables for {len(missing)} case(s) ({', '.join(missing[:3])}...); "
+                         "run the 'run' step (or 'tables' where the probabilities exist) first")
     rules = grid_rules(T_VOLS)
     per_rule: dict[Rule, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
-    for ref in refs:  # one case in memory at a time
-        for rule, scores in score_case(_crop(_load_oof_case(ref, args.out, convention)), convention, rules).items():
-            per_rule[rule][ref.case_id] = scores
-        print(f"scored {ref.case_id} under {len(rules)} rules", flush=True)
+    for case_id in grades:
+        counts = load_tables(tables / f"{case_id}.npz")
+        for rule in rules:
+            per_rule[rule][case_id] = rule_scores(*counts[(rule.tta, rule.alpha, rule.edema_boost)], rule)
     rows, summary = [], {}
     for population in ("hgg", "lgg", "all"):
         members = [c for c in grades if population in ("all", grades[c])]
@@ -305,6 +374,7 @@ def grid(args: argparse.Namespace) -> int:
         rule = next(r for r in rules if r.name() == best["rule"])
         summary[population] = {"rule": best["rule"], "summary": best,
                                "per_case": {c: per_rule[rule][c] for c in members}}
+    args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "grid.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -348,12 +418,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", type=int, nargs="+", help="only these folds (default: all, in order)")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", help="a train --set (a tiny schedule for a trial run)")
-    p = sub.add_parser("grid")
+    p.add_argument("--tables", type=Path, help="where the count tables go (default: <out>/tables)")
+    p = sub.add_parser("tables")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fold", type=int, nargs="+")
+    p.add_argument("--tables", type=Path)
+    p = sub.add_parser("grid")
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tables", type=Path)
     args = parser.parse_args(argv)
-    return {"split": split, "run": run, "grid": grid}[args.action](args)
+    return {"split": split, "run": run, "tables": tables_step, "grid": grid}[args.action](args)
 
 
 if __name__ == "__main__":

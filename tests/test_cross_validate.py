@@ -109,7 +109,25 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     before = (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns
     assert cv.main(args) == 0  # a rerun trains and predicts nothing again
     assert (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns == before
-    assert cv.main(["grid", "--data", str(data), "--split", str(split), "--out", str(tmp_path / "cv")]) == 0
+    assert len(list((tmp_path / "cv" / "tables").glob("*.npz"))) == 5
+    # the grid from the committed tables equals scoring the saved probabilities directly
+    from brats_cnn.io import list_cases
+
+    ref = next(r for r in list_cases(data) if r.case_id == "Phantom_011")
+    direct = cv.score_case(cv._crop(cv._load_oof_case(ref, tmp_path / "cv", "brats2017")), "brats2017",
+                           cv.grid_rules(cv.T_VOLS))
+    tables = cv.load_tables(tmp_path / "cv" / "tables" / "Phantom_011.npz")
+    for rule, scores in direct.items():
+        assert cv.rule_scores(*tables[(rule.tta, rule.alpha, rule.edema_boost)], rule) == scores
+    # a fresh checkout holds only the tables: run does nothing, grid works without the probabilities
+    import shutil
+
+    shutil.move(tmp_path / "cv" / "tables", tmp_path / "tables")
+    shutil.rmtree(tmp_path / "cv")
+    assert cv.main([*args, "--tables", str(tmp_path / "tables")]) == 0
+    assert not (tmp_path / "cv" / "fold0").exists()
+    assert cv.main(["grid", "--split", str(split), "--out", str(tmp_path / "cv"),
+                    "--tables", str(tmp_path / "tables")]) == 0
     chosen = json.loads((tmp_path / "cv" / "grid.json").read_text())
     assert set(chosen) == {"hgg", "lgg", "all"} and len(chosen["hgg"]["per_case"]) == 4
     rows = (tmp_path / "cv" / "grid.csv").read_text().splitlines()
