@@ -8,6 +8,12 @@ times the whole command with and without overlay figures.
 
 Usage: .venv/bin/python benchmarks/bench_evaluate.py [--data ../shared/data/brats_sample]
 Writes benchmarks/results/bench_evaluate.json and bench_evaluate.png.
+
+``--vs-monai`` instead times the whole ``brats-cnn evaluate`` command (lesion-wise metrics on, the
+default gli preset; cases scored in parallel on every usable CPU, and with ``--workers 1``) against
+MONAI's Dice + HD95 of the same cases (``benchmarks/bench_lesionwise.py``'s pairs: real label maps
+with seeded perturbations), best of ``--repeats`` (2) for each, and writes
+``benchmarks/results/bench_evaluate_vs_monai.json``.
 """
 
 from __future__ import annotations
@@ -120,5 +126,47 @@ def main() -> None:
     (args.out / "bench_evaluate.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def versus_monai(data: Path, n_cases: int, repeats: int, out: Path) -> None:
+    """The whole command (lesion-wise on) against MONAI Dice + HD95 on the same pairs; best of ``repeats``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_lesionwise", REPO / "benchmarks" / "bench_lesionwise.py")
+    lesionwise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lesionwise)
+    work = Path(tempfile.mkdtemp(prefix="bench_evaluate_monai_"))
+    pairs = lesionwise.write_pairs(data, n_cases, work)
+    lesionwise.monai_case(*pairs[0])  # warm-up: torch and MONAI imported once, as a long-lived process has them
+    monai = min(sum(lesionwise.monai_case(gt, pred) for gt, pred in pairs) for _ in range(repeats))
+    loads = [os.getloadavg()[0]]
+    command = {}
+    for name, extra in (("parallel", ()), ("one_process", ("--workers", "1"))):
+        command[name] = min(lesionwise.command_seconds(work / "pred", work / "gt", work / f"out_{name}", *extra)
+                            for _ in range(repeats))
+        loads.append(os.getloadavg()[0])
+    result = {"pairs": len(pairs), "repeats": repeats, "monai_dice_hd95_seconds": monai,
+              "command_seconds": command, "ratio_to_monai": {k: v / monai for k, v in command.items()},
+              "loadavg_1min": [round(x, 2) for x in loads], "cpu_count": os.cpu_count(), "machine": platform.platform(),
+              "note": "whole brats-cnn evaluate command incl. process start-up and lesion-wise (gli) metrics; "
+                      "MONAI compute_dice + compute_hausdorff_distance (percentile 95) of the 3 regions incl. "
+                      "reading, after a warm-up call"}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{len(pairs)} cases: MONAI Dice+HD95 {monai:.1f} s; brats-cnn evaluate {command['parallel']:.1f} s "
+          f"({command['parallel'] / monai:.2f}x), one process {command['one_process']:.1f} s "
+          f"({command['one_process'] / monai:.2f}x); load {loads}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--vs-monai" in sys.argv:
+        parser = argparse.ArgumentParser(description="whole evaluate command against MONAI Dice + HD95")
+        parser.add_argument("--vs-monai", action="store_true")
+        parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "brats_sample")
+        parser.add_argument("--cases", type=int, default=4, help="sample cases (3 perturbed pairs each)")
+        parser.add_argument("--repeats", type=int, default=2)
+        parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_evaluate_vs_monai.json")
+        args = parser.parse_args()
+        versus_monai(args.data, args.cases, args.repeats, args.out)
+    else:
+        main()

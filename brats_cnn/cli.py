@@ -156,6 +156,7 @@ def evaluate(
     only_predicted: bool = typer.Option(False, "--only-predicted", help="Score only the cases that have a prediction (default: a missing one is scored as empty, as BraTS does)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file or bundled name; its evaluate section is used (the --lesion-* flags win over it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set evaluate.lesion_wise.preset=met (repeatable)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes scoring cases in parallel (default: one per usable CPU; 1: none)."),
 ) -> None:
     """Score segmentations as BraTS does (DSC, PPV, sensitivity, specificity, HD95, volumes, lesion-wise DSC/HD95); compare several with repeated --pred."""
     from brats_cnn import report
@@ -164,7 +165,7 @@ def evaluate(
     options = dict(gt=gt, out=out, label_convention=label_convention, pred_convention=pred_convention,
                    manifest=manifest, images=images, hd95_definition=hd95, lesion_wise=lesion_wise,
                    lesion_dilation=lesion_dilation, lesion_min_volume=lesion_min_volume, only_predicted=only_predicted,
-                   config=config, overrides=list(set_ or []))
+                   config=config, overrides=list(set_ or []), workers=workers)
     if len(pred) > 1:
         typer.echo(report.terminal_comparison(run_compare(preds=pred, **options)))
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -373,8 +374,10 @@ class FolderScores:
 
 def score_folder(pred: str | Path, truths: list[GroundTruth], settings: EvaluateSettings, *,
                  image_refs: dict[str, io.CaseRef] | None = None, overlays: bool = True,
-                 max_overlays: int = 200) -> FolderScores:
+                 max_overlays: int = 200, workers: int | None = None) -> FolderScores:
     """Score every ground-truth case against its prediction in ``pred``; failures are collected, not raised.
+
+    ``workers`` processes score cases in parallel (None: one per usable CPU; 1: in this process).
 
     Raises:
         InputError: ``pred`` does not exist or holds no prediction file.
@@ -394,12 +397,71 @@ def score_folder(pred: str | Path, truths: list[GroundTruth], settings: Evaluate
                     f"scored as empty predictions (DSC 0) as BraTS does; --only-predicted scores only the "
                     f"{scored} predicted case(s)")
     result = FolderScores([], failures, missing, extra, {}, {})
+    tasks = []
     for truth in truths:
         if truth.case_id in failed_ids or (settings.only_predicted and truth.case_id in missing):
             continue
-        _score_one(truth, predictions.get(truth.case_id), settings, result,
-                   (image_refs or {}).get(truth.case_id) if overlays and len(result.figures) < max_overlays else None)
+        image_ref = (image_refs or {}).get(truth.case_id) if overlays else None
+        with_figure = image_ref is not None and sum(t[3] is not None for t in tasks) < max_overlays
+        tasks.append((truth, predictions.get(truth.case_id), settings, image_ref if with_figure else None))
+    for part, records in _map_cases(_score_task, tasks, workers):
+        for record in records:  # a worker's log lines, in case order
+            log.handle(record)
+        result.failures += part.failures
+        result.seconds.update(part.seconds)
+        result.rows += part.rows
+        result.figures.update(part.figures)
     return result
+
+
+def default_workers() -> int:
+    """Processes for scoring cases in parallel: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _map_cases(function: Any, tasks: list, workers: int | None) -> list:
+    """``[function(task) for task in tasks]``, in order, over ``workers`` processes (None: every CPU).
+
+    Cases are independent (each reads its own two files), so the second core scores another case;
+    the results come back in the input order, so reports do not depend on the number of workers.
+    """
+    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        return [function(task) for task in tasks]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, tasks, chunksize=1))
+
+
+class _Collect(logging.Handler):
+    """Keeps log records (message already formatted) for the parent process to emit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None
+        self.records.append(record)
+
+
+def _score_task(task: tuple) -> "tuple[FolderScores, list[logging.LogRecord]]":
+    """One case scored into its own :class:`FolderScores` (a picklable unit of work for :func:`_map_cases`),
+    with its log records, which the caller emits: a worker process writes nothing to the terminal itself."""
+    truth, pred_path, settings, image_ref = task
+    part = FolderScores([], [], [], [], {}, {})
+    collect, handlers, propagate = _Collect(), log.handlers[:], log.propagate
+    log.handlers, log.propagate = [collect], False
+    try:
+        _score_one(truth, pred_path, settings, part, image_ref)
+    finally:
+        log.handlers, log.propagate = handlers, propagate
+    return part, collect.records
 
 
 def _score_one(truth: GroundTruth, pred_path: Path | None, settings: EvaluateSettings, result: FolderScores,
@@ -487,7 +549,7 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
                  lesion_wise: str | None = None, lesion_dilation: int | None = None,
                  lesion_min_volume: float | None = None, only_predicted: bool = False,
                  config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 overlays: bool = True, max_overlays: int = 200) -> dict[str, Any]:
+                 overlays: bool = True, max_overlays: int = 200, workers: int | None = None) -> dict[str, Any]:
     """Score predictions against ground truth and write ``metrics.csv``, ``summary.json``, ``report.html``.
 
     Args:
@@ -506,6 +568,7 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
             prediction is scored as an empty one, as BraTS does).
         overlays: draw the per-case FLAIR overlays when images are available; at most
             ``max_overlays`` of them (the report stays a reasonable size).
+        workers: processes scoring cases in parallel (None: one per usable CPU; 1: none).
 
     Returns:
         The summary dictionary written to ``summary.json``.
@@ -520,7 +583,8 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
     truths = find_ground_truth(gt, manifest)
     image_refs = _image_refs(images) if images is not None else {
         t.case_id: t.case_ref for t in truths if t.case_ref is not None}
-    scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays, max_overlays=max_overlays)
+    scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays, max_overlays=max_overlays,
+                          workers=workers)
     summary = folder_summary(pred, gt, truths, settings, scores)
     write_folder_report(out, summary, scores)
     _raise_for_failures(scores.failures, summary["n_cases_scored"], Path(out))
@@ -547,7 +611,7 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
                 lesion_dilation: int | None = None, lesion_min_volume: float | None = None,
                 only_predicted: bool = False, config: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = (), overlays: bool = True,
-                max_overlays: int = 200) -> dict[str, Any]:
+                max_overlays: int = 200, workers: int | None = None) -> dict[str, Any]:
     """Score two or more prediction folders on the same ground truth and compare them.
 
     Each folder gets its own report in ``out/<name>/`` (as :func:`run_evaluate`); ``out`` gets
@@ -582,7 +646,7 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
     for name, pred in zip(names, preds):
         log.info("scoring %s (%s)", name, pred)
         scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays,
-                              max_overlays=max_overlays)
+                              max_overlays=max_overlays, workers=workers)
         summaries[name] = folder_summary(pred, gt, truths, settings, scores)
         write_folder_report(out / name, summaries[name], scores)
         rows_by_name[name] = scores.rows

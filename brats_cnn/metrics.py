@@ -239,8 +239,20 @@ def _weighted_percentile(distances: np.ndarray, weights: np.ndarray, percent: fl
     return float(sorted_distances[min(index, sorted_distances.size - 1)])
 
 
+def _hd95_key(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], definition: str) -> bytes:
+    """A key equal for two mask pairs that differ only by a translation (or crop) of both: HD95 is the same."""
+    import hashlib
+
+    box = ndimage.find_objects((ref | pred).astype(np.uint8))[0]
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (np.packbits(ref[box]).tobytes(), np.packbits(pred[box]).tobytes(),
+                 repr((ref[box].shape, tuple(float(s) for s in spacing), definition)).encode()):
+        digest.update(part)
+    return digest.digest()
+
+
 def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
-         definition: str = "brats") -> float:
+         definition: str = "brats", cache: dict | None = None) -> float:
     """95th-percentile Hausdorff distance in mm.
 
     Args:
@@ -254,6 +266,10 @@ def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
     Returns:
         HD95 in mm; 0.0 when both masks are empty, :data:`HD95_ONE_EMPTY` when exactly one is.
         Percentiles use linear interpolation (NumPy's and torch's default).
+
+    ``cache``: a dict shared by the calls for one case; a pair already measured (the same masks up
+    to a crop, e.g. a region's only lesion matched by the whole prediction, scored again lesion-wise)
+    is not measured again: its distance transforms are computed once.
     """
     if definition not in HD95_DEFINITIONS:
         raise ValueError(f"unknown HD95 definition '{definition}' (expected one of {list(HD95_DEFINITIONS)})")
@@ -263,6 +279,11 @@ def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
         return 0.0
     if ref_any != pred_any:
         return HD95_ONE_EMPTY
+    if cache is not None:
+        key = _hd95_key(ref, pred, spacing, definition)
+        if key not in cache:
+            cache[key] = hd95(ref, pred, spacing, definition)
+        return cache[key]
     if definition == "surfel":
         return float(max(_weighted_percentile(d, a, 95) for d, a in surfel_distances(ref, pred, spacing)))
     ref_to_pred, pred_to_ref = surface_distances(ref, pred, spacing)
@@ -272,7 +293,8 @@ def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
 
 
 def mask_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
-                 hd95_definition: str = "brats", n_voxels: int | None = None) -> dict[str, float]:
+                 hd95_definition: str = "brats", n_voxels: int | None = None,
+                 hd95_cache: dict | None = None) -> dict[str, float]:
     """All metrics of one region: the keys of :data:`METRIC_NAMES` (volumes in ml, HD95 in mm).
 
     Args:
@@ -292,7 +314,7 @@ def mask_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[
         "ppv": ppv_from_counts(tp, fp, fn, tn),
         "sensitivity": sensitivity_from_counts(tp, fp, fn, tn),
         "specificity": specificity_from_counts(tp, fp, fn, tn),
-        "hd95": hd95(mask_ref, mask_pred, spacing, hd95_definition),
+        "hd95": hd95(mask_ref, mask_pred, spacing, hd95_definition, cache=hd95_cache),
         "vol_pred_ml": (tp + fp) * voxel_ml,
         "vol_gt_ml": (tp + fn) * voxel_ml,
     }
@@ -338,12 +360,13 @@ def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: 
     ref, pred = np.asarray(labels_ref)[box], np.asarray(labels_pred)[box]
     n_voxels = int(np.asarray(labels_ref).size)
     out = {}
+    cache: dict = {}  # HD95 of a mask pair measured once per case (legacy and lesion-wise of one region)
     for region in REGIONS:
         mask_ref = region_mask(ref, convention, region)
         mask_pred = region_mask(pred, pred_convention or convention, region)
-        out[region] = mask_metrics(mask_ref, mask_pred, spacing, hd95_definition, n_voxels=n_voxels)
+        out[region] = mask_metrics(mask_ref, mask_pred, spacing, hd95_definition, n_voxels=n_voxels, hd95_cache=cache)
         if lesion_params is not None:
-            out[region].update(lesion_wise_metrics(mask_ref, mask_pred, spacing, lesion_params))
+            out[region].update(lesion_wise_metrics(mask_ref, mask_pred, spacing, lesion_params, hd95_cache=cache))
     return out
 
 
@@ -418,7 +441,7 @@ def ground_truth_lesions(mask_ref: np.ndarray, dilation: int) -> tuple[np.ndarra
 
 
 def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float],
-                        params: LesionWiseParams) -> dict[str, float | int]:
+                        params: LesionWiseParams, hd95_cache: dict | None = None) -> dict[str, float | int]:
     """BraTS 2023+ lesion-wise DSC and HD95 of one region, with the lesion counts.
 
     Rules (the organisers' lesion-wise evaluation):
@@ -440,6 +463,7 @@ def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Se
         mask_ref, mask_pred: ``(X, Y, Z)`` bool of the same shape.
         spacing: voxel size in mm per axis (volumes and distances).
         params: dilation, volume threshold and HD95 definition (:data:`LESION_PRESETS`).
+        hd95_cache: shared with the region's own HD95 (:func:`hd95`).
 
     Returns:
         ``lesion_dsc``, ``lesion_hd95`` (mm), and the counts ``gt_lesions`` (kept ground-truth
@@ -483,7 +507,7 @@ def lesion_wise_metrics(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Se
         matched_mask = np.isin(components[union_box], matched)
         overlap = int(np.count_nonzero(lesion_mask & matched_mask))
         dsc_sum += 2.0 * overlap / (int(lesion_sizes[lesion_id]) + int(component_sizes[matched].sum()))
-        hd_sum += hd95(lesion_mask, matched_mask, spacing, params.hd95_definition)
+        hd_sum += hd95(lesion_mask, matched_mask, spacing, params.hd95_definition, cache=hd95_cache)
     n_fp = int(n_components - np.count_nonzero(matched_any[1:]))
     denominator = kept + n_fp
     return {

@@ -425,3 +425,17 @@ def test_label_maps_only_in_grade_folders_and_labels_tr(tmp_path):
     assert [(t.case_id, t.grade, t.case_ref) for t in found] == [("P1", "HGG", None), ("P2", "LGG", None),
                                                                  ("P3", None, None)]
     assert found[2].label_path == gt / "labelsTr" / "P3.nii.gz"
+
+
+def test_cases_scored_in_parallel_give_the_same_report_in_the_same_order(label_folders, tmp_path, caplog):
+    gt, pred = label_folders
+    with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
+        one = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "one", workers=1)
+        serial = [r.getMessage() for r in caplog.records if r.getMessage()[:2] in ("A ", "B ", "C:")]
+        caplog.clear()
+        two = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "two", workers=2)
+        parallel = [r.getMessage() for r in caplog.records if r.getMessage()[:2] in ("A ", "B ", "C:")]
+    assert (tmp_path / "one" / "metrics.csv").read_text() == (tmp_path / "two" / "metrics.csv").read_text()
+    assert one["statistics"] == two["statistics"] and one["n_cases_scored"] == two["n_cases_scored"] == 3
+    # the workers' log lines reach this process once each, in case order
+    assert [m.split(" ")[0] for m in serial] == [m.split(" ")[0] for m in parallel] == ["A", "B", "C:"]

@@ -486,3 +486,28 @@ def test_surfel_hd95_simple_cases():
     shifted = _cube((10, 10, 10), (4, 2, 2), (8, 6, 6))         # 2 voxels along x: faces 2 mm apart
     assert metrics.hd95(cube, shifted, (1, 1, 1), "surfel") == pytest.approx(2.0)
     assert metrics.hd95(cube, np.zeros_like(cube), (1, 1, 1), "surfel") == HD95_ONE_EMPTY
+
+
+def test_hd95_of_one_mask_pair_is_measured_once_per_case(monkeypatch):
+    # a region whose only lesion is matched by the whole prediction: with --hd95 surfel the legacy and the
+    # lesion-wise HD95 are the same measurement, computed once (one pair of distance transforms)
+    from brats_cnn import metrics
+
+    ref = np.zeros((30, 30, 30), dtype=bool)
+    ref[5:15, 5:15, 5:15] = True
+    pred = np.zeros_like(ref)
+    pred[6:16, 5:14, 5:15] = True
+    params = metrics.LesionWiseParams(dilation=1, min_volume_mm3=0.0, hd95_definition="surfel")
+    expected = metrics.hd95(ref, pred, (1.0, 1.0, 1.0), "surfel")
+    calls = []
+    real = metrics.surfel_distances
+    monkeypatch.setattr(metrics, "surfel_distances", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: dict = {}
+    legacy = metrics.mask_metrics(ref, pred, (1.0, 1.0, 1.0), "surfel", hd95_cache=cache)["hd95"]
+    lesion = metrics.lesion_wise_metrics(ref, pred, (1.0, 1.0, 1.0), params, hd95_cache=cache)["lesion_hd95"]
+    assert len(calls) == 1 and lesion == legacy == expected
+    # another pair, or another definition, is measured again
+    assert metrics.hd95(ref, pred[::-1].copy(), (1.0, 1.0, 1.0), "surfel", cache=cache) == 9.0
+    assert len(calls) == 2
+    metrics.hd95(ref, pred, (1.0, 1.0, 1.0), "brats", cache=cache)
+    assert len(cache) == 3
