@@ -43,7 +43,8 @@ from brats_cnn.metrics import (HD95_DEFINITIONS, LESION_HD95_PENALTY, LESION_PRE
 log = logging.getLogger(__name__)
 
 _LABEL_FILE_RE = re.compile(r"^(?P<id>.+?)(?:[_-]seg)?\.(?:nii\.gz|nii|mha)$", re.IGNORECASE)
-_IMAGE_TAG_RE = re.compile(r"[_-](?:t1|t1ce|t2|flair|t1n|t1c|t2w|t2f|000[0-3])\.(?:nii\.gz|nii)$", re.IGNORECASE)
+_IMAGE_TAG_RE = re.compile(r"[_-](?:t1|t1ce|t2|flair|t1n|t1c|t2w|t2f|000[0-3]|probabilities)\.(?:nii\.gz|nii)$",
+                           re.IGNORECASE)  # images, and segment's probability maps: never label maps
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def find_predictions(pred: str | Path) -> tuple[dict[str, Path], list[CaseFailur
         case_id = label_file_case_id(pred.name)
         if case_id is None:
             raise InputError("prediction must be a .nii.gz, .nii or .mha label map", pred)
+        _refuse_non_label_map(pred)
         return {case_id: pred}, []
     candidates: dict[str, list[Path]] = {}
     for file in _label_files(pred):
@@ -115,6 +117,21 @@ def find_predictions(pred: str | Path) -> tuple[dict[str, Path], list[CaseFailur
         else:
             found[case_id] = paths[0]
     return found, failures
+
+
+def _refuse_non_label_map(path: Path) -> None:
+    """InputError before any scoring when a prediction file is plainly not a label map: more than 3-D
+    (segment's ``_probabilities`` maps are 4-D). Reads the header only."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(path).header
+    except Exception:  # unreadable: load_label_map gives the precise one-line error when scoring
+        return
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len([n for n in shape if n > 1]) > 3 or len(shape) > 4:
+        raise InputError(f"is a {len(shape)}-D image {shape}, not a 3-D label map (a probability map? evaluate "
+                         "takes the label map segment writes next to it)", path)
 
 
 def find_ground_truth(gt: str | Path, manifest: str | Path | None = None) -> list[GroundTruth]:
@@ -382,7 +399,7 @@ def score_folder(pred: str | Path, truths: list[GroundTruth], settings: Evaluate
     Raises:
         InputError: ``pred`` does not exist or holds no prediction file.
     """
-    predictions, failures = find_predictions(pred)
+    predictions, failures = _pair(pred, *find_predictions(pred), truths)
     failed_ids = {f.case_id for f in failures}
     extra = sorted(set(predictions) - {t.case_id for t in truths})
     if extra:  # a typo in a file name must not pass as a missing case silently (summary.json: extra_predictions)
@@ -412,6 +429,29 @@ def score_folder(pred: str | Path, truths: list[GroundTruth], settings: Evaluate
         result.rows += part.rows
         result.figures.update(part.figures)
     return result
+
+
+def _pair(pred: str | Path, predictions: dict[str, Path], failures: list[CaseFailure],
+          truths: list[GroundTruth]) -> tuple[dict[str, Path], list[CaseFailure]]:
+    """Predictions by ground-truth case id; InputError when none matches any ground-truth case.
+
+    One prediction file with one ground-truth case is a pair whatever the two names say (the user
+    named both). Otherwise names pair them, and a folder whose files match no case at all is an
+    error listing what was found and what was expected -- never a report of empty predictions.
+    """
+    expected = [t.case_id for t in truths]
+    if Path(pred).is_file() and len(truths) == 1 and expected[0] not in predictions:
+        (path,) = predictions.values()
+        log.info("pairing prediction %s with ground-truth case %s (one file each)", path.name, expected[0])
+        return {expected[0]: path}, failures
+    if not set(predictions) & set(expected) and not {f.case_id for f in failures} & set(expected):
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+        raise InputError(f"no prediction matches any ground-truth case: found {listed(sorted(predictions))}, "
+                         f"expected {listed(sorted(expected))} (file names <ID>.nii.gz, <ID>_seg.nii.gz or "
+                         "<ID>-seg.nii.gz)", pred)
+    return predictions, failures
 
 
 def default_workers() -> int:

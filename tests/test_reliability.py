@@ -372,17 +372,27 @@ def test_resume_may_extend_the_epochs_and_the_learning_rate_follows_the_new_leng
 
 def test_evaluate_warns_about_a_prediction_that_matches_no_case(pristine, tmp_path):
     gt = tmp_path / "gt"
-    shutil.copytree(pristine / "Phantom_000", gt / "Phantom_000")
+    cases = sorted(p.name for p in pristine.iterdir() if p.is_dir())[:2]
+    for case in cases:
+        shutil.copytree(pristine / case, gt / case)
     pred = tmp_path / "pred"
     pred.mkdir()
-    shutil.copy(gt / "Phantom_000" / "Phantom_000_seg.nii.gz", pred / "Phantom_00.nii.gz")  # a typo
+    shutil.copy(gt / cases[0] / f"{cases[0]}_seg.nii.gz", pred / "Phantom_00.nii.gz")  # a typo
+    shutil.copy(gt / cases[1] / f"{cases[1]}_seg.nii.gz", pred / f"{cases[1]}.nii.gz")
     out = tmp_path / "eval"
     result = run_cli("evaluate", "--pred", pred, "--gt", gt, "--out", out, "--lesion-wise", "none")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "match no ground-truth case" in line]
     assert len(warnings) == 1 and "Phantom_00.nii.gz" in warnings[0] and "unmatched" in warnings[0]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["extra_predictions"] == ["Phantom_00"] and summary["missing_predictions"] == ["Phantom_000"]
+    assert summary["extra_predictions"] == ["Phantom_00"] and summary["missing_predictions"] == [cases[0]]
+    # round three (issue 39): when no prediction matches any case, nothing is scored: one line listing both
+    (pred / f"{cases[1]}.nii.gz").unlink()
+    for extra in ([], ["--only-predicted"]):
+        again = run_cli("evaluate", "--pred", pred, "--gt", gt, "--out", tmp_path / "none", *extra)
+        line = assert_one_line_error(again, pred, "no prediction matches any ground-truth case: found Phantom_00, "
+                                                  f"expected {cases[0]}, {cases[1]}")
+        assert line and not (tmp_path / "none").exists()
 
 
 # ---- a one-case segment names the input file ---------------------------------------------------------
@@ -396,3 +406,25 @@ def test_one_case_segment_error_names_the_input_file(checkpoints, dataset, tmp_p
     line = assert_one_line_error(result, bad, "file is truncated")
     assert line.startswith(f"brats-cnn: error: {bad}: ") and not out.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_evaluate_pairs_one_prediction_file_with_one_ground_truth_file_whatever_their_names(pristine, tmp_path):
+    case = sorted(p.name for p in pristine.iterdir() if p.is_dir())[0]
+    truth = pristine / case / f"{case}_seg.nii.gz"
+    pred = tmp_path / "some" / "pred.nii.gz"
+    pred.parent.mkdir()
+    shutil.copy(truth, pred)
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", "--pred", pred, "--gt", truth, "--out", out, "--lesion-wise", "none")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases_scored"] == 1 and summary["missing_predictions"] == []
+    assert summary["statistics"]["all"]["complete"]["dsc"]["mean"] == 1.0  # it was read: identical maps
+    # a probability map (4-D) given as the prediction is refused, not scored as missing
+    image = nib.load(truth)
+    probabilities = tmp_path / "case_probabilities.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(image.dataobj, dtype=np.float32)] * 4, axis=-1), image.affine),
+             probabilities)
+    refused = run_cli("evaluate", "--pred", probabilities, "--gt", truth, "--out", tmp_path / "p")
+    assert_one_line_error(refused, probabilities, "is a 4-D image", "not a 3-D label map (a probability map?")
+    assert not (tmp_path / "p").exists()
