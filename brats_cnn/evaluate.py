@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from brats_cnn import __version__, io
+from brats_cnn.fsutil import staged_folder
 from brats_cnn.errors import BratsCnnError, InputError
 from brats_cnn.labels import REGIONS, get_convention, region_masks
 from brats_cnn.metrics import (HD95_DEFINITIONS, LESION_HD95_PENALTY, LESION_PRESETS, LesionWiseParams,
@@ -626,17 +627,20 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
     scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays, max_overlays=max_overlays,
                           workers=workers)
     summary = folder_summary(pred, gt, truths, settings, scores)
-    write_folder_report(out, summary, scores)
+    with staged_folder(out) as stage:  # the whole set, or (on any failure) none of it and the old set as it was
+        write_folder_report(stage, summary, scores)
     _raise_for_failures(scores.failures, summary["n_cases_scored"], Path(out))
     return summary
 
 
 def prediction_names(preds: list[Path]) -> list[str]:
-    """Short unique names for prediction folders: the folder name, made unique with ``-2``, ``-3``..."""
+    """Short unique names for prediction folders: the resolved folder's name (safe characters, no leading
+    dot), made unique with ``-2``, ``-3``..."""
     names: list[str] = []
     for pred in preds:
+        pred = Path(pred).resolve()  # "runs/x/sub/.." is "runs/x": a name, never ".." (outputs stay inside --out)
         base = label_file_case_id(pred.name) if pred.is_file() else pred.name
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base or "pred") or "pred"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base or "pred").lstrip(".") or "pred"
         name, k = base, 2
         while name in names:
             name, k = f"{base}-{k}", k + 1
@@ -682,13 +686,13 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
         t.case_id: t.case_ref for t in truths if t.case_ref is not None}
     out = Path(out)
     names = prediction_names(preds)
-    rows_by_name, summaries, failures = {}, {}, []
+    rows_by_name, summaries, failures, all_scores = {}, {}, [], {}
     for name, pred in zip(names, preds):
         log.info("scoring %s (%s)", name, pred)
         scores = score_folder(pred, truths, settings, image_refs=image_refs, overlays=overlays,
                               max_overlays=max_overlays, workers=workers)
         summaries[name] = folder_summary(pred, gt, truths, settings, scores)
-        write_folder_report(out / name, summaries[name], scores)
+        all_scores[name] = scores
         rows_by_name[name] = scores.rows
         failures += [CaseFailure(f.case_id, f"{name}: {f.error}") for f in scores.failures]
     lesion = settings.lesion_params is not None
@@ -706,6 +710,9 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
         "ranking_scheme": "rank per case, region and metric (1 = best, ties share the best rank), averaged",
         **compare.compare(rows_by_name, metrics, ranking_metrics),
     }
-    report.write_comparison(out, comparison, rows_by_name)
+    with staged_folder(out) as stage:  # the whole set, or (on any failure) none of it and the old set as it was
+        for name, scores in all_scores.items():
+            write_folder_report(stage / name, summaries[name], scores)
+        report.write_comparison(stage, comparison, rows_by_name)
     _raise_for_failures(failures, len(comparison["cases"]), out)
     return comparison

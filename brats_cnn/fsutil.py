@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +89,35 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically and return the path."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``out``; when the block succeeds, move every file written
+    there to the same place under ``out`` (each by an atomic rename), then remove the stage.
+
+    A set of outputs (a report's CSV, JSON and HTML) thus lands whole: a failure while writing any of
+    them (a full disk, an exception) leaves ``out`` exactly as it was, with the previous set, never
+    a mix of old and new files. Files in ``out`` that the block does not write are left alone.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BratsCnnError(f"cannot create output folder ({exc.strerror or exc})", out) from exc
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=out.parent))
+    except OSError as exc:
+        raise BratsCnnError(f"cannot write output ({exc.strerror or exc})", out) from exc
+    try:
+        yield stage
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        try:
+            for file in files:
+                target = out / file.relative_to(stage)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+        except OSError as exc:
+            raise BratsCnnError(f"cannot write output ({exc.strerror or exc})", out) from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -439,3 +439,35 @@ def test_cases_scored_in_parallel_give_the_same_report_in_the_same_order(label_f
     assert one["statistics"] == two["statistics"] and one["n_cases_scored"] == two["n_cases_scored"] == 3
     # the workers' log lines reach this process once each, in case order
     assert [m.split(" ")[0] for m in serial] == [m.split(" ")[0] for m in parallel] == ["A", "B", "C:"]
+
+
+def test_compare_outputs_stay_inside_out_even_for_a_path_ending_in_dot_dot(label_folders, tmp_path):
+    gt, pred = label_folders
+    (pred / "sub").mkdir()
+    out = tmp_path / "work" / "cmp"
+    (tmp_path / "work").mkdir()
+    evaluate.run_compare([pred, pred / "sub" / ".."], gt, out)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["cmp"]  # nothing beside --out
+    assert (out / "pred" / "metrics.csv").is_file() and (out / "pred-2" / "metrics.csv").is_file()
+    assert evaluate.prediction_names([tmp_path / ".hidden", pred / "..", Path("/")]) == [
+        "hidden", tmp_path.name, "pred"]
+
+
+def test_a_failed_evaluate_leaves_the_previous_report_whole(label_folders, tmp_path, monkeypatch):
+    from brats_cnn import report
+
+    gt, pred = label_folders
+    out = tmp_path / "out"
+    evaluate.run_evaluate(pred=pred, gt=gt, out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"metrics.csv", "summary.json", "report.html"}
+    (pred / "A.nii.gz").unlink()  # the rerun would give other numbers
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report_html", disk_full)
+    with pytest.raises(OSError):
+        evaluate.run_evaluate(pred=pred, gt=gt, out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no stage left
