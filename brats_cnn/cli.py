@@ -42,6 +42,15 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with non-printable characters escaped (brats_cnn.outward.printable); tracebacks as they are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from brats_cnn.outward import printable
+
+        return printable(super().formatMessage(record))
+
+
 @app.callback()
 def _main_options(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv for debug logs)."),
@@ -53,6 +62,9 @@ def _main_options(
     _state["debug"] = debug
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # the terminal handler, not a test harness's capture
+        if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+            handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
 
 
 @app.command()
@@ -217,6 +229,7 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and map known errors to one line and exit code 2."""
     from brats_cnn.errors import BratsCnnError
+    from brats_cnn.outward import printable
 
     try:
         app(args=argv, prog_name="brats-cnn")  # typer reports its own usage errors (exit 2)
@@ -225,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     except BratsCnnError as exc:
         if _state["debug"]:
             raise
-        print(f"brats-cnn: error: {exc}", file=sys.stderr)
+        print(f"brats-cnn: error: {printable(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:  # an output folder under a file, a full disk, no permission...
         if _state["debug"]:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"brats-cnn: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"brats-cnn: error: {printable(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("brats-cnn: interrupted", file=sys.stderr)

@@ -300,6 +300,12 @@ def _check_range(key: str, value: Any, source: str) -> None:
         raise ConfigError(f"key '{key}' must be {expected}, got {value!r}", source)
 
 
+def check_value(key: str, value: Any, source: str) -> None:
+    """ConfigError unless ``value`` is in the range ``--set key=value`` accepts (finite, bounds): the one
+    check that CLI options carrying a config value share with ``--set`` (``source`` names the option)."""
+    _check_range(key, value, source)
+
+
 _FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 

@@ -347,8 +347,12 @@ def evaluate_settings(label_convention: str = "brats2017", pred_convention: str 
         InputError: an unknown convention, HD95 definition or preset, or a negative override.
         ConfigError: a bad config file or value (one line naming the key).
     """
-    from brats_cnn.config import load_config
+    from brats_cnn.config import check_value, load_config
 
+    if lesion_dilation is not None:
+        check_value("evaluate.lesion_wise.dilation", lesion_dilation, "--lesion-dilation")
+    if lesion_min_volume is not None:
+        check_value("evaluate.lesion_wise.min_volume_mm3", float(lesion_min_volume), "--lesion-min-volume")
     lesion_config = load_config(config, overrides).evaluate.lesion_wise
     lesion_wise = lesion_config.preset if lesion_wise is None else lesion_wise
     lesion_dilation = lesion_config.dilation if lesion_dilation is None else lesion_dilation

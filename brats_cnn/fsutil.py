@@ -87,8 +87,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically and return the path."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write ``data`` as indented, standard JSON to ``path`` atomically and return the path (NaN and
+    infinities become null: :func:`brats_cnn.outward.strict_json`)."""
+    from brats_cnn.outward import strict_json
+
+    return write_text_atomic(path, strict_json(data) + "\n")
 
 
 @contextmanager

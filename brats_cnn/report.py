@@ -108,11 +108,15 @@ def lesion_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]
 
 
 def _format_value(value: Any) -> str:
+    """A CSV cell: booleans as 0/1, floats to 6 significant digits, text neutralised against formulas
+    (:func:`brats_cnn.outward.csv_cell`)."""
+    from brats_cnn.outward import csv_cell
+
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
-    return str(value)
+    return csv_cell(str(value)) if isinstance(value, str) else str(value)
 
 
 def write_metrics_csv(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
