@@ -343,11 +343,13 @@ def read_manifest(path: str | Path) -> dict[str, str]:
     """Read a CSV with columns ``case_id,grade`` (others ignored) -> ``{case_id: "HGG"|"LGG"}``.
 
     A grade that is empty or ``unknown`` (any case) is accepted; such cases are left out of the
-    result, so their grade stays None.
+    result, so their grade stays None. Read as ``utf-8-sig`` with any newline (a spreadsheet's
+    byte-order mark and CRLF lines are fine); a case listed twice with two different grades is an
+    error naming both lines (the same grade twice is accepted).
     """
     path = Path(path)
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
             fields = rows[0].keys() if rows else []
     except OSError as exc:
@@ -356,14 +358,20 @@ def read_manifest(path: str | Path) -> dict[str, str]:
         raise InputError(f"manifest is not a valid CSV ({exc})", path) from exc
     if not rows or "case_id" not in fields or "grade" not in fields:
         raise InputError("manifest needs a header row with columns case_id,grade and at least one row", path)
-    grades = {}
+    grades: dict[str, str] = {}
+    first_line: dict[str, tuple[int, str]] = {}
     for line, row in enumerate(rows, start=2):
+        case_id = (row["case_id"] or "").strip()
         grade = (row["grade"] or "").strip().upper()
-        if grade in UNKNOWN_GRADES:
-            continue
-        if grade not in GRADES:
+        if grade not in GRADES and grade not in UNKNOWN_GRADES:
             raise InputError(f"line {line}: grade '{row['grade']}' must be HGG or LGG", path)
-        grades[(row["case_id"] or "").strip()] = grade
+        if case_id in first_line and first_line[case_id][1] != grade:
+            earlier, earlier_grade = first_line[case_id]
+            raise InputError(f"case '{case_id}' is listed twice with different grades: line {earlier} "
+                             f"({earlier_grade or 'empty'}) and line {line} ({grade or 'empty'})", path)
+        first_line.setdefault(case_id, (line, grade))
+        if grade in GRADES:
+            grades[case_id] = grade
     return grades
 
 

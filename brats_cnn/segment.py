@@ -517,7 +517,7 @@ def _targets(refs: list, out: Any) -> list[_Target]:
     from brats_cnn.errors import ConfigError
 
     out = Path(out)
-    as_file = out.name.endswith((".nii.gz", ".nii"))
+    as_file = out.name.lower().endswith((".nii.gz", ".nii"))  # x/CASE.NII.GZ is a file too, never a folder
     if as_file and len(refs) != 1:
         raise ConfigError(f"--out names one file but {len(refs)} cases were given; give a folder", out)
     ids = [ref.case_id for ref in refs]
@@ -527,7 +527,7 @@ def _targets(refs: list, out: Any) -> list[_Target]:
     targets = []
     for ref in refs:
         labels = out if as_file else out / f"{ref.case_id}.nii.gz"
-        stem = labels.name[:-len(".nii.gz")] if labels.name.endswith(".nii.gz") else labels.stem
+        stem = labels.name[:-len(".nii.gz")] if labels.name.lower().endswith(".nii.gz") else labels.stem
         targets.append(_Target(labels, labels.with_name(f"{stem}_probabilities.nii.gz"),
                                labels.with_name(f"{stem}.json")))
     return targets

@@ -560,3 +560,17 @@ def test_load_real_case(real_case_dir, tmp_path):
     assert int(written.header["qform_code"]) == int(case.header["qform_code"])
     assert int(written.header["sform_code"]) == int(case.header["sform_code"])
     np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
+
+
+def test_manifest_from_a_spreadsheet_and_conflicting_duplicates(tmp_path):
+    from brats_cnn.errors import InputError
+    from brats_cnn.io import read_manifest
+
+    saved = tmp_path / "excel.csv"
+    saved.write_bytes("\ufeffcase_id,grade\r\nA,HGG\r\nB,lgg\r\nA,HGG\r\nC,unknown\r\n".encode("utf-8"))
+    assert read_manifest(saved) == {"A": "HGG", "B": "LGG"}  # BOM + CRLF read; the same row twice is fine
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text("case_id,grade\nA,HGG\nB,LGG\nA,LGG\n")
+    with pytest.raises(InputError, match=r"case 'A' is listed twice with different grades: line 2 \(HGG\) and "
+                                         r"line 4 \(LGG\)"):
+        read_manifest(conflict)

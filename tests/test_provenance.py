@@ -173,3 +173,12 @@ def test_torchrun_two_cpu_processes_segment_a_dataset(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(rank 0 of 2)" in result.stderr and "(rank 1 of 2)" in result.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(f"{r.case_id}.nii.gz" for r in refs)
+
+
+def test_an_upper_case_suffix_names_a_file_not_a_folder(setup, tmp_path):
+    root, refs, model = setup
+    out = tmp_path / "x" / "CASE.NII.GZ"
+    result = run_segment([refs[0].image_paths[0].parent], model=model, out=out, device="cpu")
+    assert result.outputs == [out] and out.is_file()
+    assert (tmp_path / "x" / "CASE.json").is_file()
+    assert nib.load(out).shape == SHAPE
