@@ -246,6 +246,20 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"brats-cnn: error: {printable(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except MemoryError:
+        if _state["debug"]:
+            raise
+        print("brats-cnn: error: out of memory; a whole case needs about 2.5 GB (fast mode, bf16) -- check the "
+              "memory limit (ulimit -v), or lower segment.batch_size / segment.slices_per_batch", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ImportError as exc:  # a native library (SimpleITK, torch) that cannot be loaded, e.g. under ulimit -v
+        if _state["debug"]:
+            raise
+        name = getattr(exc, "name", None) or "a module"
+        print(f"brats-cnn: error: cannot load {name} ({printable(str(exc).splitlines()[0] if str(exc) else exc)}); "
+              "a native library failed to load: check the memory limit (ulimit -v) and the installation "
+              "(pip install -e .)", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("brats-cnn: interrupted", file=sys.stderr)
         return 130

@@ -130,6 +130,11 @@ def n4_correct(volume: np.ndarray, mask: np.ndarray, n4: N4Config, *,
     factor = n4.shrink_factor if shrink_factor is None else int(shrink_factor)
     if factor < 1:
         raise InputError(f"N4: shrink factor must be >= 1, got {factor}", source)
+    smallest = 2 * factor  # ITK's B-spline fit needs >= 2 voxels per axis after shrinking
+    if min(volume.shape) < smallest:
+        raise InputError(f"the volume is {'x'.join(map(str, volume.shape))} voxels; N4 with shrink factor {factor} "
+                         f"needs at least {smallest} voxels along every axis (a larger crop, or a lower "
+                         "preprocess.n4.shrink_factor)", source)
 
     # SimpleITK indexes arrays as (z, y, x); transposing keeps our X, Y, Z as ITK's x, y, z.
     image_itk = sitk.GetImageFromArray(volume.T)

@@ -578,11 +578,21 @@ def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str
 
 def prior_frequencies(checkpoint: Any, checkpoint_path: Any) -> list:
     """The class frequencies of a calibrated checkpoint (needed when ``segment.prior_alpha > 0``)."""
+    import math
+
     frequencies = (checkpoint.calibration or {}).get("class_frequencies")
     if not frequencies:
         raise ConfigError("segment.prior_alpha > 0 needs a calibrated checkpoint (brats-cnn calibrate); this one "
                           "has no class frequencies", checkpoint_path)
-    return frequencies
+    classes = checkpoint.network.num_classes
+    try:
+        valid = len(frequencies) == classes and all(math.isfinite(float(f)) and float(f) > 0 for f in frequencies)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:  # checked when the model is loaded, not after the prediction
+        raise ConfigError(f"the checkpoint's calibration holds invalid class frequencies {frequencies!r} (need "
+                          f"{classes} finite values > 0); recalibrate it (brats-cnn calibrate)", checkpoint_path)
+    return [float(f) for f in frequencies]
 
 
 OUTPUT_DESCRIPTION = "brats-cnn segment"  # NIfTI descrip of every label map/probability map segment writes

@@ -182,3 +182,59 @@ def test_an_upper_case_suffix_names_a_file_not_a_folder(setup, tmp_path):
     assert result.outputs == [out] and out.is_file()
     assert (tmp_path / "x" / "CASE.json").is_file()
     assert nib.load(out).shape == SHAPE
+
+
+def test_a_volume_too_small_for_n4_is_refused_with_its_size_and_the_minimum(tmp_path):
+    from brats_cnn.config import load_config
+    from brats_cnn.model import build_network, save_checkpoint
+    from brats_cnn.normalise import fit_normaliser
+    from brats_cnn.phantom import make_phantom, write_phantom_dataset
+
+    config = load_config("smoke")  # N4 on T1 and T1c, shrink factor 4
+    state = fit_normaliser([make_phantom((36, 36, 12), seed=1)], config)
+    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
+    model = save_checkpoint(tmp_path / "n4.pt", network=network, config=config, normaliser=state,
+                            label_convention="brats2017")
+    (ref,) = write_phantom_dataset(tmp_path / "thin", 1, seed=2, shape=(36, 36, 2))
+    out = tmp_path / "seg.nii.gz"
+    result = _cli("segment", str(ref.image_paths[0].parent), "--model", str(model), "--out", str(out),
+                  "--device", "cpu")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("brats-cnn: error:")]
+    assert len(errors) == 1 and "the volume is 36x36x2 voxels; N4 with shrink factor 4 needs at least 8 voxels " \
+                                "along every axis" in errors[0]
+    assert "ITK" not in result.stderr and "SimpleITK-build" not in result.stderr and not out.exists()
+
+
+def test_invalid_class_frequencies_are_refused_when_the_model_is_loaded(setup, tmp_path, monkeypatch):
+    from brats_cnn import segment
+    from brats_cnn.config import config_to_dict, load_config
+    from brats_cnn.model import load_checkpoint, save_checkpoint
+
+    root, refs, model = setup
+    good = load_checkpoint(model)
+    config = load_config(None, ["segment.prior_alpha=0.8"], base=config_to_dict(good.config))
+    bad = save_checkpoint(tmp_path / "bad.pt", network=good.network, config=config, normaliser=good.normaliser,
+                          label_convention="brats2017", calibration={"class_frequencies": [0.9, float("nan"), 0.05, 0.05]})
+    predicted = []
+    monkeypatch.setattr(segment, "predict", lambda *a, **k: predicted.append(1))
+    with pytest.raises(ConfigError, match=r"invalid class frequencies .* \(need 4 finite values > 0\)"):
+        run_segment([refs[0].image_paths[0].parent], model=bad, out=tmp_path / "s.nii.gz", device="cpu")
+    assert predicted == [] and not (tmp_path / "s.nii.gz").exists()
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (MemoryError(), "brats-cnn: error: out of memory; a whole case needs about 2.5 GB"),
+    (ImportError("libSimpleITK.so: failed to map segment from shared object", name="SimpleITK"),
+     "brats-cnn: error: cannot load SimpleITK (libSimpleITK.so: failed to map segment from shared object); a native "
+     "library failed to load: check the memory limit (ulimit -v)")])
+def test_memory_and_native_import_failures_are_one_line(monkeypatch, capsys, error, said, tmp_path):
+    from brats_cnn import cli, segment
+
+    def fail(**kwargs):
+        raise error
+
+    monkeypatch.setattr(segment, "run_segment", fail)
+    assert cli.main(["segment", str(tmp_path), "--device", "cpu"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines() == [stderr.strip()] and stderr.startswith(said)
