@@ -11,7 +11,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,21 +25,11 @@ def _script(path: str):
 
 
 @pytest.fixture(scope="module")
-def calibrated_phantom(tmp_path_factory):
+def calibrated_phantom(tmp_path_factory, phantom_model):
     """A small calibrated checkpoint and one phantom case."""
-    from brats_cnn.config import load_config
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
-    from brats_cnn.phantom import make_phantom, write_phantom_dataset
-
     root = tmp_path_factory.mktemp("alpha_grid")
-    config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5"])
-    (ref,) = write_phantom_dataset(root / "data", 1, seed=3, shape=SHAPE)
-    torch.manual_seed(1)
-    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
-    model = save_checkpoint(root / "model.pt", network=network, config=config, label_convention="brats2017",
-                            normaliser=fit_normaliser([make_phantom(SHAPE, seed=3)], config),
-                            calibration={"class_frequencies": [0.85, 0.05, 0.07, 0.03]})
+    (ref,), model = phantom_model(root, 1, SHAPE, seed=3, torch_seed=1,
+                                  calibration={"class_frequencies": [0.85, 0.05, 0.07, 0.03]})
     return root, ref, model
 
 

@@ -13,30 +13,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from brats_cnn.errors import ConfigError, InputError
+from brats_cnn.errors import ConfigError
 from brats_cnn.segment import parse_shard, run_segment, shard_pairs
 
 SHAPE = (36, 36, 6)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from brats_cnn.config import load_config
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
-    from brats_cnn.phantom import make_phantom, write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("provenance")
-    config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5"])
-    refs = write_phantom_dataset(root / "data", 3, seed=5, shape=SHAPE)
-    state = fit_normaliser([make_phantom(SHAPE, seed=5)], config)
-    torch.manual_seed(0)
-    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
-    model = save_checkpoint(root / "model.pt", network=network, config=config, normaliser=state,
-                            label_convention="brats2017")
-    return root, refs, model
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -50,8 +31,8 @@ def _case_copy(ref, folder: Path) -> Path:
     return folder / source.name
 
 
-def test_another_cases_output_is_refused_naming_the_case_it_holds(setup, tmp_path):
-    root, refs, model = setup
+def test_another_cases_output_is_refused_naming_the_case_it_holds(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
     out = tmp_path / "pred.nii.gz"
     run_segment([refs[0].image_paths[0].parent], model=model, out=out, device="cpu")
     before = out.read_bytes()
@@ -65,8 +46,8 @@ def test_another_cases_output_is_refused_naming_the_case_it_holds(setup, tmp_pat
     assert json.loads(out.with_name("pred.json").read_text())["case_id"] == refs[1].case_id
 
 
-def test_a_rerun_skips_only_what_its_outputs_prove(setup, tmp_path, caplog):
-    root, refs, model = setup
+def test_a_rerun_skips_only_what_its_outputs_prove(phantom_setup, tmp_path, caplog):
+    root, refs, model = phantom_setup
     case = _case_copy(refs[0], tmp_path / "in")
     out = tmp_path / "seg.nii.gz"
     first = run_segment([case], model=model, out=out, device="cpu")
@@ -111,8 +92,8 @@ def test_a_rerun_skips_only_what_its_outputs_prove(setup, tmp_path, caplog):
     assert result.outputs == [out] and "without a provenance record" in said
 
 
-def test_temporary_files_of_a_killed_run_are_removed_by_the_next(setup, tmp_path):
-    root, refs, model = setup
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
     out = tmp_path / "seg.nii.gz"
     run_segment([refs[2].image_paths[0].parent], model=model, out=out, device="cpu")
     left = [tmp_path / ".seg_probabilities.k1ll3d.tmp.nii.gz", tmp_path / ".seg.x7y8z9.tmp.nii.gz",
@@ -139,8 +120,8 @@ def test_shards_split_the_cases_and_compose_with_ranks():
             parse_shard(bad)
 
 
-def test_two_shards_and_two_processes_fill_one_folder_and_a_rerun_finishes_what_is_left(setup, tmp_path):
-    root, refs, model = setup
+def test_two_shards_and_two_processes_fill_one_folder_and_a_rerun_finishes_what_is_left(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
     out = tmp_path / "out"
     common = ["--model", str(model), "--out", str(out), "--device", "cpu"]
     first = _cli("segment", str(root / "data"), "--shard", "1/2", *common)
@@ -164,8 +145,8 @@ def test_two_shards_and_two_processes_fill_one_folder_and_a_rerun_finishes_what_
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
-def test_torchrun_two_cpu_processes_segment_a_dataset(setup, tmp_path):
-    root, refs, model = setup
+def test_torchrun_two_cpu_processes_segment_a_dataset(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "brats_cnn.cli", "segment",
                              str(root / "data"), "--model", str(model), "--out", str(tmp_path / "out"),
@@ -175,8 +156,8 @@ def test_torchrun_two_cpu_processes_segment_a_dataset(setup, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(f"{r.case_id}.nii.gz" for r in refs)
 
 
-def test_an_upper_case_suffix_names_a_file_not_a_folder(setup, tmp_path):
-    root, refs, model = setup
+def test_an_upper_case_suffix_names_a_file_not_a_folder(phantom_setup, tmp_path):
+    root, refs, model = phantom_setup
     out = tmp_path / "x" / "CASE.NII.GZ"
     result = run_segment([refs[0].image_paths[0].parent], model=model, out=out, device="cpu")
     assert result.outputs == [out] and out.is_file()
@@ -206,12 +187,12 @@ def test_a_volume_too_small_for_n4_is_refused_with_its_size_and_the_minimum(tmp_
     assert "ITK" not in result.stderr and "SimpleITK-build" not in result.stderr and not out.exists()
 
 
-def test_invalid_class_frequencies_are_refused_when_the_model_is_loaded(setup, tmp_path, monkeypatch):
+def test_invalid_class_frequencies_are_refused_when_the_model_is_loaded(phantom_setup, tmp_path, monkeypatch):
     from brats_cnn import segment
     from brats_cnn.config import config_to_dict, load_config
     from brats_cnn.model import load_checkpoint, save_checkpoint
 
-    root, refs, model = setup
+    root, refs, model = phantom_setup
     good = load_checkpoint(model)
     config = load_config(None, ["segment.prior_alpha=0.8"], base=config_to_dict(good.config))
     bad = save_checkpoint(tmp_path / "bad.pt", network=good.network, config=config, normaliser=good.normaliser,

@@ -139,22 +139,7 @@ def test_resolve_mode():
 PHANTOM_SHAPE = (36, 36, 6)
 
 
-@pytest.fixture(scope="module")
-def phantom_setup(tmp_path_factory):
-    from brats_cnn.config import load_config
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
-    from brats_cnn.phantom import make_phantom, write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("segment")
-    config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5"])
-    refs = write_phantom_dataset(root / "data", 3, seed=5, shape=PHANTOM_SHAPE)
-    state = fit_normaliser([make_phantom(PHANTOM_SHAPE, seed=5)], config)
-    torch.manual_seed(0)
-    network = build_network(config.model, 4, patch_size=config.sampling.patch_size)
-    model = save_checkpoint(root / "model.pt", network=network, config=config, normaliser=state,
-                            label_convention="brats2017")
-    return root, refs, model
+# phantom_setup (tests/conftest.py): three (36, 36, 6) phantoms and a small checkpoint
 
 
 def test_run_segment_one_case_writes_labels_sidecar_and_probabilities(phantom_setup, tmp_path):
