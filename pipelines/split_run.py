@@ -4,7 +4,7 @@
     # the training data of a grade: links to its train + validation cases, with a manifest
     .venv/bin/python pipelines/split_run.py link --data ../shared/data/brats_sample \
         --split pipelines/splits/brats_sample_v3.json --grade hgg --out runs/data_hgg
-    .venv/bin/brats-cnn train --grade hgg --data runs/data_hgg --out runs/hgg_v3 --config bundled_hgg_v3
+    .venv/bin/brats-cnn train --grade hgg --data runs/data_hgg --out runs/hgg_v3 --config training/configs/bundled_hgg_v3.yaml
     .venv/bin/brats-cnn calibrate --run runs/hgg_v3
 
     # segment the test cases of a grade with a model, score them, print the table

@@ -307,3 +307,13 @@ def test_lesion_wise_values_from_yaml_and_set(tmp_path):
 ])
 def test_bad_lesion_wise_values_are_one_line_errors(override, message):
     assert _error(C.load_config, None, [override]) == message
+
+
+def test_the_package_ships_only_the_papers_and_the_smoke_configs():
+    # experiment configs (v3-v8, the CV folds) live in training/configs/, outside the wheel (issue 36)
+    from pathlib import Path
+
+    import brats_cnn
+
+    shipped = sorted(p.name for p in (Path(brats_cnn.__file__).parent / "configs").glob("*.yaml"))
+    assert shipped == ["pereira_hgg.yaml", "pereira_lgg.yaml", "smoke.yaml"]
