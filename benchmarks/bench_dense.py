@@ -2,7 +2,7 @@
 
 Both steps are ``brats_cnn.train.train_step`` on the HGG network with the configured precision and
 memory format (``device.compute_settings``): a patch batch labels one voxel per 33x33 patch, a dense
-batch of ``--crops`` crops labels ``crop_size**2`` voxels each (``brats_cnn.model.DenseNetwork``).
+batch of ``--crops`` crops labels ``crop_size**2`` voxels each (``brats_cnn.dense.DenseNetwork``).
 
     .venv/bin/python benchmarks/bench_dense.py --device cpu --data runs/hgg_v3/cache
 
@@ -37,7 +37,8 @@ def main() -> None:
     from brats_cnn.config import load_config
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.fsutil import atomic_path, write_json_atomic
-    from brats_cnn.model import DenseNetwork, build_network
+    from brats_cnn.dense import DenseNetwork
+    from brats_cnn.model import build_network
     from brats_cnn.train import train_step
 
     config = load_config("pereira_hgg")

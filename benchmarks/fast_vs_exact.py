@@ -57,7 +57,7 @@ def region_dice(labels: np.ndarray, truth: np.ndarray, where: np.ndarray, conven
 
 def corrected(probabilities: np.ndarray, mask: np.ndarray, checkpoint, config) -> np.ndarray:
     """The probabilities after the checkpoint's prior correction."""
-    from brats_cnn.calibrate import correct_class_prior
+    from brats_cnn.prior import correct_class_prior
     from brats_cnn.segment import prior_frequencies
 
     if config.segment.prior_alpha > 0:

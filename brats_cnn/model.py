@@ -107,44 +107,6 @@ class PereiraCNN(nn.Module):
         return self.classifier(self.features(patches))
 
 
-class DenseNetwork(nn.Module):
-    """The fully convolutional form of a :class:`PereiraCNN` for dense training; shares its parameters.
-
-    Maps an axial crop ``(B, 4, S + 2h, S + 2h)`` (``h`` = half a patch, 16) to logits
-    ``(B, C, S, S)`` of its central ``S x S`` voxels and computes exactly what fast-mode inference
-    (``segment.predict_fast``) computes for them: the same dilated convolutions, padding and
-    FC-window position (``segment.to_fully_convolutional``). The first FC layer runs as a 7x7
-    convolution with dilation 4 (its weight viewed as ``(256, 128, 7, 7)``), the others as 1x1
-    convolutions; dropout acts elementwise on the feature maps. Training through this module
-    changes ``network`` itself, whose checkpoints and patch form stay as they are.
-    """
-
-    def __init__(self, network: PereiraCNN):
-        super().__init__()
-        from brats_cnn.segment import to_fully_convolutional
-
-        self.network = network
-        self.geometry = to_fully_convolutional(network, share=True)
-        self.features = self.geometry.features  # the same Parameter objects as network.features
-        self.half = network.patch_size // 2
-        self.lead = self.geometry.window_lead(self.half)  # first FC-window start, as in fast mode
-
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(B, 4, S + 2h, S + 2h)`` -> ``(B, C, S, S)`` logits of the central voxels."""
-        span = crops.shape[-1] - 2 * self.half + 2 * self.geometry.head_reach
-        x = self.features(crops)[:, :, self.lead:self.lead + span, self.lead:self.lead + span]
-        first = True
-        for layer in self.network.classifier:
-            if isinstance(layer, nn.Dropout):
-                x = nn.functional.dropout(x, layer.p, self.training)
-            elif isinstance(layer, nn.Linear):
-                n = self.geometry.head_size if first else 1
-                weight = layer.weight.view(layer.out_features, -1, n, n)
-                x = nn.functional.conv2d(x, weight, layer.bias, dilation=self.geometry.head_dilation)
-                first = False
-            elif not isinstance(layer, nn.Flatten):
-                x = layer(x)
-        return x
 
 
 def build_network(config: ModelConfig, num_classes: int, *, patch_size: int) -> PereiraCNN:

@@ -172,146 +172,10 @@ def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, 
 # fast mode
 
 
-@dataclass
-class FullyConvolutional:
-    """The dense (shift-free, full-resolution) form of a patch network.
-
-    Attributes:
-        features: convolutions with dilation, stride-1 pools; ``(B, 4, H, W) -> (B, F, H, W)``
-            with "same" padding, so position ``b`` of the output is aligned with input ``b``.
-        classifier: the network's own FC layers, applied to a ``(N, F, n, n)`` neighbourhood.
-        head_size: ``n`` (7 for 33x33 patches), the feature-map size the first FC layer reads.
-        head_dilation: spacing of that neighbourhood in input voxels (4 after two stride-2 pools).
-        shift: the exact network's FC window for the voxel at ``c`` is centred at dense position
-            ``c + shift`` (-1 for the paper's networks: pooling 33 -> 16 -> 7 drops the last row).
-    """
-
-    features: "nn.Module"
-    classifier: "nn.Module"
-    head_size: int
-    head_dilation: int
-    shift: int
-
-    @property
-    def head_reach(self) -> int:
-        """Distance from the centre to the edge of the FC neighbourhood, in voxels."""
-        return self.head_dilation * (self.head_size - 1) // 2
-
-    def window_lead(self, half: int) -> int:
-        """Start of the first FC window inside a crop with a margin of ``half`` voxels (InputError if none fits)."""
-        lead = half + self.shift - self.head_reach
-        if lead < 0 or half - self.shift - self.head_reach < 0:
-            raise InputError("fast mode needs the FC neighbourhood to fit inside the patch margin")
-        return lead
-
-    def convolutional_head(self) -> "nn.Module":
-        """The FC layers as convolutions (inference): the first as an ``n x n`` convolution dilated by
-        :attr:`head_dilation` (its weight viewed as ``(out, F, n, n)``), the others as 1x1; dropout,
-        an identity in eval mode, is left out. ``(B, F, S + 2 reach, S' + 2 reach) -> (B, C, S, S')``
-        logits, with no per-voxel gather of neighbourhoods."""
-        from torch import nn
-
-        layers: list[nn.Module] = []
-        for layer in self.classifier:
-            if isinstance(layer, nn.Linear):
-                n = self.head_size if not layers else 1
-                conv = nn.utils.skip_init(nn.Conv2d, layer.in_features // (n * n), layer.out_features, n,
-                                          dilation=self.head_dilation if not layers else 1)
-                conv.weight.data.copy_(layer.weight.detach().view(layer.out_features, -1, n, n))
-                conv.bias.data.copy_(layer.bias.detach())
-                layers.append(conv)
-            elif not isinstance(layer, (nn.Flatten, nn.Dropout)):
-                layers.append(copy.deepcopy(layer))
-        return nn.Sequential(*layers).eval()
 
 
-def _dilated_max_pool(kernel: int, dilation: int) -> "nn.Module":
-    """A stride-1 ``kernel x kernel`` max-pool dilated by ``dilation``, padded with -inf ("same" size).
-
-    Computes exactly what ``ConstantPad2d(-inf)`` + ``MaxPool2d(kernel, 1, dilation=dilation)`` do,
-    as elementwise maxima of shifted views, one axis at a time (separable): 2-4x faster on a CPU
-    for the dilated pools of fast mode (benchmarks/bench_segment.py), no index bookkeeping. Used
-    for inference only; dense training keeps ``nn.MaxPool2d`` (its gradient picks one input on ties).
-    """
-    import torch
-    from torch import nn
-
-    class SeparableMaxPool(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.kernel, self.dilation = kernel, dilation
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            d, k = self.dilation, self.kernel
-            reach = d * (k // 2)
-            x = nn.functional.pad(x, (reach, reach, reach, reach), value=float("-inf"))
-            for axis in (-1, -2):
-                size = x.shape[axis] - 2 * reach
-                out = x.narrow(axis, 0, size)
-                for tap in range(1, k):
-                    out = torch.maximum(out, x.narrow(axis, tap * d, size))
-                x = out
-            return x
-
-        def extra_repr(self) -> str:
-            return f"kernel_size={self.kernel}, stride=1, dilation={self.dilation}"
-
-    return SeparableMaxPool()
 
 
-def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyConvolutional:
-    """Turn a trained patch network into its dense equivalent.
-
-    Every ``MaxPool2d(k, stride s)`` becomes a stride-1 ``k x k`` max-pool and multiplies the
-    dilation of every later layer by ``s``; convolutions keep their weights with ``dilation = d``
-    and ``padding = d``. The FC layers stay as they are; :func:`predict_fast` runs them as
-    convolutions (:meth:`FullyConvolutional.convolutional_head`).
-
-    Args:
-        share: False (inference): the dense form holds copies of the weights, in eval mode, and its
-            pools are the separable :func:`_dilated_max_pool`. True (dense training,
-            :class:`DenseNetwork`): it holds ``network``'s own parameters, so gradients and
-            optimiser steps through it change ``network``; its pools are ``nn.MaxPool2d``; its
-            train/eval mode is left as it is.
-    """
-    from torch import nn
-
-    net = network if share else copy.deepcopy(network).eval()
-    layers: list[nn.Module] = []
-    dilation = 1
-    origin = 0  # patch coordinate of feature-map index 0, in input voxels
-    size = net.patch_size
-    for layer in net.features:
-        if isinstance(layer, nn.Conv2d):
-            (k, _) = layer.kernel_size
-            # skip_init: no random initialisation to overwrite, so the global RNG is left alone (a
-            # whole-volume validation in the middle of an epoch must not shift the dropout masks)
-            dense = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, k, stride=1,
-                                       dilation=dilation, padding=dilation * (k // 2), bias=layer.bias is not None)
-            if share:
-                dense.weight, dense.bias = layer.weight, layer.bias
-            else:
-                dense.load_state_dict(layer.state_dict())
-            layers.append(dense)
-        elif isinstance(layer, nn.MaxPool2d):
-            k, s = layer.kernel_size, layer.stride
-            if share:  # MaxPool2d refuses padding > k // 2, so pad with -inf (never the max) explicitly
-                layers += [nn.ConstantPad2d(dilation * (k // 2), float("-inf")),
-                           nn.MaxPool2d(k, stride=1, dilation=dilation)]
-            else:
-                layers.append(_dilated_max_pool(k, dilation))
-            origin += dilation * (k // 2)  # a valid k-window's centre is k//2 in from its start
-            size = (size - k) // s + 1
-            dilation *= s
-        else:
-            layers.append(layer)
-    if size % 2 == 0:
-        raise InputError(f"fast mode needs an odd final feature map, got {size}x{size}")
-    centre = origin + dilation * (size - 1) // 2
-    features = nn.Sequential(*layers)
-    if not share:
-        features.eval()
-    return FullyConvolutional(features, net.classifier, size, dilation, centre - net.patch_size // 2)
 
 
 def _slice_groups(mask: np.ndarray, slices_per_batch: int) -> Iterator[tuple[np.ndarray, slice, slice]]:
@@ -333,7 +197,7 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
 
     Per group of ``slices_per_batch`` brain slices, the union brain bounding box plus a margin of
     half a patch (16 voxels, background-padded beyond the volume) runs through the dense feature
-    stack, then through the FC layers run as convolutions (:meth:`FullyConvolutional.convolutional_head`)
+    stack, then through the FC layers run as convolutions (:meth:`brats_cnn.dense.FullyConvolutional.convolutional_head`)
     over the box, in strips of whole rows of about ``batch_size`` voxels. Every voxel's output is
     computed in place: no neighbourhood is gathered into a new tensor (the former per-chunk gather
     spent a third of the CPU time in page faults). Box voxels outside the brain are computed and
@@ -355,6 +219,8 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
     mask = np.asarray(mask, dtype=bool)
     compute = _compute_of(compute, device)
     device = compute.device
+    from brats_cnn.dense import to_fully_convolutional
+
     dense = to_fully_convolutional(network)
     memory_format = compute.memory_format
     features = dense.features.to(device, memory_format=memory_format)
@@ -651,7 +517,7 @@ def _member_probabilities(member: _Member, image: np.ndarray, mask: np.ndarray, 
     Returns:
         ``(probabilities, class_prior)``; ``class_prior`` is ``None`` without prior correction.
     """
-    from brats_cnn.calibrate import correct_class_prior
+    from brats_cnn.prior import correct_class_prior
 
     checkpoint, config = member.checkpoint, member.config
     probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)

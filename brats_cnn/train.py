@@ -18,7 +18,7 @@ Run folder::
     <out>/last.pt          checkpoint with the resume state (also in the middle of an epoch)
     <out>/best.pt          checkpoint of the best validation score so far
 
-``train.mode: dense`` trains the same network through :class:`brats_cnn.model.DenseNetwork` on
+``train.mode: dense`` trains the same network through :class:`brats_cnn.dense.DenseNetwork` on
 axial crops (:class:`brats_cnn.sampling.SlabBatches`, every brain voxel of a crop labelled, class
 weights ``dense.class_weight_power``); everything else above is shared with patch training.
 ``train.init_weights`` starts a new run from a checkpoint's weights.
@@ -46,14 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brats_cnn.calibrate import class_frequencies, region_mean
+from brats_cnn.calibrate import region_mean
+from brats_cnn.prior import class_frequencies
 from brats_cnn.config import Config, check_grade, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
 from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
 from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
 from brats_cnn.labels import REGIONS, get_convention
-from brats_cnn.model import (DenseNetwork, build_network, check_patch_size, load_checkpoint, save_checkpoint,
+from brats_cnn.dense import DenseNetwork
+from brats_cnn.model import (build_network, check_patch_size, load_checkpoint, save_checkpoint,
                              unwrap_network)
 from brats_cnn.sampling import (CENTRE_STREAM, IGNORE_LABEL, VALIDATION_STREAM, PatchBatches, SlabBatches,
                                 cases_label_mask, make_rng, sample_balanced_centres)
@@ -328,7 +330,8 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
         ``train.selection_alphas`` value (the prior correction of :mod:`brats_cnn.calibrate`, which
         ``calibrate`` later tunes on the same cases). :func:`mean_dice` averages over the cases.
     """
-    from brats_cnn.calibrate import apply_class_prior, region_dice
+    from brats_cnn.calibrate import region_dice
+    from brats_cnn.prior import apply_class_prior
     from brats_cnn.labels import classify
     from brats_cnn.preprocess import load_cached_case
     from brats_cnn.segment import predict_fast

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.calibrate import (ALPHAS, PRIOR_EM_FLOOR, Choice, apply_class_prior, best_choice, class_frequencies,
-                                 correct_class_prior, estimate_case_prior, region_mean, run_calibrate, score_settings)
+from brats_cnn.calibrate import ALPHAS, Choice, best_choice, region_mean, run_calibrate, score_settings
+from brats_cnn.prior import (PRIOR_EM_FLOOR, apply_class_prior, class_frequencies, correct_class_prior,
+                             estimate_case_prior)
 from brats_cnn.config import PostprocessConfig
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.postprocess import keep_largest_component

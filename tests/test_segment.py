@@ -12,8 +12,8 @@ import torch
 
 from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError
 from brats_cnn.model import PereiraCNN
-from brats_cnn.segment import (predict_exact, predict_fast, resolve_mode, run_segment,
-                               to_fully_convolutional)
+from brats_cnn.dense import to_fully_convolutional
+from brats_cnn.segment import predict_exact, predict_fast, resolve_mode, run_segment
 
 BACKGROUND = 0.5  # a non-zero background value shows that border patches are padded with it
 
@@ -352,7 +352,7 @@ def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain
 @pytest.mark.parametrize("architecture", ["hgg", "lgg"])
 def test_dense_network_computes_fast_mode_and_trains_the_patch_network(architecture):
     # dense training optimises exactly the function fast mode runs, through the patch network's own weights
-    from brats_cnn.model import DenseNetwork
+    from brats_cnn.dense import DenseNetwork
 
     net = _network(architecture, classes=5, seed=4)
     dense = DenseNetwork(net).eval()
@@ -386,7 +386,7 @@ def _weights_of(net):
 
 @pytest.mark.parametrize("dilation", [1, 2, 4])
 def test_separable_dilated_max_pool_equals_padded_max_pool2d_exactly(dilation):
-    from brats_cnn.segment import _dilated_max_pool
+    from brats_cnn.dense import _dilated_max_pool
 
     x = torch.randn(2, 5, 17, 13)
     reference = torch.nn.functional.max_pool2d(
@@ -399,7 +399,7 @@ def test_separable_dilated_max_pool_equals_padded_max_pool2d_exactly(dilation):
 
 
 def test_convolutional_head_equals_the_fc_layers_on_each_gathered_neighbourhood():
-    from brats_cnn.segment import to_fully_convolutional
+    from brats_cnn.dense import to_fully_convolutional
 
     net = _network("hgg", classes=5, seed=3)
     dense = to_fully_convolutional(net)
