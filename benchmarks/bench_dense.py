@@ -44,13 +44,14 @@ def main() -> None:
     config = load_config("pereira_hgg")
     compute = compute_settings(resolve_device(args.device), config.compute)
     side = args.crop_size + config.sampling.patch_size - 1
-    shapes = {"patch": ((args.batch_size, 4, 33, 33), (args.batch_size,)),
+    patch = config.sampling.patch_size
+    shapes = {"patch": ((args.batch_size, 4, patch, patch), (args.batch_size,)),
               "dense": ((args.crops, 4, side, side), (args.crops, args.crop_size, args.crop_size))}
     result = {"device": str(compute.device), "precision": compute.precision, "channels_last": compute.channels_last,
               "threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
     for mode, (input_shape, label_shape) in shapes.items():
         torch.manual_seed(0)
-        network = build_network(config.model, 4, patch_size=33)
+        network = build_network(config.model, 4, patch_size=patch)
         compute.network(network)
         model = DenseNetwork(network).train() if mode == "dense" else network.train()
         optimiser = torch.optim.SGD(network.parameters(), lr=1e-4, momentum=0.9, nesterov=True)

@@ -29,7 +29,7 @@ import torch
 
 from brats_cnn.config import Config, check_grade, load_config
 from brats_cnn.errors import ConfigError
-from brats_cnn.model import FLOPS_PER_HGG_PATCH, PATCH_SIZE, build_network
+from brats_cnn.model import build_network
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,15 @@ PHANTOM_SHAPE = (96, 96, 48)  # (X, Y, Z) of the phantom cases timed when no --d
 PHANTOM_CASES = 2
 
 
-def forward_flops(network: torch.nn.Module, patch_size: int = PATCH_SIZE) -> int:
-    """FLOPs (multiply-adds x 2) of one patch's forward pass through the convolutions and FC layers.
+def forward_flops(network: torch.nn.Module, patch_size: int | None = None) -> int:
+    """FLOPs (multiply-adds x 2) of one patch's forward pass through the convolutions and FC layers
+    (``patch_size``: default the network's own; 357,686,272 for the HGG network on 33x33, SPEC's
+    "about 357.5 MFLOP").
 
     Counted from the layer shapes with forward hooks on one ``(1, C, P, P)`` patch; activations,
     pooling and biases are not counted.
     """
+    patch_size = patch_size or network.patch_size
     total = 0
 
     def count(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -58,6 +61,7 @@ def forward_flops(network: torch.nn.Module, patch_size: int = PATCH_SIZE) -> int
     hooks = [m.register_forward_hook(count) for m in network.modules()
              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     first = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    was_training = network.training
     try:
         with torch.no_grad():
             network.eval()(torch.zeros(1, first.in_channels, patch_size, patch_size,
@@ -65,6 +69,7 @@ def forward_flops(network: torch.nn.Module, patch_size: int = PATCH_SIZE) -> int
     finally:
         for hook in hooks:
             hook.remove()
+        network.train(was_training)  # the caller's module is left as it was
     return total
 
 
@@ -182,7 +187,7 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
 
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.labels import get_convention
-    from brats_cnn.train import loader_workers, make_loader, train_step
+    from brats_cnn.train import build_optimiser, loader_workers, make_loader, train_step
 
     grade = check_grade(grade)
     if batch_size < 1 or iterations < 2:
@@ -196,16 +201,13 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
     initial = build_network(config.model, get_convention(config.data.label_convention).num_classes,
                             patch_size=side)
     flops = forward_flops(initial, side)
-    flops_per_patch = (FLOPS_PER_HGG_PATCH if config.model.architecture == "hgg" and side == PATCH_SIZE
-                       else float(flops))
+    flops_per_patch = float(flops)  # counted for this network and patch size (357.5 MFLOP: HGG, 33x33)
     host_patches = torch.randn(batch_size, 4, side, side)
     host_labels = torch.randint(0, initial.num_classes, (batch_size,))
 
     def setup(compute: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         network = compute.network(copy.deepcopy(initial))
-        return network, torch.optim.SGD(network.parameters(), lr=config.train.lr_start,
-                                        momentum=config.train.momentum, nesterov=True,
-                                        weight_decay=config.train.weight_decay)
+        return network, build_optimiser(network, config.train)
 
     to_time = _variants(device_, configured)
     if compile_network:

@@ -206,12 +206,16 @@ def benchmark(
     data: Optional[Path] = typer.Option(None, "--data", help="Preprocessed cache (or raw dataset) to time the data pipeline too."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write results JSON here."),
     compile_network: bool = typer.Option(False, "--compile", help="Also time the configured variant under torch.compile (compiles for minutes on a CPU)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file or bundled name (default: pereira_<grade>)."),
+    set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Time forward and forward+backward per batch, and the training data pipeline."""
     from brats_cnn.benchmark import run_benchmark
+    from brats_cnn.config import load_config
 
+    settings = load_config(config or f"pereira_{grade.lower()}", list(set_ or [])) if (config or set_) else None
     run_benchmark(grade=grade, device=device, batch_size=batch_size, iterations=iterations,
-                  data=data, out=out, compile_network=compile_network)
+                  data=data, out=out, config=settings, compile_network=compile_network)
 
 
 @app.command()

@@ -316,6 +316,13 @@ def dice_slice_indices(mask: np.ndarray, count: int) -> np.ndarray:
     return np.unique(brain[np.round(np.linspace(0, brain.size - 1, count)).astype(int)])
 
 
+def build_optimiser(network: torch.nn.Module, train_config: Any) -> torch.optim.Optimizer:
+    """The paper's SGD with Nesterov momentum at ``train.lr_start`` (the schedule sets the rate per step);
+    the one place it is built, for ``train`` and ``benchmark``."""
+    return torch.optim.SGD(network.parameters(), lr=train_config.lr_start, momentum=train_config.momentum,
+                           nesterov=True, weight_decay=train_config.weight_decay)
+
+
 def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config, compute: Compute,
                     frequencies: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, float]]]:
     """Dice of complete/core/enhancing of each validation case, per prior-correction exponent.
@@ -688,8 +695,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
 
     torch.manual_seed(tc.seed)
     network = build_network(cfg.model, num_classes, patch_size=cfg.sampling.patch_size)
-    optimiser = torch.optim.SGD(network.parameters(), lr=tc.lr_start, momentum=tc.momentum, nesterov=True,
-                                weight_decay=tc.weight_decay)
+    optimiser = build_optimiser(network, tc)
     state = RunState(interval=torch.zeros(3, dtype=torch.float64))
     if resumed is not None:
         _restore(state, resumed, network, optimiser, out)

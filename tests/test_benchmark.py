@@ -83,3 +83,18 @@ def test_benchmark_times_the_compiled_network_as_its_own_variant(tmp_path, monke
     assert "configured, compiled" in format_table(results)
     assert "configured_compiled" not in run_benchmark("hgg", "cpu", batch_size=4, iterations=2,
                                                       config=config)["variants"]
+
+
+def test_benchmark_command_takes_config_and_set(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "-q", "benchmark", "--device", "cpu",
+                             "--batch-size", "2", "--iterations", "2", "--config", "smoke",
+                             "--set", "compute.precision=float32", "--set", "compute.channels_last=false",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert results["precision"] == "float32" and results["channels_last"] is False
