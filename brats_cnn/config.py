@@ -118,6 +118,7 @@ class SegmentConfig:
     prior_alpha: float = 0.0  # (choice) prior correction p(c|x) * pi_c^alpha of the class-balanced posterior; 0 = off
     prior_adapt: bool = False  # (choice) pi = this case's own class prior, estimated by EM from the training one
     tta_rotations: tuple[int, ...] = (0,)  # (choice) average the probabilities over these in-plane rotations (degrees)
+    class_weights: tuple[float, ...] = ()  # (choice) after the prior correction, class c's probability times w_c, renormalised (e.g. more edema); () = none
     tta: str = "auto"  # (choice) use tta_rotations: "always", "never", or "auto" = on CUDA only (a CPU pays 4x for +0.006 Dice)
     decision: str = "argmax"  # (choice) argmax: most probable class; regions: nested regions by probability mass
 
@@ -270,6 +271,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "segment.memory_fraction": _fraction(True, False),
     "segment.prior_alpha": _at_least(0),
     "segment.tta_rotations": _right_angle(),
+    "segment.class_weights": _positive(),
     "postprocess.min_component_voxels": _at_least(0),
     "evaluate.lesion_wise.dilation": _at_least(0),
     "evaluate.lesion_wise.min_volume_mm3": _at_least(0),
@@ -280,7 +282,7 @@ _FREE_KEYS = ("name", "preprocess.strict", "sampling.arbitrary_rotation", "sampl
               "postprocess.never_empty",
               "segment.prior_adapt", "compute.channels_last")
 # List keys that may be empty (no N4 at all).
-_MAY_BE_EMPTY = ("preprocess.n4.sequences",)
+_MAY_BE_EMPTY = ("preprocess.n4.sequences", "segment.class_weights")
 
 
 def _check_range(key: str, value: Any, source: str) -> None:

@@ -107,6 +107,24 @@ def estimate_case_prior(probabilities: np.ndarray, mask: np.ndarray, frequencies
     return prior
 
 
+def weight_classes(probabilities: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """``p'(c|x) ~ p(c|x) * weights[c]``, renormalised over the classes (``segment.class_weights``: a
+    per-class lever the single prior exponent lacks, e.g. more edema). Empty ``weights``: a copy.
+
+    Args:
+        probabilities: ``(C, ...)`` float32, summing to 1 over C.
+        weights: ``(C,)`` finite values > 0, or empty.
+    """
+    if len(weights) == 0:
+        return probabilities.copy()
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (probabilities.shape[0],) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ConfigError(f"segment.class_weights must hold {probabilities.shape[0]} finite values > 0 (one per class), "
+                          f"got {weights.tolist()}")
+    weighted = probabilities * weights.astype(np.float32).reshape((-1,) + (1,) * (probabilities.ndim - 1))
+    return weighted / np.maximum(weighted.sum(axis=0, keepdims=True), np.finfo(np.float32).tiny)
+
+
 def correct_class_prior(probabilities: np.ndarray, mask: np.ndarray, frequencies: Sequence[float], alpha: float,
                         adapt: bool) -> tuple[np.ndarray, np.ndarray]:
     """The prior correction ``segment`` and ``calibrate`` apply: with the training frequencies, or

@@ -512,12 +512,12 @@ def _member_input(member: _Member, case: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def _member_probabilities(member: _Member, image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
                           progress: bool) -> tuple[np.ndarray, Any]:
-    """One checkpoint's calibrated probabilities of a case: its own TTA and prior correction.
+    """One checkpoint's calibrated probabilities of a case: its own TTA, prior correction and class weights.
 
     Returns:
         ``(probabilities, class_prior)``; ``class_prior`` is ``None`` without prior correction.
     """
-    from brats_cnn.prior import correct_class_prior
+    from brats_cnn.prior import correct_class_prior, weight_classes
 
     checkpoint, config = member.checkpoint, member.config
     probabilities = predict(checkpoint.network, image, mask, mode, device, config, progress)
@@ -526,6 +526,8 @@ def _member_probabilities(member: _Member, image: np.ndarray, mask: np.ndarray, 
         probabilities, class_prior = correct_class_prior(probabilities, mask,
                                                          prior_frequencies(checkpoint, member.path),
                                                          config.segment.prior_alpha, config.segment.prior_adapt)
+    if config.segment.class_weights:
+        probabilities = weight_classes(probabilities, config.segment.class_weights)
     return probabilities, class_prior
 
 
@@ -534,6 +536,7 @@ def _member_record(member: _Member, class_prior: Any) -> dict:
     segment = member.config.segment
     return {"model": str(member.path), "prior_alpha": segment.prior_alpha, "prior_adapt": segment.prior_adapt,
             "class_prior": None if class_prior is None else [round(float(p), 6) for p in class_prior],
+            "class_weights": list(segment.class_weights) or None,
             "tta": segment.tta, "tta_rotations": list(segment.tta_rotations)}
 
 
@@ -711,6 +714,10 @@ def _load_members(paths: list, grade: str | None, check_grade: bool, overrides: 
                               f"{checkpoint.network.patch_size} patches", path)
         if config.segment.prior_alpha > 0:
             prior_frequencies(checkpoint, path)
+        weights = config.segment.class_weights
+        if weights and len(weights) != checkpoint.network.num_classes:
+            raise ConfigError(f"segment.class_weights has {len(weights)} values but the network predicts "
+                              f"{checkpoint.network.num_classes} classes", path)
         if members and (checkpoint.label_convention, checkpoint.network.num_classes) != (
                 members[0].checkpoint.label_convention, members[0].checkpoint.network.num_classes):
             first = members[0].checkpoint

@@ -509,3 +509,37 @@ def test_segment_never_writes_an_empty_map_because_post_processing_removed_every
     run_segment([case], model=model, out=tmp_path / "strict.nii.gz", device="cpu",
                 overrides=[f"postprocess.min_component_voxels={called.size + 1}", "postprocess.never_empty=false"])
     assert not np.asarray(nib.load(tmp_path / "strict.nii.gz").dataobj).any()
+
+
+def test_class_weights_apply_after_the_prior_as_the_cv_grid_scores_them(phantom_setup, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from brats_cnn.prior import apply_class_prior, weight_classes
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(4), size=(5, 6, 2)).transpose(3, 0, 1, 2).astype(np.float32)
+    frequencies = np.array([0.9, 0.02, 0.05, 0.03])
+    spec = importlib.util.spec_from_file_location("cross_validate", Path(__file__).parents[1] / "pipelines" /
+                                                  "cross_validate.py")
+    cv = importlib.util.module_from_spec(spec)
+    sys.modules["cross_validate"] = cv
+    spec.loader.exec_module(cv)
+    segment_way = weight_classes(apply_class_prior(probabilities, frequencies, 0.6), [1.0, 1.0, 1.5, 1.0])
+    np.testing.assert_allclose(segment_way, cv.corrected(probabilities, frequencies, 0.6, 1.5, 2), atol=1e-6)
+    np.testing.assert_array_equal(weight_classes(probabilities, []), probabilities)
+    with pytest.raises(ConfigError, match="segment.class_weights must hold 4 finite values > 0"):
+        weight_classes(probabilities, [1.0, 2.0])
+    # through segment: more edema weight, more edema; the sidecar says so; a wrong length is refused before work
+    root, refs, model = phantom_setup
+    case = refs[0].image_paths[0].parent
+    run_segment([case], model=model, out=tmp_path / "a.nii.gz", device="cpu", postprocess=False)
+    run_segment([case], model=model, out=tmp_path / "b.nii.gz", device="cpu", postprocess=False,
+                overrides=["segment.class_weights=[1,1,50,1]"])
+    plain, weighted = (np.asarray(nib.load(tmp_path / f"{n}.nii.gz").dataobj) for n in "ab")
+    assert (weighted == 2).sum() > (plain == 2).sum()
+    assert json.loads((tmp_path / "b.json").read_text())["class_weights"] == [1.0, 1.0, 50.0, 1.0]
+    with pytest.raises(ConfigError, match="segment.class_weights has 2 values but the network predicts 4 classes"):
+        run_segment([case], model=model, out=tmp_path / "c.nii.gz", device="cpu",
+                    overrides=["segment.class_weights=[1,2]"])
