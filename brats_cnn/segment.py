@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
     from torch import nn
 
+    from brats_cnn.config import Config, PostprocessConfig
+    from brats_cnn.io import Case, CaseRef
+    from brats_cnn.model import Checkpoint
+
 log = logging.getLogger(__name__)
 
 # Bytes of GPU memory one exact-mode patch may need, as a multiple of its largest activation:
@@ -293,28 +297,28 @@ class SegmentResult:
 class _Target:
     """Output files of one case."""
 
-    labels: Any
-    probabilities: Any
-    sidecar: Any
+    labels: Path
+    probabilities: Path
+    sidecar: Path
 
 
 @dataclass(frozen=True)
 class _Member:
     """One checkpoint of ``segment``: a single model, or one member of an ensemble (``--model`` repeated)."""
 
-    path: Any
-    checkpoint: Any
-    config: Any  # the checkpoint's config with the grade's settings and --set applied
+    path: Path
+    checkpoint: Checkpoint
+    config: Config  # the checkpoint's config with the grade's settings and --set applied
 
 
-def bundled_weights(grade: str) -> Any:
+def bundled_weights(grade: str) -> Path:
     """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_MODELS`)."""
     from pathlib import Path
 
     return Path(__file__).parent / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]
 
 
-def _checkpoint_paths(model: Any, grade: str | None) -> tuple[list, tuple[str, ...]]:
+def _checkpoint_paths(model: str | Path | list | None, grade: str | None) -> tuple[list[Path], tuple[str, ...]]:
     """The checkpoint(s) to load and the grade's settings for them (none unless it is a bundled one)."""
     from pathlib import Path
 
@@ -352,7 +356,7 @@ def resolve_mode(mode: str, device: "torch.device") -> str:
     return mode
 
 
-def _find_cases(inputs: Any) -> list:
+def _find_cases(inputs: list) -> list[CaseRef]:
     """Case references of every input (a case file/folder, or a dataset folder = many cases)."""
     from pathlib import Path
 
@@ -376,7 +380,7 @@ def _find_cases(inputs: Any) -> list:
     return refs
 
 
-def _targets(refs: list, out: Any) -> list[_Target]:
+def _targets(refs: list[CaseRef], out: str | Path) -> list[_Target]:
     """Output paths per case: ``--out x.nii.gz`` for one case, else ``<out>/<case_id>.nii.gz``."""
     from pathlib import Path
 
@@ -412,7 +416,7 @@ def _reorder_channels(image: np.ndarray, channel_order: tuple[str, ...]) -> np.n
 
 
 def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
-            config: Any, progress: bool = False) -> np.ndarray:
+            config: Config, progress: bool = False) -> np.ndarray:
     """Run :func:`predict_exact` or :func:`predict_fast` with the settings of a full ``Config``.
 
     With ``segment.tta_rotations`` other than ``(0,)`` (test-time augmentation), the image and mask
@@ -442,7 +446,7 @@ def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str
     return np.ascontiguousarray(total, dtype=np.float32)  # no copy for the plain (untransformed) prediction
 
 
-def prior_frequencies(checkpoint: Any, checkpoint_path: Any) -> list:
+def prior_frequencies(checkpoint: Checkpoint, checkpoint_path: str | Path) -> list[float]:
     """The class frequencies of a calibrated checkpoint (needed when ``segment.prior_alpha > 0``)."""
     import math
 
@@ -464,7 +468,7 @@ def prior_frequencies(checkpoint: Any, checkpoint_path: Any) -> list:
 OUTPUT_DESCRIPTION = "brats-cnn segment"  # NIfTI descrip of every label map/probability map segment writes
 
 
-def _is_segment_output(path: Any) -> bool:
+def _is_segment_output(path: Path) -> bool:
     """True if ``path`` is a NIfTI file that ``segment`` wrote (its header's descrip), or a sidecar of it."""
     import json
 
@@ -502,7 +506,7 @@ def _refuse_overwriting(pairs: list, checkpoint_paths: list, save_probabilities:
                                  "it, or choose another --out", output)
 
 
-def _member_input(member: _Member, case: Any) -> tuple[np.ndarray, np.ndarray]:
+def _member_input(member: _Member, case: Case) -> tuple[np.ndarray, np.ndarray]:
     """A case normalised for one checkpoint (its normaliser, its channel order) and the brain mask."""
     from brats_cnn.normalise import normalise_case
 
@@ -511,7 +515,7 @@ def _member_input(member: _Member, case: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _member_probabilities(member: _Member, image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
-                          progress: bool) -> tuple[np.ndarray, Any]:
+                          progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """One checkpoint's calibrated probabilities of a case: its own TTA, prior correction and class weights.
 
     Returns:
@@ -531,7 +535,7 @@ def _member_probabilities(member: _Member, image: np.ndarray, mask: np.ndarray, 
     return probabilities, class_prior
 
 
-def _member_record(member: _Member, class_prior: Any) -> dict:
+def _member_record(member: _Member, class_prior: np.ndarray | None) -> dict:
     """The sidecar's account of one checkpoint's settings."""
     segment = member.config.segment
     return {"model": str(member.path), "prior_alpha": segment.prior_alpha, "prior_adapt": segment.prior_adapt,
@@ -540,7 +544,7 @@ def _member_record(member: _Member, class_prior: Any) -> dict:
             "tta": segment.tta, "tta_rotations": list(segment.tta_rotations)}
 
 
-def _say_what_was_removed(case_id: str, report: dict, config: Any) -> None:
+def _say_what_was_removed(case_id: str, report: dict, config: PostprocessConfig) -> None:
     """One terminal line when post-processing removed tumour; a warning when it would have removed all of it."""
     if report["never_empty_applied"]:
         log.warning("%s: every tumour component was smaller than t_vol = %d voxels; kept the largest (%d voxels) "
@@ -553,7 +557,7 @@ def _say_what_was_removed(case_id: str, report: dict, config: Any) -> None:
                  ", keep-largest" if config.keep_largest else "")
 
 
-def segment_case(ref: Any, target: _Target, *, members: list, mode: str, device: "torch.device", convention: str,
+def segment_case(ref: CaseRef, target: _Target, *, members: list, mode: str, device: "torch.device", convention: str,
                  postprocess: bool, save_probabilities: bool, progress: bool,
                  proof: "tuple[dict, dict] | None" = None) -> dict:
     """Load, normalise, predict, post-process and write one case; returns the sidecar dict.
@@ -674,7 +678,7 @@ RUNTIME_KEYS: tuple[str, ...] = ("batch_size", "slices_per_batch", "memory_fract
 TTA_CHOICES: tuple[str, ...] = ("auto", "always", "never")
 
 
-def tta_rotations(config: Any, device: "torch.device") -> tuple[int, ...]:
+def tta_rotations(config: Config, device: "torch.device") -> tuple[int, ...]:
     """The rotations ``segment`` averages over: ``segment.tta_rotations`` when ``segment.tta`` is ``always``,
     or ``auto`` on CUDA; ``(0,)`` (no test-time augmentation) when ``never``, or ``auto`` on a CPU, where
     the 4x time buys about +0.006 Dice (docs/results.md)."""
@@ -791,10 +795,11 @@ def parse_shard(text: "str | None") -> "tuple[int, int] | None":
     return index, count
 
 
-def run_segment(inputs: Any, model: Any = None, grade: str | None = None, out: Any = "segmentations",
+def run_segment(inputs: str | Path | list, model: str | Path | list | None = None, grade: str | None = None,
+                out: str | Path = "segmentations",
                 mode: str | None = None, device: str = "auto", save_probabilities: bool = False,
                 label_convention: str | None = None, overwrite: bool = False, postprocess: bool = True,
-                overrides: Any = (), shard: "str | tuple[int, int] | None" = None) -> SegmentResult:
+                overrides: list[str] | tuple[str, ...] = (), shard: "str | tuple[int, int] | None" = None) -> SegmentResult:
     """The ``brats-cnn segment`` command: segment one case or a whole dataset with a checkpoint.
 
     Args:
