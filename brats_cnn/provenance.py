@@ -89,6 +89,15 @@ def _same_inputs(recorded: list, inputs: list[Path]) -> str:
     return ""
 
 
+def held_case(sidecar: Path) -> str | None:
+    """The case id a sidecar says its outputs hold; None when it is absent or unreadable."""
+    try:
+        written = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    return written.get("case_id") if isinstance(written, dict) else None
+
+
 def check_existing(case_id: str, sidecar: Path, outputs: dict[str, Path], inputs: list[Path],
                    models: dict[str, str], settings: dict) -> Existing:
     """Whether a case's existing outputs can be kept (the skip-existing rule).
@@ -119,9 +128,9 @@ def check_existing(case_id: str, sidecar: Path, outputs: dict[str, Path], inputs
         return Existing("recompute", reason)
     if proof.get("models") != models:
         return Existing("recompute", "it was computed with another model")
-    if proof.get("settings") != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in set(settings) | set(proof.get("settings") or {})
-                         if (proof.get("settings") or {}).get(k) != json.loads(json.dumps(settings)).get(k))
+    wanted, recorded = json.loads(json.dumps(settings)), proof.get("settings") or {}  # as the sidecar holds them
+    if recorded != wanted:
+        changed = sorted(k for k in set(wanted) | set(recorded) if recorded.get(k) != wanted.get(k))
         return Existing("recompute", f"it was computed with other settings ({', '.join(changed)})")
     for role, path in outputs.items():
         entry = (proof.get("outputs") or {}).get(role)

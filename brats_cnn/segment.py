@@ -756,17 +756,12 @@ def _output_settings(members: list, mode: str, device: "torch.device", conventio
 def _refuse_foreign_outputs(pairs: list, overwrite: bool) -> None:
     """InputError before any work when (without ``--overwrite``) a case's output folder holds another
     case's segmentation under its name (its sidecar's ``case_id`` says so)."""
-    import json
+    from brats_cnn.provenance import held_case
 
     if overwrite:
         return
     for ref, target in pairs:
-        if not target.sidecar.is_file():
-            continue
-        try:
-            holder = json.loads(target.sidecar.read_text()).get("case_id")
-        except (OSError, ValueError, AttributeError):
-            continue  # an unreadable sidecar: the case is recomputed (provenance.check_existing)
+        holder = held_case(target.sidecar)  # None when absent or unreadable: provenance.check_existing decides
         if holder is not None and holder != ref.case_id:
             raise InputError(f"holds the segmentation of case '{holder}', not '{ref.case_id}'; pass --overwrite to "
                              "replace it, or choose another --out", target.labels)
