@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from brats_cnn import evaluate, io
+from brats_cnn.evaluation import evaluate
+from brats_cnn.data import io
 
 REPO = Path(__file__).resolve().parents[1]
 

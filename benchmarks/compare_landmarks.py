@@ -21,10 +21,10 @@ import numpy as np
 
 from brats_cnn.config import load_config
 from brats_cnn.errors import InputError
-from brats_cnn.io import list_cases, load_case
-from brats_cnn.normalise import (
+from brats_cnn.data.io import list_cases, load_case
+from brats_cnn.preprocessing.normalise import (
     brain_mask, image_landmarks, nyul_percentiles, sequence_coverage, standard_from_landmarks)
-from brats_cnn.preprocess import PERCASE_DIR, _bias_corrected, n4_key
+from brats_cnn.preprocessing.preprocess import PERCASE_DIR, _bias_corrected, n4_key
 
 
 def _scaled(landmarks: np.ndarray, s1: float, s2: float) -> np.ndarray:

@@ -46,10 +46,10 @@ def run_demo(out: Path = Path("demo_output"), device: str = "auto", quick: bool 
 
     ``quick``: :data:`QUICK_SHAPE` phantoms and :data:`QUICK_OVERRIDES` (seconds instead of minutes).
     """
-    from brats_cnn.evaluate import run_evaluate
-    from brats_cnn.phantom import write_phantom_dataset
-    from brats_cnn.segment import run_segment
-    from brats_cnn.train import run_training
+    from brats_cnn.evaluation.evaluate import run_evaluate
+    from brats_cnn.data.phantom import write_phantom_dataset
+    from brats_cnn.inference.segment import run_segment
+    from brats_cnn.training.train import run_training
 
     start = time.perf_counter()
     out = Path(out)

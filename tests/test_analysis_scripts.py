@@ -34,9 +34,9 @@ def calibrated_phantom(tmp_path_factory, phantom_model):
 
 
 def _dice_of_written(path, ref) -> tuple[float, ...]:
-    from brats_cnn.calibrate import region_dice
-    from brats_cnn.io import load_case
-    from brats_cnn.labels import REGIONS, to_class_indices
+    from brats_cnn.inference.calibrate import region_dice
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.labels import REGIONS, to_class_indices
 
     labels = np.asarray(nib.load(path).dataobj).astype(np.int64)
     truth = load_case(ref, load_label=True).label
@@ -45,7 +45,7 @@ def _dice_of_written(path, ref) -> tuple[float, ...]:
 
 
 def test_alpha_grid_on_saved_probabilities_equals_segment_run_with_that_alpha(calibrated_phantom):
-    from brats_cnn.segment import run_segment
+    from brats_cnn.inference.segment import run_segment
 
     root, ref, model = calibrated_phantom
     case = ref.image_paths[0].parent

@@ -71,7 +71,7 @@ def test_find_cycle_finds_one_and_only_one():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert {"brats_cnn.segment", "brats_cnn.dense", "brats_cnn.prior", "brats_cnn.model"} <= set(graph)
+    assert {"brats_cnn.inference.segment", "brats_cnn.network.dense", "brats_cnn.inference.prior", "brats_cnn.network.model"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.calibrate: the prior correction, the setting search and the command."""
+"""Tests for brats_cnn.inference.calibrate: the prior correction, the setting search and the command."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.calibrate import ALPHAS, Choice, best_choice, region_mean, run_calibrate, score_settings
-from brats_cnn.prior import (PRIOR_EM_FLOOR, apply_class_prior, class_frequencies, correct_class_prior,
+from brats_cnn.inference.calibrate import ALPHAS, Choice, best_choice, region_mean, run_calibrate, score_settings
+from brats_cnn.inference.prior import (PRIOR_EM_FLOOR, apply_class_prior, class_frequencies, correct_class_prior,
                              estimate_case_prior)
 from brats_cnn.config import PostprocessConfig
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
-from brats_cnn.postprocess import keep_largest_component
+from brats_cnn.inference.postprocess import keep_largest_component
 
 
 def test_prior_correction_by_hand():
@@ -140,8 +140,8 @@ def test_region_mean_averages_the_three_regions():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from brats_cnn.phantom import write_phantom_dataset
-    from brats_cnn.train import run_training
+    from brats_cnn.data.phantom import write_phantom_dataset
+    from brats_cnn.training.train import run_training
 
     root = tmp_path_factory.mktemp("calib")
     write_phantom_dataset(root / "raw", 3, grades=["HGG"] * 3, shape=(40, 40, 12))
@@ -153,8 +153,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(tiny_run):
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.segment import run_segment
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.inference.segment import run_segment
 
     run = tiny_run / "run"
     best = load_checkpoint(run / "best.pt")
@@ -193,8 +193,8 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
 
 
 def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_work(tiny_run, tmp_path):
-    from brats_cnn.model import load_checkpoint, save_checkpoint
-    from brats_cnn.segment import run_segment
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
+    from brats_cnn.inference.segment import run_segment
 
     best = load_checkpoint(tiny_run / "run" / "best.pt")
     uncalibrated = tmp_path / "uncalibrated.pt"  # as checkpoints written before the calibration existed
@@ -210,7 +210,7 @@ def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_wo
 def test_calibrate_needs_validation_cases(tiny_run, tmp_path):
     import shutil
 
-    from brats_cnn.model import load_checkpoint, save_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "run", run, ignore=shutil.ignore_patterns("cache"))
@@ -224,8 +224,8 @@ def test_calibrate_needs_validation_cases(tiny_run, tmp_path):
 
 def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, tmp_path, capsys):
     from brats_cnn.cli import main
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.segment import run_segment
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.inference.segment import run_segment
 
     run = tiny_run / "run"
     out = tmp_path / "fixed.pt"

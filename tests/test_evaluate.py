@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn import evaluate
+from brats_cnn.evaluation import evaluate
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.metrics import HD95_ONE_EMPTY
+from brats_cnn.evaluation.metrics import HD95_ONE_EMPTY
 
 SHAPE = (12, 10, 8)
 SPACING = (1.0, 2.0, 2.5)  # voxel volume 5 mm^3
@@ -311,7 +311,7 @@ def test_bad_lesion_wise_config_values_stop_the_command_with_one_line(label_fold
 
 def test_missing_predictions_warn_once_and_only_predicted_leaves_them_out(label_folders, tmp_path, caplog):
     gt, pred = label_folders
-    with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
+    with caplog.at_level("INFO", logger="brats_cnn.evaluation.evaluate"):
         evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "all")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     # one line for the unmatched prediction Z (issue 14), one for the missing case C
@@ -370,7 +370,7 @@ def test_compare_two_prediction_folders(label_folders, tmp_path):
     page = (out / "report.html").read_text()
     assert "Ranking" in page and "Paired plots" in page and page.count("data:image/png;base64,") == 4
     assert "perfect/report.html" in page
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     assert report.terminal_comparison(comparison).splitlines()[1].split()[:2] == ["1", "perfect"]
     with pytest.raises(InputError, match="at least two"):
@@ -405,7 +405,7 @@ def test_ground_truth_with_incomplete_images_needs_only_label_maps(tmp_path):
         _save(lab, pred / f"{case_id}.nii.gz")
     (gt / "manifest.csv").write_text("case_id,grade\nP1,unknown\nP2,LGG\n")
     with pytest.raises(BratsCnnError):
-        from brats_cnn import io
+        from brats_cnn.data import io
 
         io.list_cases(gt)
     summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out")
@@ -429,7 +429,7 @@ def test_label_maps_only_in_grade_folders_and_labels_tr(tmp_path):
 
 def test_cases_scored_in_parallel_give_the_same_report_in_the_same_order(label_folders, tmp_path, caplog):
     gt, pred = label_folders
-    with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
+    with caplog.at_level("INFO", logger="brats_cnn.evaluation.evaluate"):
         one = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "one", workers=1)
         serial = [r.getMessage() for r in caplog.records if r.getMessage()[:2] in ("A ", "B ", "C:")]
         caplog.clear()
@@ -454,7 +454,7 @@ def test_compare_outputs_stay_inside_out_even_for_a_path_ending_in_dot_dot(label
 
 
 def test_a_failed_evaluate_leaves_the_previous_report_whole(label_folders, tmp_path, monkeypatch):
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     gt, pred = label_folders
     out = tmp_path / "out"

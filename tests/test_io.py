@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.io: every layout, every bad input (exact messages), writing, real data."""
+"""Tests for brats_cnn.data.io: every layout, every bad input (exact messages), writing, real data."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn import io
+from brats_cnn.data import io
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.phantom import make_phantom, write_phantom_dataset
+from brats_cnn.data.phantom import make_phantom, write_phantom_dataset
 
 SHAPE = (16, 14, 8)
 
@@ -453,13 +453,13 @@ def test_non_axial_third_axis_warns(tmp_path, phantom, caplog):
     for path, index in zip(ref.image_paths, range(4)):
         _overwrite(path, phantom.image[index], phantom.affine @ swap)
     _overwrite(ref.label_path, phantom.label.astype(np.uint8), phantom.affine @ swap)
-    with caplog.at_level(logging.WARNING, logger="brats_cnn.io"):
+    with caplog.at_level(logging.WARNING, logger="brats_cnn.data.io"):
         io.load_case(ref)
     assert "third voxel axis points P (orientation LSP)" in caplog.text
 
 
 def test_brats_affine_has_no_warning(case_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="brats_cnn.io"):
+    with caplog.at_level(logging.WARNING, logger="brats_cnn.data.io"):
         io.load_case(case_dir)
     assert caplog.text == ""
 
@@ -564,7 +564,7 @@ def test_load_real_case(real_case_dir, tmp_path):
 
 def test_manifest_from_a_spreadsheet_and_conflicting_duplicates(tmp_path):
     from brats_cnn.errors import InputError
-    from brats_cnn.io import read_manifest
+    from brats_cnn.data.io import read_manifest
 
     saved = tmp_path / "excel.csv"
     saved.write_bytes("\ufeffcase_id,grade\r\nA,HGG\r\nB,lgg\r\nA,HGG\r\nC,unknown\r\n".encode("utf-8"))

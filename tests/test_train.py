@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn import train
+from brats_cnn.training import train
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
-from brats_cnn.model import load_checkpoint
+from brats_cnn.network.checkpoint import load_checkpoint
 from brats_cnn.device import resolve_device
 from brats_cnn.config import load_config
-from brats_cnn.train import learning_rate, run_training, split_cases
+from brats_cnn.training.train import learning_rate, run_training, split_cases
 
 # A tiny run: the LGG network (cheapest), 32 patches of batch 8 per epoch, no N4.
 TINY = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=32",
@@ -28,7 +28,7 @@ NO_DROPOUT = ["model.dropout=0.0"]  # dropout masks differ per rank; without it 
 
 @pytest.fixture(scope="module")
 def raw_dataset(tmp_path_factory) -> Path:
-    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.data.phantom import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("raw")
     write_phantom_dataset(root, 4, grades=["HGG", "HGG", "LGG", "HGG"], shape=(40, 40, 16))
@@ -38,7 +38,7 @@ def raw_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache(raw_dataset, tmp_path_factory) -> Path:
     from brats_cnn.config import load_config
-    from brats_cnn.preprocess import preprocess_dataset
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     out = tmp_path_factory.mktemp("cache")
     config = load_config("smoke", TINY)
@@ -75,7 +75,7 @@ def test_dice_slices_are_evenly_spaced_over_the_brain():
 def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch):
     # train.train_step (train and benchmark) and train.evaluate_patches both use train.loss_function
     from brats_cnn.device import Compute
-    from brats_cnn.model import PereiraCNN
+    from brats_cnn.network.model import PereiraCNN
 
     compute = Compute(torch.device("cpu"), bf16=False, channels_last=False)
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkey
     with pytest.raises(ConfigError, match="train.loss"):
         load_config("smoke", ["train.loss=dice"])
     # the config's loss reaches the benchmark's train step too (one place to change it)
-    from brats_cnn import benchmark
+    from brats_cnn.training import benchmark
 
     seen = []
     real = train.loss_function
@@ -182,7 +182,7 @@ def test_mean_dice_averages_each_region_over_the_cases():
 def test_training_uses_the_configured_patch_size(cache, tmp_path):
     # the network, the training patches and the validation Dice (fast sliding window) all follow
     # sampling.patch_size; the checkpoint keeps it and segments with it
-    from brats_cnn.segment import predict_exact, predict_fast
+    from brats_cnn.inference.predict import predict_exact, predict_fast
 
     result = run_training("hgg", cache, tmp_path / "p25", config="smoke", device="cpu",
                           overrides=TINY + ["sampling.patch_size=25", "train.epochs=1", "train.validate_dice=true",
@@ -373,7 +373,7 @@ def test_ddp_on_gloo_keeps_ranks_identical_and_matches_one_process(cache, tmp_pa
 def test_training_skips_an_unusable_case_and_strict_stops(tmp_path, caplog):
     from brats_cnn.cli import main
     from brats_cnn.config import load_config
-    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.data.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "raw", 4, grades=["HGG"] * 4, shape=(40, 40, 16))
     broken = tmp_path / "raw" / "Phantom_002" / "Phantom_002_seg.nii.gz"
@@ -398,7 +398,7 @@ DENSE = TINY + ["train.mode=dense", "dense.crop_size=9", "dense.crops_per_epoch=
 
 
 def test_dense_loss_is_the_weighted_cross_entropy_of_the_labelled_voxels():
-    from brats_cnn.sampling import IGNORE_LABEL
+    from brats_cnn.training.sampling import IGNORE_LABEL
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 3, 3)
@@ -454,7 +454,7 @@ def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cac
 
 
 def test_loader_workers_auto_is_zero_on_the_cpu_and_bounded_on_cuda(monkeypatch):
-    from brats_cnn.train import CUDA_LOADER_WORKERS, loader_workers
+    from brats_cnn.training.train import CUDA_LOADER_WORKERS, loader_workers
 
     assert load_config("pereira_hgg").train.num_workers is None
     assert load_config("pereira_hgg", ["train.num_workers=null"]).train.num_workers is None
@@ -471,8 +471,8 @@ def test_loader_workers_auto_is_zero_on_the_cpu_and_bounded_on_cuda(monkeypatch)
 
 
 def test_make_loader_takes_its_workers_from_loader_workers(cache):
-    from brats_cnn.benchmark import _pipeline_batches
-    from brats_cnn.train import make_loader
+    from brats_cnn.training.benchmark import _pipeline_batches
+    from brats_cnn.training.train import make_loader
 
     data = _pipeline_batches(cache, load_config("smoke", ["sampling.patch_size=9"]), batch_size=4, batches=2)
     auto = make_loader(data, load_config("smoke", ["train.num_workers=null"]), torch.device("cpu"), seed=0)

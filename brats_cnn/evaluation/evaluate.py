@@ -5,7 +5,7 @@ Matching (by case id):
 * Predictions: a single file, or a folder holding ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or
   ``<ID>-seg.nii.gz`` (``.nii`` and ``.mha`` too), or case folders ``<ID>/`` holding one of those
   names (or exactly one label file).
-* Ground truth: anything :func:`brats_cnn.io.list_cases` reads (the label map of each case), a
+* Ground truth: anything :func:`brats_cnn.data.io.list_cases` reads (the label map of each case), a
   dataset whose images are incomplete (only label maps are needed), a folder of label files named
   like predictions, or a single label file.
 
@@ -13,10 +13,10 @@ A case with ground truth but no prediction is scored as an empty prediction and 
 challenge does (one warning line gives their count; ``only_predicted`` leaves them out);
 predictions without ground truth are listed, not scored. Lesion-wise metrics (BraTS 2023+) are
 computed with a challenge preset (default ``gli``). :func:`run_compare` scores two or more
-prediction folders on the same cases and compares them (:mod:`brats_cnn.compare`). A case whose files
+prediction folders on the same cases and compares them (:mod:`brats_cnn.evaluation.compare`). A case whose files
 cannot be read, hold labels outside their convention, or whose prediction is on another voxel
-grid (shape, or affine beyond :data:`brats_cnn.io.AFFINE_TOLERANCE_MM` /
-:data:`brats_cnn.io.DIRECTION_TOLERANCE`) is listed as a failure and the others are still scored.
+grid (shape, or affine beyond :data:`brats_cnn.data.io.AFFINE_TOLERANCE_MM` /
+:data:`brats_cnn.data.io.DIRECTION_TOLERANCE`) is listed as a failure and the others are still scored.
 The report is written first; then, if any case failed, :class:`~brats_cnn.errors.InputError` is
 raised so that the command exits non-zero (code 2).
 """
@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from brats_cnn import __version__, io
+from brats_cnn import __version__
+from brats_cnn.data import io
 from brats_cnn.fsutil import staged_folder
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.labels import REGIONS, get_convention, region_masks
-from brats_cnn.metrics import (HD95_DEFINITIONS, LESION_HD95_PENALTY, LESION_PRESETS, LesionWiseParams,
+from brats_cnn.data.labels import REGIONS, get_convention, region_masks
+from brats_cnn.evaluation.metrics import (HD95_DEFINITIONS, LESION_HD95_PENALTY, LESION_PRESETS, LesionWiseParams,
                                region_metrics)
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def find_label_maps(gt: str | Path, manifest: str | Path | None = None) -> list[
     Looks at label files in ``gt`` itself, in ``labelsTr/``/``labelsTs/``, in case folders
     ``<ID>/`` (the file named after the folder, or its only label file) and in case folders under
     ``HGG/``/``LGG/`` (which give the grade). A case folder whose images are complete also gets its
-    :class:`~brats_cnn.io.CaseRef` (for overlays). Empty list when nothing is found.
+    :class:`~brats_cnn.data.io.CaseRef` (for overlays). Empty list when nothing is found.
     """
     gt = Path(gt)
     if gt.is_file():
@@ -277,7 +278,7 @@ def _flair_slice(ref: io.CaseRef, z: int) -> np.ndarray:
 
 def _overlay(case_id: str, ref: io.CaseRef, gt_labels: np.ndarray, pred_labels: np.ndarray,
              label_convention: str, pred_convention: str, rows: list[dict[str, Any]]) -> bytes | None:
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     gt_regions = region_masks(gt_labels, label_convention)
     z = report.largest_cross_section(gt_regions["complete"] if gt_regions["complete"].any()
@@ -334,7 +335,7 @@ def evaluate_settings(label_convention: str = "brats2017", pred_convention: str 
     """Validate the scoring options.
 
     Args:
-        lesion_wise: a preset of :data:`brats_cnn.metrics.LESION_PRESETS` (``gli``, ``ssa``,
+        lesion_wise: a preset of :data:`brats_cnn.evaluation.metrics.LESION_PRESETS` (``gli``, ``ssa``,
             ``ped``, ``men``, ``met``), or ``none`` for no lesion-wise metrics; None: the config's
             ``evaluate.lesion_wise.preset`` (``gli`` by default).
         lesion_dilation, lesion_min_volume: override the preset's dilation (voxels) and volume
@@ -542,7 +543,7 @@ def _score_one(truth: GroundTruth, pred_path: Path | None, settings: EvaluateSet
 def folder_summary(pred: str | Path, gt: str | Path, truths: list[GroundTruth], settings: EvaluateSettings,
                    scores: FolderScores) -> dict[str, Any]:
     """The ``summary.json`` dictionary of one scored folder."""
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     grades = {t.case_id: t.grade for t in truths}
     scored_ids = sorted({r["case_id"] for r in scores.rows})
@@ -567,7 +568,7 @@ def folder_summary(pred: str | Path, gt: str | Path, truths: list[GroundTruth], 
 
 def write_folder_report(out: str | Path, summary: dict[str, Any], scores: FolderScores) -> None:
     """Write ``metrics.csv``, ``summary.json`` and ``report.html`` of one folder into ``out``."""
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     out = Path(out)
     report.write_metrics_csv(scores.rows, out / "metrics.csv")
@@ -606,7 +607,7 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
         manifest: CSV ``case_id,grade`` for per-grade statistics (default ``<gt>/manifest.csv``).
         images: dataset folder with the cases' images for overlays (default: ``gt`` when it
             holds full cases).
-        hd95_definition: ``"brats"`` (default) or ``"monai"``, see :mod:`brats_cnn.metrics`.
+        hd95_definition: ``"brats"`` (default) or ``"monai"``, see :mod:`brats_cnn.evaluation.metrics`.
         lesion_wise, lesion_dilation, lesion_min_volume, config, overrides: lesion-wise metrics,
             see :func:`evaluate_settings` (default: the BraTS-GLI preset).
         only_predicted: score only the cases that have a prediction (default: a missing
@@ -676,7 +677,8 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
         InputError: fewer than two predictions, bad arguments; after writing everything, when a
             case of any folder could not be scored.
     """
-    from brats_cnn import compare, report
+    from brats_cnn.evaluation import compare
+    from brats_cnn.evaluation import report
 
     preds = [Path(p) for p in preds]
     if len(preds) < 2:

@@ -208,7 +208,7 @@ def n4_key(ref: Any, n4: Any, channel_order: Sequence[str]) -> str:
 
 
 def statistics_key(ref: Any, config: Any) -> str:
-    """Hash of what a case's :class:`~brats_cnn.normalise.CaseStatistics` depend on."""
+    """Hash of what a case's :class:`~brats_cnn.preprocessing.normalise.CaseStatistics` depend on."""
     return _digest({"n4": n4_key(ref, config.preprocess.n4, config.data.channel_order),
                     "settings": _fit_settings(config)})
 
@@ -246,8 +246,8 @@ def _init_worker(threads: int) -> None:
 
 def _load(ref: Any, config: Any, load_label: bool):
     """The case on the 1 mm grid the network is trained on (resampled if its voxels are not 1 mm)."""
-    from brats_cnn.io import load_case
-    from brats_cnn.resample import needs_resampling, to_isotropic
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.resample import needs_resampling, to_isotropic
 
     case = load_case(ref, label_convention=config.data.label_convention, load_label=load_label)
     return to_isotropic(case) if needs_resampling(case.spacing) else case
@@ -286,7 +286,7 @@ def check_case(ref: Any, config: Any) -> str | None:
     Returns:
         None, or one line naming the offending file (all of the case's coverage problems at once).
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     try:
         case = _load(ref, config, load_label=True)
@@ -356,7 +356,7 @@ def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spaci
     Returns:
         ``(C, X, Y, Z)`` float32 N4-corrected image.
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     n4_channels = [c for c, name in enumerate(channel_order) if name in n4.sequences]
     if not n4_channels:
@@ -383,7 +383,7 @@ def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spaci
 
 def _fit_one(ref: Any, config: Any, percase: Path, n4: str, statistics: str) -> Any:
     """Fitting pass of one case: N4 (or its kept result), then its statistics, kept in ``percase``."""
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     try:
         case = _load(ref, config, load_label=False)
@@ -400,8 +400,8 @@ def _write_one(ref: Any, state: Any, config: Any, case_dir: Path, key: str, perc
 
     Returns the case id, or a :class:`CaseFailure` for an input problem found only now.
     """
-    from brats_cnn import normalise
-    from brats_cnn.labels import to_class_indices
+    from brats_cnn.preprocessing import normalise
+    from brats_cnn.data.labels import to_class_indices
 
     started = time.perf_counter()
     try:
@@ -533,7 +533,7 @@ def _fit_state(refs: list, config: Any, out: Path, workers: int, unusable: _Unus
     Returns:
         ``(state, fitted, ids whose statistics were reused, fit key)``.
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     key = fit_key(refs, config)
     if summary.get("fit_key") == key and is_cache(out):
@@ -602,7 +602,7 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
     incomplete so that training does not pick it up.
 
     Args:
-        data: a dataset folder (any layout :func:`brats_cnn.io.list_cases` reads) or CaseRefs.
+        data: a dataset folder (any layout :func:`brats_cnn.data.io.list_cases` reads) or CaseRefs.
         out: the cache folder (created).
         config: a resolved :class:`brats_cnn.config.Config`.
         fit: fit the normaliser on the cases (``fit_case_ids`` only, if given).
@@ -617,10 +617,10 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
     Returns:
         :class:`PreprocessSummary`.
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
     from brats_cnn.config import save_config
     from brats_cnn.errors import ConfigError
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.io import list_cases
 
     started = time.perf_counter()
     out = Path(out)
@@ -685,7 +685,7 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
 
 def _loaded_state(normaliser: Any, config: Any, out: Path) -> Any:
     """A given or saved NormaliserState, checked against the config."""
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
     from brats_cnn.config import config_to_dict
 
     state = normaliser if isinstance(normaliser, normalise.NormaliserState) \

@@ -586,7 +586,7 @@ def case_statistics(case: Any, config: Any, channel_order: Sequence[str] = CHANN
     """Fitting pass over one case: brain mask, N4, then landmarks and moments per sequence.
 
     Args:
-        case: a :class:`brats_cnn.io.Case` (needs ``image``, ``case_id``, ``spacing``, ``source``).
+        case: a :class:`brats_cnn.data.io.Case` (needs ``image``, ``case_id``, ``spacing``, ``source``).
         config: ``PreprocessConfig`` or a full ``Config``.
         correct: the bias correction, called as :func:`correct_bias` is; ``brats-cnn preprocess``
             passes one that reuses a kept N4 result (the arithmetic stays :func:`correct_bias`).
@@ -736,7 +736,7 @@ def normalise_case(case: Any, state: NormaliserState, config: Any, *,
     path of the pipeline: ``preprocess`` (hence ``train``) and ``segment`` both call it.
 
     Args:
-        case: a :class:`brats_cnn.io.Case` (``image`` ``(4, X, Y, Z)`` raw intensities).
+        case: a :class:`brats_cnn.data.io.Case` (``image`` ``(4, X, Y, Z)`` raw intensities).
         state: fitted :class:`NormaliserState`.
         config: ``PreprocessConfig`` or a full ``Config``.
         correct: the bias correction, as in :func:`case_statistics`.

@@ -18,8 +18,8 @@ Run folder::
     <out>/last.pt          checkpoint with the resume state (also in the middle of an epoch)
     <out>/best.pt          checkpoint of the best validation score so far
 
-``train.mode: dense`` trains the same network through :class:`brats_cnn.dense.DenseNetwork` on
-axial crops (:class:`brats_cnn.sampling.SlabBatches`, every brain voxel of a crop labelled, class
+``train.mode: dense`` trains the same network through :class:`brats_cnn.network.dense.DenseNetwork` on
+axial crops (:class:`brats_cnn.training.sampling.SlabBatches`, every brain voxel of a crop labelled, class
 weights ``dense.class_weight_power``); everything else above is shared with patch training.
 ``train.init_weights`` starts a new run from a checkpoint's weights.
 
@@ -46,19 +46,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brats_cnn.calibrate import region_mean
-from brats_cnn.prior import class_frequencies
+from brats_cnn.inference.calibrate import region_mean
+from brats_cnn.inference.prior import class_frequencies
 from brats_cnn.config import Config, check_grade, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
-from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
+from brats_cnn.device import Compute, compute_settings, resolve_device
 from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError, InputError
 from brats_cnn.fsutil import write_json_atomic, write_text_atomic
-from brats_cnn.labels import REGIONS, get_convention
-from brats_cnn.dense import DenseNetwork
-from brats_cnn.model import (build_network, check_patch_size, load_checkpoint, save_checkpoint,
-                             unwrap_network)
-from brats_cnn.sampling import (CENTRE_STREAM, IGNORE_LABEL, VALIDATION_STREAM, PatchBatches, SlabBatches,
+from brats_cnn.data.labels import REGIONS, get_convention
+from brats_cnn.network.dense import DenseNetwork
+from brats_cnn.network.model import build_network, check_patch_size
+from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint, unwrap_network
+from brats_cnn.training.sampling import (CENTRE_STREAM, IGNORE_LABEL, VALIDATION_STREAM, PatchBatches, SlabBatches,
                                 cases_label_mask, make_rng, sample_balanced_centres)
+from brats_cnn.training.distributed import Distributed, all_ranks_agree, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -96,36 +97,6 @@ def torch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(make_rng(seed, TORCH_STREAM, epoch, rank).integers(2**62))
 
 
-@dataclass(frozen=True)
-class Distributed:
-    """Process group facts; ``world_size == 1`` when not launched by torchrun."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device_name: str) -> Distributed:
-    """Join the torchrun process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, gloo on the CPU)."""
-    env = torchrun_environment()
-    if env.world_size <= 1:
-        return Distributed()
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(env.rank, env.local_rank, env.world_size)
-
-
 # ---- data ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -139,7 +110,7 @@ class TrainingData:
 
 
 def _grade_of(folder: Path, grades: dict[str, str]) -> str | None:
-    from brats_cnn.preprocess import load_cached_case
+    from brats_cnn.preprocessing.preprocess import load_cached_case
 
     return grades.get(folder.name) or load_cached_case(folder).grade
 
@@ -163,9 +134,9 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
     written with it. An existing ``<out>/cache`` is reused when up to date (``--resume``). Cases that
     preprocessing skips as unusable are left out of both splits (one warning line lists them).
     """
-    from brats_cnn import preprocess
-    from brats_cnn.io import list_cases, read_manifest
-    from brats_cnn.normalise import load_normaliser
+    from brats_cnn.preprocessing import preprocess
+    from brats_cnn.data.io import list_cases, read_manifest
+    from brats_cnn.preprocessing.normalise import load_normaliser
 
     data = Path(data)
     if not data.exists():
@@ -327,21 +298,21 @@ def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: C
                     frequencies: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, float]]]:
     """Dice of complete/core/enhancing of each validation case, per prior-correction exponent.
 
-    Uses :func:`brats_cnn.segment.predict_fast` on whole volumes (``train.dice_slices = 0``, the
+    Uses :func:`brats_cnn.inference.predict.predict_fast` on whole volumes (``train.dice_slices = 0``, the
     default) or on that many evenly spaced brain slices per case; the networks are 2-D, so a slice's
     prediction does not depend on which other slices are predicted. No post-processing.
 
     Returns:
         ``{alpha: {case id: {region: Dice}}}`` (case ids in the order of ``folders``) for ``alpha = 0``
         (the network's own output) and, when the training class ``frequencies`` are given, every
-        ``train.selection_alphas`` value (the prior correction of :mod:`brats_cnn.calibrate`, which
+        ``train.selection_alphas`` value (the prior correction of :mod:`brats_cnn.inference.calibrate`, which
         ``calibrate`` later tunes on the same cases). :func:`mean_dice` averages over the cases.
     """
-    from brats_cnn.calibrate import region_dice
-    from brats_cnn.prior import apply_class_prior
-    from brats_cnn.labels import classify
-    from brats_cnn.preprocess import load_cached_case
-    from brats_cnn.segment import predict_fast
+    from brats_cnn.inference.calibrate import region_dice
+    from brats_cnn.inference.prior import apply_class_prior
+    from brats_cnn.data.labels import classify
+    from brats_cnn.preprocessing.preprocess import load_cached_case
+    from brats_cnn.inference.predict import predict_fast
 
     convention = config.data.label_convention
     if frequencies is not None and min(frequencies) <= 0:  # a class absent from training: no prior to correct to
@@ -466,15 +437,6 @@ def _flush_step_losses(state: RunState) -> None:
         losses = torch.stack([loss for _, _, loss in state.pending]).tolist()  # one device sync
         state.step_rows += [(step, lr, loss) for (step, lr, _), loss in zip(state.pending, losses)]
         state.pending = []
-
-
-def _all_ranks_agree(flag: bool, dist: Distributed, device: torch.device) -> bool:
-    """Rank 0's decision, shared with every process (time-based decisions differ between ranks)."""
-    if dist.world_size == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    torch.distributed.broadcast(value, 0)
-    return bool(value.item())
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -682,7 +644,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     data_ = prepare_data(data, out, cfg, grade, manifest, dist)
     num_classes = get_convention(cfg.data.label_convention).num_classes
     train_pairs = cases_label_mask(data_.train_dirs)
-    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.calibrate)
+    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.inference.calibrate)
     calibration = {"class_frequencies": class_frequencies(train_pairs, num_classes).tolist()}
     validation = None
     if data_.validation_dirs and dist.is_main:
@@ -862,7 +824,7 @@ def train_epoch(run: Run, epoch: int) -> None:
             bar.set_postfix(loss=f"{state.interval[0].item() / seen:.4f}",
                             acc=f"{state.interval[1].item() / seen:.3f}", lr=f"{lr:.2e}")
             if not checkpoint_now and tc.checkpoint_minutes > 0:
-                checkpoint_now = _all_ranks_agree(time.monotonic() - state.last_saved >= 60 * tc.checkpoint_minutes,
+                checkpoint_now = all_ranks_agree(time.monotonic() - state.last_saved >= 60 * tc.checkpoint_minutes,
                                                   run.dist, run.compute.device)
         if checkpoint_now:
             state.interval_seconds += time.perf_counter() - started

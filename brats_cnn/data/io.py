@@ -19,7 +19,7 @@ Supported layouts (see ``docs/data.md``):
 
 Arrays: images are ``(4, X, Y, Z)`` float32 in :data:`brats_cnn.CHANNELS` order and in the voxel
 order of the file (SimpleITK's ``(z, y, x)`` arrays are transposed to ``(x, y, z)``); label maps are
-``(X, Y, Z)`` int16 label values of a convention (:mod:`brats_cnn.labels`). Affines are 4x4 float64
+``(X, Y, Z)`` int16 label values of a convention (:mod:`brats_cnn.data.labels`). Affines are 4x4 float64
 voxel-to-RAS+ mm (NIfTI convention); ITK's LPS geometry is converted.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 from brats_cnn import CHANNELS
 from brats_cnn.errors import InputError
 from brats_cnn.fsutil import atomic_path
-from brats_cnn.labels import validate_labels
+from brats_cnn.data.labels import validate_labels
 
 log = logging.getLogger(__name__)
 

@@ -244,7 +244,7 @@ def rotate_patches(patches: np.ndarray, angles: np.ndarray, patch_size: int, bac
 def _case_arrays(case: Any) -> Any:
     """A cache folder (opened memory-mapped via preprocess) or an object with image/mask/label."""
     if isinstance(case, (str, Path)):
-        from brats_cnn.preprocess import load_cached_case
+        from brats_cnn.preprocessing.preprocess import load_cached_case
 
         return load_cached_case(Path(case))
     return case
