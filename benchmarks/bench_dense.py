@@ -66,8 +66,9 @@ def main() -> None:
               f"{labelled / seconds.mean():,.0f} labelled voxels/s")
     if args.data is not None:
         from brats_cnn.data.labels import get_convention
-        from brats_cnn.preprocessing.preprocess import list_cached_cases
-        from brats_cnn.training.sampling import CENTRE_STREAM, SlabBatches, cases_label_mask, make_rng, sample_balanced_centres
+        from brats_cnn.preprocessing.cache import list_cached_cases
+        from brats_cnn.training.sampling import CENTRE_STREAM, SlabBatches, make_rng, sample_balanced_centres
+        from brats_cnn.preprocessing.cache import cases_label_mask
 
         folders = list_cached_cases(args.data)
         centres = sample_balanced_centres(cases_label_mask(folders), args.crops * args.iterations,

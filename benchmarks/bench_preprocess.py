@@ -88,7 +88,7 @@ def torchio_agreement() -> dict | None:
     import nibabel as nib
 
     from brats_cnn.config import NyulConfig
-    from brats_cnn.preprocessing.normalise import apply_nyul, fit_nyul
+    from brats_cnn.preprocessing.nyul import apply_nyul, fit_nyul
 
     paths = [SAMPLE / c / f"{c}_t1.nii.gz" for c in CROSS_CHECK_CASES]
     images = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths]
@@ -173,9 +173,9 @@ def main() -> None:
 
     from brats_cnn.config import default_config
     from brats_cnn.data.io import load_case
-    from brats_cnn.preprocessing.normalise import (
-        apply_nyul, brain_mask, case_statistics, correct_bias, standardise_image, state_from_statistics,
-        zscore)
+    from brats_cnn.preprocessing.nyul import apply_nyul
+    from brats_cnn.preprocessing.normalise import brain_mask, case_statistics, standardise_image, state_from_statistics, zscore
+    from brats_cnn.preprocessing.bias import correct_bias
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "preprocess.json"

@@ -2,7 +2,7 @@
 
 Old definition (brats-cnn before issue 13): percentiles of a sequence over the whole brain mask
 (any sequence non-zero), zeros of that sequence included. New definition: over the brain voxels
-where that sequence is non-zero (``normalise.image_landmarks``). Both are computed here from the
+where that sequence is non-zero (``nyul.image_landmarks``). Both are computed here from the
 same N4-corrected image, the one kept by ``brats-cnn preprocess`` in ``<cache>/.percase/``, so
 the comparison isolates the change of voxel set (N4 did not change).
 
@@ -21,9 +21,10 @@ import numpy as np
 
 from brats_cnn.config import load_config
 from brats_cnn.errors import InputError
-from brats_cnn.data.io import list_cases, load_case
-from brats_cnn.preprocessing.normalise import (
-    brain_mask, image_landmarks, nyul_percentiles, sequence_coverage, standard_from_landmarks)
+from brats_cnn.data.layouts import list_cases
+from brats_cnn.data.io import load_case
+from brats_cnn.preprocessing.normalise import brain_mask, sequence_coverage
+from brats_cnn.preprocessing.nyul import image_landmarks, nyul_percentiles, standard_from_landmarks
 from brats_cnn.preprocessing.preprocess import PERCASE_DIR, _bias_corrected, n4_key
 
 

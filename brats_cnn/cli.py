@@ -145,9 +145,10 @@ def calibrate(
 ) -> None:
     """Choose the class-prior correction, test-time augmentation and post-processing on validation cases."""
     from brats_cnn.inference.calibrate import CALIBRATED_NAME, run_calibrate, write_fixed_calibration
+    from brats_cnn.network.checkpoint import LAST_CHECKPOINT
 
     if fixed:
-        write_fixed_calibration(run, model or run / "last.pt", out or run / CALIBRATED_NAME, fixed)
+        write_fixed_calibration(run, model or run / LAST_CHECKPOINT, out or run / CALIBRATED_NAME, fixed)
         return
     run_calibrate(run=run, model=model, out=out, cache=cache, device=device, tta=not no_tta)
 
@@ -210,8 +211,8 @@ def benchmark(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Time forward and forward+backward per batch, and the training data pipeline."""
-    from brats_cnn.training.benchmark import run_benchmark
     from brats_cnn.config import load_config
+    from brats_cnn.training.benchmark import run_benchmark
 
     settings = load_config(config or f"pereira_{grade.lower()}", list(set_ or [])) if (config or set_) else None
     run_benchmark(grade=grade, device=device, batch_size=batch_size, iterations=iterations,

@@ -68,7 +68,7 @@ def make_folds(hgg: list[str], lgg: list[str], k: int, seed: int = SEED) -> list
 
 
 def split(args: argparse.Namespace) -> int:
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     excluded: set[str] = set()
     for path in args.exclude_split or []:
@@ -106,7 +106,7 @@ def _call(command: list[str]) -> None:
 def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path, device: str,
                overrides: list[str]) -> Path:
     """Train fold ``fold`` on the HGG cases of the other folds (resuming its last.pt); its last.pt."""
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     folder = out / f"fold{fold}"
     run = folder / "run"
@@ -135,7 +135,7 @@ def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path
 
 def predict_fold(data: Path, folds: list[dict], fold: int, model: Path, out: Path, device: str) -> None:
     """The held-out cases' probabilities at alpha 0, no post-processing, without and with TTA."""
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
     cases = [str(Path(r.image_paths[0]).parent) for r in list_cases(data) if r.case_id in held]
@@ -329,7 +329,7 @@ def load_tables(path: Path) -> dict[tuple, tuple]:
 
 def write_tables(data: Path, folds: list[dict], fold: int, out: Path, tables: Path) -> None:
     """The count tables of a fold's held-out cases from their saved probabilities (skips existing ones)."""
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
     for ref in (r for r in list_cases(data) if r.case_id in held):

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from brats_cnn.evaluation.evaluate import run_evaluate
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
     from brats_cnn.inference.segment import run_segment
     from brats_cnn.training.train import run_training
 

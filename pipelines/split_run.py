@@ -29,7 +29,7 @@ from run_brats import link_cases  # noqa: E402
 
 
 def _refs(data: Path, split: dict, grades: list[str], parts: list[str]) -> list:
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     wanted = {case_id: grade for grade in grades for part in parts for case_id in split[grade].get(part, [])}
     refs = [replace(r, grade=wanted[r.case_id].upper()) for r in list_cases(data) if r.case_id in wanted]

@@ -461,7 +461,8 @@ def checkpoints(pristine, tmp_path_factory) -> dict[str, Path]:
     import torch
 
     from brats_cnn.config import load_config
-    from brats_cnn.data.io import list_cases, load_case
+    from brats_cnn.data.layouts import list_cases
+    from brats_cnn.data.io import load_case
     from brats_cnn.data.labels import get_convention
     from brats_cnn.network.model import build_network
     from brats_cnn.network.checkpoint import save_checkpoint

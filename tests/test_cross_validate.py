@@ -111,7 +111,7 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns == before
     assert len(list((tmp_path / "cv" / "tables").glob("*.npz"))) == 5
     # the grid from the committed tables equals scoring the saved probabilities directly
-    from brats_cnn.data.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     ref = next(r for r in list_cases(data) if r.case_id == "Phantom_011")
     direct = cv.score_case(cv._crop(cv._load_oof_case(ref, tmp_path / "cv", "brats2017")), "brats2017",

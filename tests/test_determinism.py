@@ -83,7 +83,7 @@ def test_same_model_same_segmentation(data, two_runs, tmp_path):
 def test_exact_mode_is_repeatable(data, two_runs):
     """Exact mode on a brain subset: two calls give identical probabilities."""
     from brats_cnn.network.checkpoint import load_checkpoint
-    from brats_cnn.preprocessing.preprocess import list_cached_cases, load_cached_case
+    from brats_cnn.preprocessing.cache import list_cached_cases, load_cached_case
     from brats_cnn.inference.predict import predict_exact
 
     _, cache = data

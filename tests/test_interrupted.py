@@ -215,7 +215,8 @@ def _mtime(path: Path) -> int:
 def model_and_cases(tmp_path_factory) -> tuple[Path, Path]:
     """A random-weight checkpoint (normaliser fitted on the phantoms) and 4 phantom cases."""
     from brats_cnn.config import load_config
-    from brats_cnn.data.io import list_cases, load_case
+    from brats_cnn.data.layouts import list_cases
+    from brats_cnn.data.io import load_case
     from brats_cnn.network.model import build_network
     from brats_cnn.network.checkpoint import save_checkpoint
     from brats_cnn.preprocessing.normalise import fit_normaliser
@@ -293,8 +294,8 @@ def test_stale_temp_files_from_a_killed_run_are_never_read(model_and_cases, refe
     """Hidden ``.name.*.tmp.nii.gz`` left by SIGKILL are not taken for sequences or predictions."""
     import shutil
 
-    from brats_cnn.evaluation.evaluate import find_predictions
-    from brats_cnn.data.io import find_case, list_cases
+    from brats_cnn.evaluation.pairing import find_predictions
+    from brats_cnn.data.layouts import find_case, list_cases
 
     _, data = model_and_cases
     cases = tmp_path / "cases"

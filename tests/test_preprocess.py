@@ -14,12 +14,13 @@ import pytest
 from brats_cnn.cli import main
 from brats_cnn.config import load_config
 from brats_cnn.errors import InputError
-from brats_cnn.data.io import find_case, list_cases, load_case, load_label_map, save_case
+from brats_cnn.data.layouts import find_case, list_cases
+from brats_cnn.data.io import load_case, load_label_map, save_case
 from brats_cnn.data.labels import to_class_indices
 from brats_cnn.preprocessing.normalise import load_normaliser, normalise_case
 from brats_cnn.data.phantom import make_phantom, write_phantom_dataset
-from brats_cnn.preprocessing.preprocess import (
-    is_cache, list_cached_cases, load_cached_case, preprocess_dataset, run_preprocess)
+from brats_cnn.preprocessing.cache import is_cache, list_cached_cases, load_cached_case
+from brats_cnn.preprocessing.preprocess import preprocess_dataset, run_preprocess
 
 SHAPE = (32, 32, 20)
 OVERRIDES = ["preprocess.n4.shrink_factor=2", "preprocess.workers=1"]
@@ -204,14 +205,14 @@ def _bad_dataset(root: Path) -> Path:
 @pytest.fixture()
 def n4_calls(monkeypatch) -> list[str]:
     """Counts N4 runs (one per corrected sequence) in this process (workers=1)."""
-    from brats_cnn.preprocessing import normalise
+    from brats_cnn.preprocessing import bias
 
-    calls, real = [], normalise.n4_correct
+    calls, real = [], bias.n4_correct
 
     def counting(volume, mask, n4, **kwargs):
         calls.append(str(kwargs.get("source")))
         return real(volume, mask, n4, **kwargs)
-    monkeypatch.setattr(normalise, "n4_correct", counting)
+    monkeypatch.setattr(bias, "n4_correct", counting)
     return calls
 
 

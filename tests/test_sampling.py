@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.training.sampling import (Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns,
-                                rotate_patches, rotate_patches_90, rotation_support,
-                                sample_balanced_centres)
+from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 

@@ -447,7 +447,6 @@ def test_tta_is_chosen_by_device_unless_asked():
 
 
 def test_segment_takes_speed_settings_from_this_version_not_the_checkpoint(phantom_setup, tmp_path, monkeypatch):
-    from brats_cnn.inference import segment
     from brats_cnn.config import SegmentConfig, config_to_dict, load_config
     from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
 

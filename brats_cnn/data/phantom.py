@@ -17,10 +17,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from brats_cnn import CHANNELS
+from brats_cnn.data.io import Case, header_from_affine, save_case
+from brats_cnn.data.labels import convert_labels
+from brats_cnn.data.layouts import LAYOUTS, CaseRef
 from brats_cnn.errors import InputError
 from brats_cnn.fsutil import write_text_atomic
-from brats_cnn.data.io import LAYOUTS, Case, CaseRef, header_from_affine, save_case
-from brats_cnn.data.labels import convert_labels
 
 # Tissue classes of the phantom; tumour classes carry their brats2013 label value.
 BACKGROUND, NECROSIS, EDEMA, NON_ENHANCING, ENHANCING = 0, 1, 2, 3, 4
@@ -216,7 +217,7 @@ def write_phantom_dataset(root: str | Path, n_cases: int, layout: str = "brats20
         phantom_options: passed to :func:`make_phantom`.
 
     Returns:
-        The written cases' :class:`~brats_cnn.data.io.CaseRef` in case order.
+        The written cases' :class:`~brats_cnn.data.layouts.CaseRef` in case order.
     """
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout '{layout}' (expected one of: {', '.join(LAYOUTS)})", root)

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.data.labels import DECISIONS, REGIONS, classify, from_class_indices, get_convention, region_masks
+from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.inference.prior import class_frequencies, correct_class_prior
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,10 @@ CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_r
 
 def _refuse_to_overwrite(run: Path, model: Path, out: Path) -> None:
     """ConfigError if ``out`` or ``<out>.json`` is the checkpoint being calibrated or the run's last/best.pt."""
-    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / "last.pt"),
-                         ("the run's best.pt", run / "best.pt")):
+    from brats_cnn.network.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
+
+    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / LAST_CHECKPOINT),
+                         ("the run's best.pt", run / BEST_CHECKPOINT)):
         if out.resolve() == source.resolve() or out.with_suffix(".json").resolve() == source.resolve():
             raise ConfigError(f"--out would write over {name} ({source}); choose another file", out)
 
@@ -179,13 +181,13 @@ def write_fixed_calibration(run: Path, model: Path, out: Path, settings: Sequenc
 
 def _validation_cases(run: Path, cache: Path) -> tuple[list[Path], list[Path]]:
     """Training and validation cache folders recorded in the run's ``last.pt``."""
-    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.network.checkpoint import LAST_CHECKPOINT, load_checkpoint
 
-    state = load_checkpoint(run / "last.pt").training_state or {}
+    state = load_checkpoint(run / LAST_CHECKPOINT).training_state or {}
     train_ids, val_ids = state.get("train_cases"), state.get("validation_cases")
     if not train_ids or not val_ids:
         raise CheckpointError("last.pt records no training or no validation cases; calibration needs both "
-                              "(train with data.validation_cases >= 1)", run / "last.pt")
+                              "(train with data.validation_cases >= 1)", run / LAST_CHECKPOINT)
     missing = [c for c in [*train_ids, *val_ids] if not (cache / c).is_dir()]
     if missing:
         raise InputError(f"case '{missing[0]}' of the run is not in the cache", cache)
@@ -212,13 +214,12 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
     from brats_cnn.config import config_from_dict, config_to_dict
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.fsutil import write_json_atomic
-    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
-    from brats_cnn.preprocessing.preprocess import load_cached_case
-    from brats_cnn.training.sampling import cases_label_mask
     from brats_cnn.inference.predict import predict
+    from brats_cnn.network.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_checkpoint
+    from brats_cnn.preprocessing.cache import cases_label_mask, load_cached_case
 
     run = Path(run)
-    model = Path(model) if model else run / "best.pt"
+    model = Path(model) if model else run / BEST_CHECKPOINT
     out = Path(out) if out else run / CALIBRATED_NAME
     cache = Path(cache) if cache else run / "cache"
     _refuse_to_overwrite(run, model, out)

@@ -55,7 +55,7 @@ def bundled_weights(grade: str) -> Path:
     """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_MODELS`)."""
     from pathlib import Path
 
-    return Path(__file__).parent / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]
+    return Path(__file__).resolve().parents[1] / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]  # brats_cnn/weights
 
 
 def resolve_checkpoints(model: str | Path | list | None, grade: str | None) -> tuple[list[Path], tuple[str, ...]]:

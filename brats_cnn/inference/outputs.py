@@ -15,7 +15,7 @@ from brats_cnn.inference.members import RUNTIME_KEYS
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
 
-    from brats_cnn.data.io import CaseRef
+    from brats_cnn.data.layouts import CaseRef
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,11 @@
-"""Sliding-window inference (SPEC stage 8) in two modes, and the ``segment`` command.
+"""The ``segment`` command (SPEC stages 6-7): every case through its models, decision rule and
+post-processing into a label map, a sidecar and, on request, the probabilities.
 
-* **exact** (:func:`predict_exact`): every brain voxel is classified from its own 33x33 axial
-  patch, exactly as in training; patches that cross the volume border are filled with the
-  normalised background value. Patches are gathered in batches from a strided view of the padded
-  volume (no copy of all patches, no Python loop per voxel). About 357.5 MFLOP per voxel for
-  the HGG network: seconds on a data-centre GPU, hours on a CPU.
-* **fast** (:func:`predict_fast`): the same weights run fully convolutionally over whole slices:
-  each 3x3 stride-2 max-pool becomes a stride-1 pool and every layer after it is dilated by the
-  product of the removed strides (2, then 4), so every voxel gets its own output at full
-  resolution; the first FC layer is evaluated at brain voxels only, on the dilated 7x7x128
-  neighbourhood of each. This equals exact mode except that the zero "same" padding that the
-  convolutions see at the edge of each 33x33 training patch is replaced by the real image around
-  it (see docs/segmentation.md for the measured agreement).
-
-Probabilities are ``(C, X, Y, Z)`` float32 in class-index order; voxels outside the brain mask
-are background (probability 1 for class 0).
+The maths is elsewhere: the voxel-wise prediction in :mod:`brats_cnn.inference.predict`, the models
+and each one's calibrated probabilities in :mod:`brats_cnn.inference.members`, the output files and
+what may be written over in :mod:`brats_cnn.inference.outputs`, the skip rule in
+:mod:`brats_cnn.provenance`. This module runs the cases: sharding (``--shard``, torchrun ranks),
+skip or recompute, one case's stages in order, and one error naming every case that failed.
 """
 
 from __future__ import annotations
@@ -29,33 +20,31 @@ import numpy as np
 from brats_cnn import progress_wanted
 from brats_cnn.device import compute_settings, resolve_device, torchrun_environment
 from brats_cnn.errors import ConfigError, InputError
+from brats_cnn.inference.members import (
+    load_members,
+    member_input,
+    member_probabilities,
+    member_record,
+    resolve_checkpoints,
+)
+from brats_cnn.inference.outputs import (
+    OUTPUT_DESCRIPTION,
+    OutputTarget,
+    output_settings,
+    output_targets,
+    refuse_foreign_outputs,
+    refuse_overwriting,
+    requested_outputs,
+)
 from brats_cnn.inference.predict import resolve_mode
-from brats_cnn.inference.members import resolve_checkpoints, load_members, member_input, member_probabilities, member_record
-from brats_cnn.inference.outputs import OUTPUT_DESCRIPTION, OutputTarget, output_settings, refuse_foreign_outputs, refuse_overwriting, requested_outputs, output_targets
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
 
     from brats_cnn.config import PostprocessConfig
-    from brats_cnn.data.io import CaseRef
+    from brats_cnn.data.layouts import CaseRef
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# shared helpers
-
-
-# ----------------------------------------------------------------------------------------------
-# exact mode
-
-
-# ----------------------------------------------------------------------------------------------
-# fast mode
-
-
-# ----------------------------------------------------------------------------------------------
-# the `segment` command
 
 
 @dataclass(frozen=True)
@@ -71,7 +60,7 @@ def _find_cases(inputs: list) -> list[CaseRef]:
     """Case references of every input (a case file/folder, or a dataset folder = many cases)."""
     from pathlib import Path
 
-    from brats_cnn.data.io import find_case, list_cases
+    from brats_cnn.data.layouts import find_case, list_cases
 
     refs = []
     for item in inputs:
@@ -117,11 +106,11 @@ def segment_case(ref: CaseRef, target: OutputTarget, *, members: list, mode: str
     import time
 
     from brats_cnn import __version__
-    from brats_cnn.fsutil import write_json_atomic
     from brats_cnn.data.io import load_case, save_label_map, save_volume
     from brats_cnn.data.labels import classify, convert_labels, from_class_indices
-    from brats_cnn.inference.postprocess import postprocess_with_report
     from brats_cnn.data.resample import needs_resampling, resample_volume, to_isotropic
+    from brats_cnn.fsutil import write_json_atomic
+    from brats_cnn.inference.postprocess import postprocess_with_report
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -274,10 +263,9 @@ def run_segment(inputs: str | Path | list, model: str | Path | list | None = Non
     import time
     from pathlib import Path
 
-    from brats_cnn.errors import BratsCnnError
     from brats_cnn.data.labels import conversion_table, get_convention
-
     from brats_cnn.device import keep_freed_memory
+    from brats_cnn.errors import BratsCnnError
 
     checkpoint_paths, grade_overrides = resolve_checkpoints(model, grade)
     keep_freed_memory()  # large freed blocks are reused, not faulted in again (system time)

@@ -16,6 +16,8 @@ from brats_cnn.errors import CheckpointError, ConfigError
 from brats_cnn.network.model import PereiraCNN, build_network
 
 CHECKPOINT_FORMAT = "brats-cnn-checkpoint"
+LAST_CHECKPOINT = "last.pt"  # a train run folder's checkpoints: the resume state, and the best validation score
+BEST_CHECKPOINT = "best.pt"
 CHECKPOINT_FORMAT_VERSION = 2  # 2 added "calibration"; version 1 files still load (calibration None)
 
 

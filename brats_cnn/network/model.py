@@ -41,7 +41,7 @@ def check_patch_size(architecture: str, patch_size: int) -> None:
     """Raise a one-line ConfigError unless the ``architecture`` network can take ``patch_size`` patches.
 
     The side must be odd (the label is the centre voxel's) and the last feature map must be odd
-    and at least 1x1: the fast sliding window (``segment.predict_fast``) centres the first FC
+    and at least 1x1: the fast sliding window (``inference.predict.predict_fast``) centres the first FC
     layer's window on each voxel. For the paper's pooling (3x3, stride 2, twice) that allows
     ``8k - 1`` and ``8k + 1``: 7, 9, 15, 17, 23, 25, 31, 33, ...
     """

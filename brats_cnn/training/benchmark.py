@@ -102,7 +102,7 @@ def _summary(seconds: np.ndarray, batch_size: int, flops_per_batch: float) -> di
 
 def _phantom_cache(root: Path, config: Config) -> Path:
     """A small preprocessed cache of phantom cases (N4 off: it is not what is timed)."""
-    from brats_cnn.config import config_to_dict, config_from_dict
+    from brats_cnn.config import config_from_dict, config_to_dict
     from brats_cnn.data.phantom import write_phantom_dataset
     from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
@@ -116,7 +116,8 @@ def _phantom_cache(root: Path, config: Config) -> Path:
 
 def _cache_of(data: Path, root: Path, config: Config) -> Path:
     """``data`` if it is a cache, else a raw dataset preprocessed into ``root/cache``."""
-    from brats_cnn.preprocessing.preprocess import is_cache, preprocess_dataset
+    from brats_cnn.preprocessing.cache import is_cache
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     if is_cache(data):
         return data
@@ -127,9 +128,8 @@ def _cache_of(data: Path, root: Path, config: Config) -> Path:
 def _pipeline_batches(cache: Path, config: Config, batch_size: int, batches: int):
     """A ``PatchBatches`` dataset of ``batches`` training batches drawn from every case of the cache."""
     from brats_cnn.data.labels import get_convention
-    from brats_cnn.preprocessing.preprocess import list_cached_cases
-    from brats_cnn.training.sampling import (CENTRE_STREAM, PatchBatches, cases_label_mask, make_rng,
-                                    sample_balanced_centres)
+    from brats_cnn.preprocessing.cache import cases_label_mask, list_cached_cases
+    from brats_cnn.training.sampling import CENTRE_STREAM, PatchBatches, make_rng, sample_balanced_centres
 
     folders = list_cached_cases(cache)
     num_classes = get_convention(config.data.label_convention).num_classes
@@ -185,8 +185,8 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
     """
     import copy
 
-    from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.data.labels import get_convention
+    from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.training.train import build_optimiser, loader_workers, make_loader, train_step
 
     grade = check_grade(grade)

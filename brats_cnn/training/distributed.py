@@ -1,4 +1,7 @@
 """Training under torchrun: the process group (NCCL on CUDA, gloo on the CPU) and rank-0 decisions.
+
+Where a process stands (rank, local rank, world size) is read once, by :func:`brats_cnn.device.torchrun_environment`,
+for training and segmentation alike; :class:`Distributed` is that place once its process group is joined.
 """
 
 from __future__ import annotations
@@ -7,16 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from brats_cnn.device import torchrun_environment
+from brats_cnn.device import TorchrunEnvironment, torchrun_environment
 
 
 @dataclass(frozen=True)
-class Distributed:
-    """Process group facts; ``world_size == 1`` when not launched by torchrun."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+class Distributed(TorchrunEnvironment):
+    """A :class:`TorchrunEnvironment` whose process group is joined; ``world_size == 1`` when not launched by torchrun."""
 
     @property
     def is_main(self) -> bool:
