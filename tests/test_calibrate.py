@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.inference.calibrate import ALPHAS, Choice, best_choice, region_mean, run_calibrate, score_settings
+from brats_cnn.inference.calibrate import ALPHAS, CALIBRATION_KEYS, Choice, best_choice, region_mean, run_calibrate, score_settings
 from brats_cnn.inference.prior import (PRIOR_EM_FLOOR, apply_class_prior, class_frequencies, correct_class_prior,
                              estimate_case_prior)
 from brats_cnn.config import PostprocessConfig
@@ -241,6 +241,13 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
     for a, b in zip(last.network.parameters(), fixed.network.parameters()):
         assert torch.equal(a, b)
     assert json.loads(out.with_suffix(".json").read_text())["fixed"] == fixed.calibration["fixed"]
+    # the cross-validated decisions (pipelines/cross_validate.py) are calibration settings too
+    cv = tmp_path / "cv.pt"
+    assert main([*base, "--out", str(cv), "--fixed", "segment.class_weights=[1,1,1.5,1]",
+                 "--fixed", "postprocess.min_component_voxels=3000", "--fixed", "postprocess.keep_largest=true"]) == 0
+    chosen = load_checkpoint(cv).config
+    assert chosen.segment.class_weights == (1.0, 1.0, 1.5, 1.0) and chosen.postprocess.min_component_voxels == 3000
+    assert chosen.postprocess.keep_largest is True and chosen.segment.prior_alpha == last.config.segment.prior_alpha
     case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
     run_segment([case], model=out, out=tmp_path / "seg.nii.gz", device="cpu", overrides=["segment.tta=always"])
     sidecar = json.loads((tmp_path / "seg.json").read_text())
@@ -254,8 +261,7 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
     before, best_before = (run / "last.pt").read_bytes(), (run / "best.pt").read_bytes()
     capsys.readouterr()
     for args, message in ((["--fixed", "train.epochs=3", "--out", str(tmp_path / "no.pt")],
-                           "--fixed: --fixed sets only segment.prior_alpha, segment.prior_adapt, "
-                           "segment.tta_rotations, segment.decision, postprocess.keep_largest; got 'train.epochs'"),
+                           f"--fixed: --fixed sets only {', '.join(CALIBRATION_KEYS)}; got 'train.epochs'"),
                           (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "last.pt")],
                            f"{run / 'last.pt'}: --out would write over the checkpoint being calibrated"),
                           (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "best.pt")],

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from brats_cnn.training import train
-from brats_cnn.training import loss
+from brats_cnn.training import loss as training_loss
 from brats_cnn.training import validation
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
 from brats_cnn.network.checkpoint import load_checkpoint
@@ -75,7 +75,7 @@ def test_dice_slices_are_evenly_spaced_over_the_brain():
 
 
 def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch):
-    # train.train_step (train and benchmark) and validation.evaluate_patches both use loss.loss_function
+    # train.train_step (train and benchmark) and validation.evaluate_patches both use training_loss.loss_function
     from brats_cnn.device import Compute
     from brats_cnn.network.model import PereiraCNN
 
@@ -89,7 +89,7 @@ def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     calls = []
-    assert train.loss_function is validation.loss_function is loss.loss_function  # one function, imported by both
+    assert train.loss_function is validation.loss_function is training_loss.loss_function  # one function, imported by both
     fake = lambda out, target, config=None, weight=None: calls.append(len(target)) or 0 * out.sum()  # noqa: E731
     monkeypatch.setattr(train, "loss_function", fake)
     monkeypatch.setattr(validation, "loss_function", fake)
@@ -109,9 +109,9 @@ def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkey
     focal = load_config("smoke", ["train.loss=focal", "train.focal_gamma=2"]).train
     p_t = torch.tensor([np.exp(2) / (np.exp(2) + 1), 1 / (1 + np.e), 0.5])
     expected = (-((1 - p_t) ** 2) * torch.log(p_t)).mean()
-    assert loss.loss_function(logits, labels, focal).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert training_loss.loss_function(logits, labels, focal).item() == pytest.approx(expected.item(), rel=1e-6)
     gamma0 = load_config("smoke", ["train.loss=focal", "train.focal_gamma=0"]).train
-    assert loss.loss_function(logits, labels, gamma0).item() == pytest.approx(
+    assert training_loss.loss_function(logits, labels, gamma0).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     with pytest.raises(ConfigError, match="train.loss"):
         load_config("smoke", ["train.loss=dice"])
@@ -119,7 +119,7 @@ def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkey
     from brats_cnn.training import benchmark
 
     seen = []
-    real = loss.loss_function
+    real = training_loss.loss_function
     monkeypatch.setattr(train, "loss_function", lambda out, target, config=None, weight=None:
                         seen.append(config.loss) or real(out, target, config, weight))
     config = load_config("smoke", ["train.loss=focal", "preprocess.n4.sequences=[]", "model.architecture=lgg",
@@ -409,11 +409,11 @@ def test_dense_loss_is_the_weighted_cross_entropy_of_the_labelled_voxels():
     logits = torch.randn(2, 4, 3, 3)
     labels = torch.randint(0, 4, (2, 3, 3))
     labels[0, 0, :] = IGNORE_LABEL
-    weight = loss.dense_class_weights([0.7, 0.1, 0.15, 0.05], 1.0)
+    weight = training_loss.dense_class_weights([0.7, 0.1, 0.15, 0.05], 1.0)
     # pi ** -1 with mean 1 over the 4 classes
     expected_w = torch.tensor([1 / 0.7, 10, 1 / 0.15, 20]) / torch.tensor([1 / 0.7, 10, 1 / 0.15, 20]).mean()
     torch.testing.assert_close(weight, expected_w.float())
-    assert torch.equal(loss.dense_class_weights([0.7, 0.3, 0.0], 0.5)[2], torch.tensor(0.0))
+    assert torch.equal(training_loss.dense_class_weights([0.7, 0.3, 0.0], 0.5)[2], torch.tensor(0.0))
     by_hand_num, by_hand_den = 0.0, 0.0
     for b in range(2):
         for i in range(3):
@@ -423,9 +423,9 @@ def test_dense_loss_is_the_weighted_cross_entropy_of_the_labelled_voxels():
                     continue
                 by_hand_num += -float(weight[c] * torch.log_softmax(logits[b, :, i, j], 0)[c])
                 by_hand_den += float(weight[c])
-    assert float(loss.loss_function(logits, labels, None, weight)) == pytest.approx(by_hand_num / by_hand_den,
+    assert float(training_loss.loss_function(logits, labels, None, weight)) == pytest.approx(by_hand_num / by_hand_den,
                                                                                        rel=1e-6)
-    unweighted = loss.loss_function(logits, labels)
+    unweighted = training_loss.loss_function(logits, labels)
     flat = logits.movedim(1, -1)[labels != IGNORE_LABEL]
     assert float(unweighted) == pytest.approx(float(torch.nn.functional.cross_entropy(flat, labels[labels >= 0])))
 

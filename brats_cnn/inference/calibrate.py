@@ -121,9 +121,11 @@ def best_choice(choices: Sequence[Choice]) -> Choice:
 
 # ---- the command ---------------------------------------------------------------------------------
 
-# the settings calibrate chooses; --fixed may set only these
+# the settings calibrate chooses; --fixed may set only these (the class weights and t_vol: chosen by
+# cross-validation, pipelines/cross_validate.py)
 CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_rotations", "segment.decision",
-                    "postprocess.keep_largest")
+                    "segment.class_weights", "postprocess.keep_largest", "postprocess.min_component_voxels",
+                    "postprocess.never_empty")
 
 
 def _refuse_to_overwrite(run: Path, model: Path, out: Path) -> None:

@@ -145,16 +145,17 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
     preprocessing skips as unusable are left out of both splits (one warning line lists them).
     """
     from brats_cnn.data.layouts import list_cases, read_manifest
-    from brats_cnn.preprocessing import cache, preprocess
+    from brats_cnn.preprocessing import preprocess
+    from brats_cnn.preprocessing.cache import NORMALISER_FILE, is_cache, list_cached_cases
     from brats_cnn.preprocessing.normalise import load_normaliser
 
     data = Path(data)
     if not data.exists():
         raise InputError("training data folder not found", data)
-    if cache.is_cache(data):
+    if is_cache(data):
         cache = data
         grades = read_manifest(manifest) if manifest else {}
-        folders = {p.name: p for p in cache.list_cached_cases(cache)}
+        folders = {p.name: p for p in list_cached_cases(cache)}
         ids = _keep_grade([(name, _grade_of(p, grades)) for name, p in folders.items()], grade, data)
         train_ids, val_ids = split_cases(ids, config.data.validation_cases, config.train.seed)
     else:
@@ -166,7 +167,7 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
             kept = [r for r in refs if r.case_id in set(ids)]
             preprocess.preprocess_dataset(kept, cache, config=config, fit=True, fit_case_ids=train_ids)
         dist.barrier()
-        written = {p.name for p in cache.list_cached_cases(cache)}
+        written = {p.name for p in list_cached_cases(cache)}
         unusable = [c for c in ids if c not in written]
         if unusable:
             log.warning("training without %d unusable case(s): %s", len(unusable), ", ".join(unusable))
@@ -175,7 +176,7 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
             raise InputError("no usable training case left (see the warnings above)", data)
     log.info("training cases: %s; validation cases: %s", ", ".join(train_ids), ", ".join(val_ids) or "none")
     return TrainingData(cache, tuple(cache / c for c in train_ids), tuple(cache / c for c in val_ids),
-                        load_normaliser(cache / cache.NORMALISER_FILE))
+                        load_normaliser(cache / NORMALISER_FILE))
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> int:
