@@ -111,3 +111,12 @@ def test_fast_vs_exact_refinement_takes_exact_labels_only_below_the_margin():
     assert rows[0.05]["dice_on_sample"]["complete"] == pytest.approx(2 * 2 / (3 + 2))
     assert rows[0.5]["refined_pct"] == pytest.approx(200 / 3)
     assert rows[0.5]["dice_on_sample"]["complete"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(REPO)) for folder in ("benchmarks", "pipelines")
+                                          for p in (REPO / folder).glob("*.py")))
+def test_every_benchmark_and_pipeline_script_imports_and_answers_help(script):
+    # a module moved or renamed in the package must not leave a script behind (issue 36)
+    result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-800:]
+    assert "usage:" in result.stdout.lower()
