@@ -1,8 +1,8 @@
 """Patch vs dense training: labelled voxels per second of one train step, and of the dense data pipeline.
 
-Both steps are ``brats_cnn.train.train_step`` on the HGG network with the configured precision and
+Both steps are ``brats_cnn.training.train.train_step`` on the HGG network with the configured precision and
 memory format (``device.compute_settings``): a patch batch labels one voxel per 33x33 patch, a dense
-batch of ``--crops`` crops labels ``crop_size**2`` voxels each (``brats_cnn.dense.DenseNetwork``).
+batch of ``--crops`` crops labels ``crop_size**2`` voxels each (``brats_cnn.network.dense.DenseNetwork``).
 
     .venv/bin/python benchmarks/bench_dense.py --device cpu --data runs/hgg_v3/cache
 
@@ -33,13 +33,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from brats_cnn.benchmark import time_batches
+    from brats_cnn.training.benchmark import time_batches
     from brats_cnn.config import load_config
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.fsutil import atomic_path, write_json_atomic
-    from brats_cnn.dense import DenseNetwork
-    from brats_cnn.model import build_network
-    from brats_cnn.train import train_step
+    from brats_cnn.network.dense import DenseNetwork
+    from brats_cnn.network.model import build_network
+    from brats_cnn.training.train import train_step
 
     config = load_config("pereira_hgg")
     compute = compute_settings(resolve_device(args.device), config.compute)
@@ -65,9 +65,10 @@ def main() -> None:
         print(f"{mode:5s}: {seconds.mean():.3f} s/step, {labelled} labels/step, "
               f"{labelled / seconds.mean():,.0f} labelled voxels/s")
     if args.data is not None:
-        from brats_cnn.labels import get_convention
-        from brats_cnn.preprocess import list_cached_cases
-        from brats_cnn.sampling import CENTRE_STREAM, SlabBatches, cases_label_mask, make_rng, sample_balanced_centres
+        from brats_cnn.data.labels import get_convention
+        from brats_cnn.preprocessing.cache import list_cached_cases
+        from brats_cnn.training.sampling import CENTRE_STREAM, SlabBatches, make_rng, sample_balanced_centres
+        from brats_cnn.preprocessing.cache import cases_label_mask
 
         folders = list_cached_cases(args.data)
         centres = sample_balanced_centres(cases_label_mask(folders), args.crops * args.iterations,

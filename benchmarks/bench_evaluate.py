@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from brats_cnn import evaluate, io
+from brats_cnn.evaluation import evaluate
+from brats_cnn.evaluation import pairing
+from brats_cnn.data import io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
-    truths = evaluate.find_ground_truth(args.data)
+    truths = pairing.find_ground_truth(args.data)
     kinds = ("shift", "dilate", "erode")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ def timed(label: str, rows: list, function, *args, **kwargs):
 
 def n4_full_vs_shrunk(case, mask, config, rows: list) -> dict:
     """Full-resolution vs shrunk N4 on T1: times and the relative voxel difference inside the brain."""
-    from brats_cnn.normalise import n4_correct
+    from brats_cnn.preprocessing.normalise import n4_correct
 
     t1 = case.image[0]
     shrunk = timed(SHRUNK_N4_STEP, rows, n4_correct, t1, mask, config.preprocess.n4, spacing=case.spacing)
@@ -88,7 +88,7 @@ def torchio_agreement() -> dict | None:
     import nibabel as nib
 
     from brats_cnn.config import NyulConfig
-    from brats_cnn.normalise import apply_nyul, fit_nyul
+    from brats_cnn.preprocessing.nyul import apply_nyul, fit_nyul
 
     paths = [SAMPLE / c / f"{c}_t1.nii.gz" for c in CROSS_CHECK_CASES]
     images = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths]
@@ -172,10 +172,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from brats_cnn.config import default_config
-    from brats_cnn.io import load_case
-    from brats_cnn.normalise import (
-        apply_nyul, brain_mask, case_statistics, correct_bias, standardise_image, state_from_statistics,
-        zscore)
+    from brats_cnn.data.io import load_case
+    from brats_cnn.preprocessing.nyul import apply_nyul
+    from brats_cnn.preprocessing.normalise import brain_mask, case_statistics, standardise_image, state_from_statistics, zscore
+    from brats_cnn.preprocessing.bias import correct_bias
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "preprocess.json"

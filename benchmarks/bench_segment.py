@@ -56,7 +56,7 @@ def conv_flops(network) -> tuple[float, float]:
 
 def fast_mode_flops(network, mask: np.ndarray, slices_per_batch: int) -> float:
     """FLOPs predict_fast spends: dense features on every crop, FC layers at brain voxels."""
-    from brats_cnn.segment import _slice_groups
+    from brats_cnn.inference.predict import _slice_groups
 
     per_pixel, per_voxel = conv_flops(network)
     half = network.patch_size // 2
@@ -83,8 +83,8 @@ def exact_subset(mask: np.ndarray, tumour: np.ndarray, seed: int = 0) -> np.ndar
 
 def agreement(fast: np.ndarray, exact: np.ndarray, where: np.ndarray, convention: str) -> dict:
     """Voxel agreement (%) and fast-vs-exact Dice per region over the voxels ``where``."""
-    from brats_cnn.labels import from_class_indices, region_masks
-    from brats_cnn.metrics import dice
+    from brats_cnn.data.labels import from_class_indices, region_masks
+    from brats_cnn.evaluation.metrics import dice
 
     a = from_class_indices(fast.argmax(0), convention)
     b = from_class_indices(exact.argmax(0), convention)
@@ -100,11 +100,12 @@ def main() -> None:
     import torch
 
     from brats_cnn.config import default_config
-    from brats_cnn.io import load_case
-    from brats_cnn.model import FLOPS_PER_HGG_PATCH, PereiraCNN, load_checkpoint
-    from brats_cnn.normalise import brain_mask
+    from brats_cnn.data.io import load_case
+    from brats_cnn.network.model import FLOPS_PER_HGG_PATCH, PereiraCNN
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.preprocessing.normalise import brain_mask
     from brats_cnn.device import Compute, cpu_has_native_bf16
-    from brats_cnn.segment import predict_exact, predict_fast
+    from brats_cnn.inference.predict import predict_exact, predict_fast
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: random HGG network)")
@@ -117,7 +118,7 @@ def main() -> None:
     case = load_case(args.case, load_label=False)
     t0 = time.perf_counter()
     if args.model is not None:
-        from brats_cnn.normalise import normalise_case
+        from brats_cnn.preprocessing.normalise import normalise_case
 
         checkpoint = load_checkpoint(args.model)
         network, config, convention = checkpoint.network, checkpoint.config, checkpoint.label_convention

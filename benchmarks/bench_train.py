@@ -1,4 +1,4 @@
-"""Training-throughput benchmark: calls ``brats_cnn.benchmark.run_benchmark`` per network and saves
+"""Training-throughput benchmark: calls ``brats_cnn.training.benchmark.run_benchmark`` per network and saves
 JSON + a bar chart (patches/s of forward, train step and the full data pipeline).
 
     .venv/bin/python benchmarks/bench_train.py --device cpu --batch-size 32 --iterations 5
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from brats_cnn.benchmark import run_benchmark
+    from brats_cnn.training.benchmark import run_benchmark
     from brats_cnn.fsutil import atomic_path, write_json_atomic
 
     runs = [run_benchmark(grade, args.device, args.batch_size, args.iterations, args.data)

@@ -2,7 +2,7 @@
 
 Old definition (brats-cnn before issue 13): percentiles of a sequence over the whole brain mask
 (any sequence non-zero), zeros of that sequence included. New definition: over the brain voxels
-where that sequence is non-zero (``normalise.image_landmarks``). Both are computed here from the
+where that sequence is non-zero (``nyul.image_landmarks``). Both are computed here from the
 same N4-corrected image, the one kept by ``brats-cnn preprocess`` in ``<cache>/.percase/``, so
 the comparison isolates the change of voxel set (N4 did not change).
 
@@ -21,10 +21,11 @@ import numpy as np
 
 from brats_cnn.config import load_config
 from brats_cnn.errors import InputError
-from brats_cnn.io import list_cases, load_case
-from brats_cnn.normalise import (
-    brain_mask, image_landmarks, nyul_percentiles, sequence_coverage, standard_from_landmarks)
-from brats_cnn.preprocess import PERCASE_DIR, _bias_corrected, n4_key
+from brats_cnn.data.layouts import list_cases
+from brats_cnn.data.io import load_case
+from brats_cnn.preprocessing.normalise import brain_mask, sequence_coverage
+from brats_cnn.preprocessing.nyul import image_landmarks, nyul_percentiles, standard_from_landmarks
+from brats_cnn.preprocessing.bias import correct_bias
 
 
 def _scaled(landmarks: np.ndarray, s1: float, s2: float) -> np.ndarray:
@@ -63,8 +64,8 @@ def main() -> None:
     for ref in list_cases(args.data):
         case = load_case(ref, load_label=False)
         mask = brain_mask(case.image)
-        corrected = _bias_corrected(case, mask, pre.n4, order, args.cache / PERCASE_DIR / ref.case_id,
-                                    n4_key(ref, pre.n4, order))
+        corrected = correct_bias(case.image, mask, pre.n4, spacing=case.spacing, channel_order=order,
+                                 source=ref.image_paths[0])
         coverage = sequence_coverage(corrected, mask)
         row = {"case_id": ref.case_id, "grade": ref.grade, "brain_voxels": int(mask.sum()), "sequences": {}}
         for c, name in enumerate(order):

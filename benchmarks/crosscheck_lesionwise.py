@@ -39,8 +39,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from brats_cnn import evaluate  # noqa: E402
-from brats_cnn.metrics import LesionWiseParams, lesion_preset  # noqa: E402
+from brats_cnn.evaluation import evaluate  # noqa: E402
+from brats_cnn.evaluation.metrics import LesionWiseParams, lesion_preset  # noqa: E402
 
 REGION_OF_REFERENCE = {"WT": "complete", "TC": "core", "ET": "enhancing"}
 

@@ -48,8 +48,8 @@ def sampled_slices(mask: np.ndarray, every: int) -> np.ndarray:
 
 def region_dice(labels: np.ndarray, truth: np.ndarray, where: np.ndarray, convention: str) -> dict:
     """Dice per region over the voxels ``where`` (labels and truth in ``convention``'s values)."""
-    from brats_cnn.labels import region_masks
-    from brats_cnn.metrics import dice
+    from brats_cnn.data.labels import region_masks
+    from brats_cnn.evaluation.metrics import dice
 
     predicted, reference = region_masks(labels, convention), region_masks(truth, convention)
     return {region: float(dice(reference[region] & where, predicted[region] & where)) for region in REGIONS}
@@ -57,8 +57,8 @@ def region_dice(labels: np.ndarray, truth: np.ndarray, where: np.ndarray, conven
 
 def corrected(probabilities: np.ndarray, mask: np.ndarray, checkpoint, config) -> np.ndarray:
     """The probabilities after the checkpoint's prior correction."""
-    from brats_cnn.prior import correct_class_prior
-    from brats_cnn.segment import prior_frequencies
+    from brats_cnn.inference.prior import correct_class_prior
+    from brats_cnn.inference.members import prior_frequencies
 
     if config.segment.prior_alpha > 0:
         probabilities, _ = correct_class_prior(probabilities, mask, prior_frequencies(checkpoint, "the checkpoint"),
@@ -68,7 +68,7 @@ def corrected(probabilities: np.ndarray, mask: np.ndarray, checkpoint, config) -
 
 def labels_of(probabilities: np.ndarray, checkpoint, config) -> np.ndarray:
     """Label values (the checkpoint's convention) of prior-corrected probabilities."""
-    from brats_cnn.labels import classify, from_class_indices
+    from brats_cnn.data.labels import classify, from_class_indices
 
     return from_class_indices(classify(probabilities, checkpoint.label_convention, config.segment.decision),
                               checkpoint.label_convention)
@@ -93,17 +93,18 @@ def refined(labels: dict, margin: np.ndarray, truth: np.ndarray, sample: np.ndar
 
 
 def one_case(folder: Path, checkpoint, config, device, every: int) -> dict:
-    from brats_cnn.io import load_case
-    from brats_cnn.labels import convert_labels
-    from brats_cnn.normalise import normalise_case
-    from brats_cnn.resample import needs_resampling
-    from brats_cnn.segment import _reorder_channels, predict
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.labels import convert_labels
+    from brats_cnn.preprocessing.normalise import normalise_case
+    from brats_cnn.data.resample import needs_resampling
+    from brats_cnn.inference.members import reorder_channels
+    from brats_cnn.inference.predict import predict
 
     case = load_case(folder, load_label=True)
     if needs_resampling(case.spacing):
         raise SystemExit(f"{folder}: spacing {case.spacing} is not 1 mm; this benchmark scores on the input grid")
     image, mask = normalise_case(case, checkpoint.normaliser, config.preprocess)
-    image = _reorder_channels(image, checkpoint.channel_order)
+    image = reorder_channels(image, checkpoint.channel_order)
     convention = checkpoint.label_convention
     truth = convert_labels(case.label, "brats2017", convention) if convention != "brats2017" else case.label
     sample = sampled_slices(mask, every)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from brats_cnn.config import config_to_dict, load_config
     from brats_cnn.device import compute_settings
-    from brats_cnn.model import load_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", type=Path, nargs="+", help="case folders with a _seg label map")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,4 +68,10 @@ def main(prefix: Path, runs: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prefix", type=Path, help="output prefix: <prefix>_loss.png (and _metrics.csv, _steps.csv)")
+    parser.add_argument("runs", type=Path, nargs="+", help="train run folders (steps.csv, metrics.csv)")
+    args = parser.parse_args()
+    main(args.prefix, args.runs)

@@ -80,7 +80,7 @@ def preprocess(
     strict: bool = StrictOpt,
 ) -> None:
     """N4 bias correction, Nyul standardisation and z-scoring into a memory-mappable cache."""
-    from brats_cnn.preprocess import run_preprocess
+    from brats_cnn.preprocessing.preprocess import run_preprocess
 
     run_preprocess(data=data, out=out, fit=fit, normaliser=normaliser, config=config,
                    overrides=set_ or [], manifest=manifest, workers=workers, strict=strict)
@@ -99,7 +99,7 @@ def train(
     strict: bool = StrictOpt,
 ) -> None:
     """Train the HGG or LGG network (resumable; CPU or CUDA; torchrun for several GPUs)."""
-    from brats_cnn.train import run_training
+    from brats_cnn.training.train import run_training
 
     overrides = list(set_ or []) + (["preprocess.strict=true"] if strict else [])
     run_training(grade=grade, data=data, out=out, config=config, overrides=overrides,
@@ -124,7 +124,7 @@ def segment(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Segment cases with a trained model and write label-map NIfTIs."""
-    from brats_cnn.segment import run_segment
+    from brats_cnn.inference.segment import run_segment
 
     overrides = list(set_ or []) + (["segment.prior_alpha=0"] if no_prior_correction else [])
     overrides += [] if tta is None else [f"segment.tta={'always' if tta else 'never'}"]
@@ -144,10 +144,11 @@ def calibrate(
     fixed: Optional[List[str]] = typer.Option(None, "--fixed", help="KEY=VALUE: write these calibration settings (segment.prior_alpha, segment.prior_adapt, segment.tta_rotations, segment.decision, postprocess.keep_largest) into --model without a search; for a model trained without validation cases. Repeatable."),
 ) -> None:
     """Choose the class-prior correction, test-time augmentation and post-processing on validation cases."""
-    from brats_cnn.calibrate import CALIBRATED_NAME, run_calibrate, write_fixed_calibration
+    from brats_cnn.inference.calibrate import CALIBRATED_NAME, run_calibrate, write_fixed_calibration
+    from brats_cnn.network.checkpoint import LAST_CHECKPOINT
 
     if fixed:
-        write_fixed_calibration(run, model or run / "last.pt", out or run / CALIBRATED_NAME, fixed)
+        write_fixed_calibration(run, model or run / LAST_CHECKPOINT, out or run / CALIBRATED_NAME, fixed)
         return
     run_calibrate(run=run, model=model, out=out, cache=cache, device=device, tta=not no_tta)
 
@@ -171,8 +172,8 @@ def evaluate(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes scoring cases in parallel (default: one per usable CPU; 1: none)."),
 ) -> None:
     """Score segmentations as BraTS does (DSC, PPV, sensitivity, specificity, HD95, volumes, lesion-wise DSC/HD95); compare several with repeated --pred."""
-    from brats_cnn import report
-    from brats_cnn.evaluate import run_compare, run_evaluate
+    from brats_cnn.evaluation import report
+    from brats_cnn.evaluation.evaluate import run_compare, run_evaluate
 
     options = dict(gt=gt, out=out, label_convention=label_convention, pred_convention=pred_convention,
                    manifest=manifest, images=images, hd95_definition=hd95, lesion_wise=lesion_wise,
@@ -191,7 +192,7 @@ def average(
     out: Path = typer.Option(..., "--out", "-o", help="The averaged checkpoint (no training state or calibration: calibrate it next)."),
 ) -> None:
     """Average the weights of checkpoints of one run (stochastic weight averaging)."""
-    from brats_cnn.model import run_average
+    from brats_cnn.network.checkpoint import run_average
 
     written = run_average(checkpoints, out)
     typer.echo(f"averaged {len(checkpoints)} checkpoints: {written}")
@@ -210,8 +211,8 @@ def benchmark(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Time forward and forward+backward per batch, and the training data pipeline."""
-    from brats_cnn.benchmark import run_benchmark
     from brats_cnn.config import load_config
+    from brats_cnn.training.benchmark import run_benchmark
 
     settings = load_config(config or f"pereira_{grade.lower()}", list(set_ or [])) if (config or set_) else None
     run_benchmark(grade=grade, device=device, batch_size=batch_size, iterations=iterations,

@@ -46,10 +46,11 @@ def run_demo(out: Path = Path("demo_output"), device: str = "auto", quick: bool 
 
     ``quick``: :data:`QUICK_SHAPE` phantoms and :data:`QUICK_OVERRIDES` (seconds instead of minutes).
     """
-    from brats_cnn.evaluate import run_evaluate
-    from brats_cnn.phantom import write_phantom_dataset
-    from brats_cnn.segment import run_segment
-    from brats_cnn.train import run_training
+    from brats_cnn.data.phantom import write_phantom_dataset
+    from brats_cnn.evaluation.evaluate import run_evaluate
+    from brats_cnn.inference.segment import run_segment
+    from brats_cnn.network.checkpoint import BEST_CHECKPOINT
+    from brats_cnn.training.train import run_training
 
     start = time.perf_counter()
     out = Path(out)
@@ -66,7 +67,7 @@ def run_demo(out: Path = Path("demo_output"), device: str = "auto", quick: bool 
                  overrides=QUICK_OVERRIDES if quick else (), resume=(run_dir / "last.pt").is_file())
 
     print(f"[3/4] segmenting the held-out case into {seg_dir}")
-    run_segment(inputs=[test_root], model=run_dir / "best.pt", grade=None, out=seg_dir, mode=None,
+    run_segment(inputs=[test_root], model=run_dir / BEST_CHECKPOINT, grade=None, out=seg_dir, mode=None,
                 device=device, save_probabilities=False, label_convention=None, overwrite=True,
                 postprocess=True, overrides=[])
 

@@ -5,7 +5,6 @@ An interrupted run therefore never leaves a half-written output under the final 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

@@ -30,11 +30,12 @@ def main() -> None:
 
     import nibabel as nib
 
-    from brats_cnn.calibrate import score_settings
-    from brats_cnn.io import find_case, load_case
-    from brats_cnn.labels import to_class_indices
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.segment import prior_frequencies
+    from brats_cnn.inference.calibrate import score_settings
+    from brats_cnn.data.layouts import find_case
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.labels import to_class_indices
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.inference.members import prior_frequencies
 
     checkpoint = load_checkpoint(args.model)
     convention = checkpoint.label_convention

@@ -68,7 +68,7 @@ def make_folds(hgg: list[str], lgg: list[str], k: int, seed: int = SEED) -> list
 
 
 def split(args: argparse.Namespace) -> int:
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     excluded: set[str] = set()
     for path in args.exclude_split or []:
@@ -106,7 +106,7 @@ def _call(command: list[str]) -> None:
 def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path, device: str,
                overrides: list[str]) -> Path:
     """Train fold ``fold`` on the HGG cases of the other folds (resuming its last.pt); its last.pt."""
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     folder = out / f"fold{fold}"
     run = folder / "run"
@@ -135,7 +135,7 @@ def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path
 
 def predict_fold(data: Path, folds: list[dict], fold: int, model: Path, out: Path, device: str) -> None:
     """The held-out cases' probabilities at alpha 0, no post-processing, without and with TTA."""
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
     cases = [str(Path(r.image_paths[0]).parent) for r in list_cases(data) if r.case_id in held]
@@ -193,8 +193,8 @@ def _counts(classes: np.ndarray, truth: np.ndarray, convention: str) -> tuple[np
     """Component sizes of the tumour in ``classes`` and, per region, the true positives and predicted
     voxels in each component plus the reference volume: every post-processing rule keeps whole
     components, so its scores are sums over the components it keeps (no volume is relabelled)."""
-    from brats_cnn.labels import REGIONS, from_class_indices, region_masks
-    from brats_cnn.postprocess import component_sizes
+    from brats_cnn.data.labels import REGIONS, from_class_indices, region_masks
+    from brats_cnn.inference.postprocess import component_sizes
 
     components, sizes = component_sizes(classes != 0, 1)
     predicted = region_masks(from_class_indices(classes, convention), convention)
@@ -210,8 +210,8 @@ def _counts(classes: np.ndarray, truth: np.ndarray, convention: str) -> tuple[np
 def rule_scores(sizes: np.ndarray, tables: dict[str, tuple], rule: "Rule") -> dict[str, float]:
     """Dice and sensitivity of complete/core/enhancing after the rule's post-processing (from :func:`_counts`)."""
     from brats_cnn.config import PostprocessConfig
-    from brats_cnn.metrics import dice_from_counts, sensitivity_from_counts
-    from brats_cnn.postprocess import kept_components
+    from brats_cnn.evaluation.metrics import dice_from_counts, sensitivity_from_counts
+    from brats_cnn.inference.postprocess import kept_components
 
     keep, _ = kept_components(sizes, PostprocessConfig(min_component_voxels=rule.t_vol,
                                                        keep_largest=rule.keep_largest, never_empty=rule.never_empty))
@@ -263,10 +263,10 @@ def _crop(case: dict) -> dict:
 def _load_oof_case(ref, out: Path, convention: str) -> dict:
     import nibabel as nib
 
-    from brats_cnn.io import load_case
-    from brats_cnn.labels import to_class_indices
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.segment import prior_frequencies
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.labels import to_class_indices
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.inference.members import prior_frequencies
 
     case: dict = {"truth": to_class_indices(load_case(ref, load_label=True).label, convention)}
     for name in ("plain", "tta"):
@@ -286,7 +286,7 @@ def _key_name(key: tuple) -> str:
 
 def case_tables(case: dict, convention: str) -> dict[tuple, tuple]:
     """:func:`_counts` of one case for every (TTA, alpha, edema boost) of the grid."""
-    from brats_cnn.labels import classify, get_convention
+    from brats_cnn.data.labels import classify, get_convention
 
     edema = get_convention(convention).tissues.index("edema")
     tables = {}
@@ -315,7 +315,7 @@ def save_tables(path: Path, tables: dict[tuple, tuple], frequencies: np.ndarray)
 
 
 def load_tables(path: Path) -> dict[tuple, tuple]:
-    from brats_cnn.labels import REGIONS
+    from brats_cnn.data.labels import REGIONS
 
     with np.load(path) as arrays:
         tables = {}
@@ -329,7 +329,7 @@ def load_tables(path: Path) -> dict[tuple, tuple]:
 
 def write_tables(data: Path, folds: list[dict], fold: int, out: Path, tables: Path) -> None:
     """The count tables of a fold's held-out cases from their saved probabilities (skips existing ones)."""
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
     for ref in (r for r in list_cases(data) if r.case_id in held):

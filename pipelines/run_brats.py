@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default=None, help="segmentation mode: exact, fast or auto")
     args = parser.parse_args(argv)
 
-    from brats_cnn.evaluate import run_evaluate
-    from brats_cnn.io import list_cases
-    from brats_cnn.segment import run_segment
-    from brats_cnn.train import run_training
+    from brats_cnn.evaluation.evaluate import run_evaluate
+    from brats_cnn.data.layouts import list_cases
+    from brats_cnn.inference.segment import run_segment
+    from brats_cnn.training.train import run_training
 
     start = time.perf_counter()
     refs = list_cases(args.data)

@@ -29,7 +29,7 @@ from run_brats import link_cases  # noqa: E402
 
 
 def _refs(data: Path, split: dict, grades: list[str], parts: list[str]) -> list:
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     wanted = {case_id: grade for grade in grades for part in parts for case_id in split[grade].get(part, [])}
     refs = [replace(r, grade=wanted[r.case_id].upper()) for r in list_cases(data) if r.case_id in wanted]
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model is None:
         parser.error("test needs --model")
-    from brats_cnn.evaluate import run_evaluate
-    from brats_cnn.segment import run_segment
+    from brats_cnn.evaluation.evaluate import run_evaluate
+    from brats_cnn.inference.segment import run_segment
 
     cases = link_cases(refs, args.out / "cases")
     run_segment(inputs=[cases / r.case_id for r in refs], model=args.model, out=args.out / "segmentations",

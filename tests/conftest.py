@@ -31,9 +31,10 @@ def _phantom_model(root: Path, n_cases: int, shape: tuple[int, int, int], *, see
     import torch
 
     from brats_cnn.config import load_config
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
-    from brats_cnn.phantom import make_phantom, write_phantom_dataset
+    from brats_cnn.network.model import build_network
+    from brats_cnn.network.checkpoint import save_checkpoint
+    from brats_cnn.preprocessing.normalise import fit_normaliser
+    from brats_cnn.data.phantom import make_phantom, write_phantom_dataset
 
     config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5"])
     refs = write_phantom_dataset(root / "data", n_cases, seed=seed, shape=shape)

@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn.phantom import phantom_affine, write_phantom_dataset
+from brats_cnn.data.phantom import phantom_affine, write_phantom_dataset
 
 SHAPE = (40, 40, 12)
 AFFINE = phantom_affine(SHAPE, (1.0, 1.0, 1.0))
@@ -276,7 +276,7 @@ def test_preprocess_skips_a_bad_case_with_one_warning(kind, dataset, tmp_path):
     result = run_cli("preprocess", "--data", dataset, "--out", out, "--fit", *FAST_PREPROCESS)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 1 and warnings[0].startswith(f"WARNING brats_cnn.preprocess: skipping case {BAD}: "), \
+    assert len(warnings) == 1 and warnings[0].startswith(f"WARNING brats_cnn.preprocessing.preprocess: skipping case {BAD}: "), \
         result.stderr
     assert str(bad_path) in warnings[0] and all(phrase in warnings[0] for phrase in phrases), warnings[0]
     assert f"1 skipped as unusable ({BAD})" in result.stdout
@@ -461,10 +461,12 @@ def checkpoints(pristine, tmp_path_factory) -> dict[str, Path]:
     import torch
 
     from brats_cnn.config import load_config
-    from brats_cnn.io import list_cases, load_case
-    from brats_cnn.labels import get_convention
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
+    from brats_cnn.data.layouts import list_cases
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.labels import get_convention
+    from brats_cnn.network.model import build_network
+    from brats_cnn.network.checkpoint import save_checkpoint
+    from brats_cnn.preprocessing.normalise import fit_normaliser
 
     folder = tmp_path_factory.mktemp("checkpoints")
     config = load_config("smoke", ["preprocess.n4.sequences=[]"])

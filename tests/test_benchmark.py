@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.benchmark import format_table, forward_flops, run_benchmark, time_batches
+from brats_cnn.training.benchmark import format_table, forward_flops, run_benchmark, time_batches
 from brats_cnn.config import load_config
-from brats_cnn.model import FLOPS_PER_HGG_PATCH, PereiraCNN
+from brats_cnn.network.model import FLOPS_PER_HGG_PATCH, PereiraCNN
 
 
 def test_forward_flops_from_layer_shapes():
@@ -37,8 +37,8 @@ LGG_FLOPS = {33: 201_898_496,
 
 @pytest.mark.parametrize("patch_size", [33, 25])
 def test_run_benchmark_on_a_tiny_cache(tmp_path, patch_size):
-    from brats_cnn.phantom import write_phantom_dataset
-    from brats_cnn.preprocess import preprocess_dataset
+    from brats_cnn.data.phantom import write_phantom_dataset
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     config = load_config("smoke", ["preprocess.n4.sequences=[]", "model.architecture=lgg",
                                    "train.num_workers=0", f"sampling.patch_size={patch_size}"])
@@ -66,7 +66,7 @@ def test_benchmark_times_the_compiled_network_as_its_own_variant(tmp_path, monke
     # variant is timed on the network torch.compile returned, after compiling it once
     import torch
 
-    from brats_cnn.model import count_parameters
+    from brats_cnn.network.model import count_parameters
 
     compiled = []
 

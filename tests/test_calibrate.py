@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.calibrate: the prior correction, the setting search and the command."""
+"""Tests for brats_cnn.inference.calibrate: the prior correction, the setting search and the command."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.calibrate import ALPHAS, Choice, best_choice, region_mean, run_calibrate, score_settings
-from brats_cnn.prior import (PRIOR_EM_FLOOR, apply_class_prior, class_frequencies, correct_class_prior,
+from brats_cnn.inference.calibrate import ALPHAS, CALIBRATION_KEYS, Choice, best_choice, region_mean, run_calibrate, score_settings
+from brats_cnn.inference.prior import (PRIOR_EM_FLOOR, apply_class_prior, class_frequencies, correct_class_prior,
                              estimate_case_prior)
 from brats_cnn.config import PostprocessConfig
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
-from brats_cnn.postprocess import keep_largest_component
+from brats_cnn.inference.postprocess import keep_largest_component
 
 
 def test_prior_correction_by_hand():
@@ -140,8 +140,8 @@ def test_region_mean_averages_the_three_regions():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from brats_cnn.phantom import write_phantom_dataset
-    from brats_cnn.train import run_training
+    from brats_cnn.data.phantom import write_phantom_dataset
+    from brats_cnn.training.train import run_training
 
     root = tmp_path_factory.mktemp("calib")
     write_phantom_dataset(root / "raw", 3, grades=["HGG"] * 3, shape=(40, 40, 12))
@@ -153,8 +153,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(tiny_run):
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.segment import run_segment
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.inference.segment import run_segment
 
     run = tiny_run / "run"
     best = load_checkpoint(run / "best.pt")
@@ -193,8 +193,8 @@ def test_calibrate_command_writes_a_calibrated_checkpoint_that_segment_applies(t
 
 
 def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_work(tiny_run, tmp_path):
-    from brats_cnn.model import load_checkpoint, save_checkpoint
-    from brats_cnn.segment import run_segment
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
+    from brats_cnn.inference.segment import run_segment
 
     best = load_checkpoint(tiny_run / "run" / "best.pt")
     uncalibrated = tmp_path / "uncalibrated.pt"  # as checkpoints written before the calibration existed
@@ -210,7 +210,7 @@ def test_prior_correction_on_an_uncalibrated_checkpoint_is_refused_before_any_wo
 def test_calibrate_needs_validation_cases(tiny_run, tmp_path):
     import shutil
 
-    from brats_cnn.model import load_checkpoint, save_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "run", run, ignore=shutil.ignore_patterns("cache"))
@@ -224,8 +224,8 @@ def test_calibrate_needs_validation_cases(tiny_run, tmp_path):
 
 def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, tmp_path, capsys):
     from brats_cnn.cli import main
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.segment import run_segment
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.inference.segment import run_segment
 
     run = tiny_run / "run"
     out = tmp_path / "fixed.pt"
@@ -241,6 +241,13 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
     for a, b in zip(last.network.parameters(), fixed.network.parameters()):
         assert torch.equal(a, b)
     assert json.loads(out.with_suffix(".json").read_text())["fixed"] == fixed.calibration["fixed"]
+    # the cross-validated decisions (pipelines/cross_validate.py) are calibration settings too
+    cv = tmp_path / "cv.pt"
+    assert main([*base, "--out", str(cv), "--fixed", "segment.class_weights=[1,1,1.5,1]",
+                 "--fixed", "postprocess.min_component_voxels=3000", "--fixed", "postprocess.keep_largest=true"]) == 0
+    chosen = load_checkpoint(cv).config
+    assert chosen.segment.class_weights == (1.0, 1.0, 1.5, 1.0) and chosen.postprocess.min_component_voxels == 3000
+    assert chosen.postprocess.keep_largest is True and chosen.segment.prior_alpha == last.config.segment.prior_alpha
     case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
     run_segment([case], model=out, out=tmp_path / "seg.nii.gz", device="cpu", overrides=["segment.tta=always"])
     sidecar = json.loads((tmp_path / "seg.json").read_text())
@@ -254,8 +261,7 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
     before, best_before = (run / "last.pt").read_bytes(), (run / "best.pt").read_bytes()
     capsys.readouterr()
     for args, message in ((["--fixed", "train.epochs=3", "--out", str(tmp_path / "no.pt")],
-                           "--fixed: --fixed sets only segment.prior_alpha, segment.prior_adapt, "
-                           "segment.tta_rotations, segment.decision, postprocess.keep_largest; got 'train.epochs'"),
+                           f"--fixed: --fixed sets only {', '.join(CALIBRATION_KEYS)}; got 'train.epochs'"),
                           (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "last.pt")],
                            f"{run / 'last.pt'}: --out would write over the checkpoint being calibrated"),
                           (["--fixed", "segment.prior_alpha=0.8", "--out", str(run / "best.pt")],

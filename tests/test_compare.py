@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brats_cnn import compare
-from brats_cnn.labels import REGIONS
+from brats_cnn.evaluation import compare
+from brats_cnn.data.labels import REGIONS
 
 
 def _rows(dsc: list[float], hd95: list[float]) -> list[dict]:

@@ -276,10 +276,10 @@ def test_ranges_from_the_issue_and_from_a_yaml_file(tmp_path):
 # ---- evaluate.lesion_wise (issue 17) ---------------------------------------------------------------
 
 def test_lesion_wise_presets_of_the_config_are_those_of_metrics():
-    from brats_cnn.metrics import LESION_PRESETS
+    from brats_cnn.evaluation.metrics import LESION_PRESETS
 
     assert C._CHOICES["evaluate.lesion_wise.preset"] == (*LESION_PRESETS, "none")
-    from brats_cnn.labels import DECISIONS
+    from brats_cnn.data.labels import DECISIONS
     assert C._CHOICES["segment.decision"] == DECISIONS
     assert C.Config().evaluate.lesion_wise == C.LesionWiseConfig("gli", None, None)
 

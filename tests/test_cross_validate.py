@@ -36,8 +36,8 @@ def test_folds_are_stratified_disjoint_and_fixed_by_the_seed():
 
 def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
     from brats_cnn.config import PostprocessConfig
-    from brats_cnn.labels import classify
-    from brats_cnn.postprocess import postprocess_labels
+    from brats_cnn.data.labels import classify
+    from brats_cnn.inference.postprocess import postprocess_labels
 
     cv = _module()
     rng = np.random.default_rng(0)
@@ -59,8 +59,8 @@ def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
         kept = postprocess_labels(classes, PostprocessConfig(min_component_voxels=rule.t_vol,
                                                              keep_largest=rule.keep_largest,
                                                              never_empty=rule.never_empty))
-        from brats_cnn.labels import from_class_indices, region_masks
-        from brats_cnn.metrics import dice, sensitivity
+        from brats_cnn.data.labels import from_class_indices, region_masks
+        from brats_cnn.evaluation.metrics import dice, sensitivity
 
         predicted = region_masks(from_class_indices(kept, "brats2017"), "brats2017")
         reference = region_masks(from_class_indices(truth, "brats2017"), "brats2017")
@@ -84,7 +84,7 @@ def test_choose_prefers_fewer_failures_then_the_better_worst_case_within_noise()
 
 
 def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
-    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.data.phantom import write_phantom_dataset
 
     cv = _module()
     data = tmp_path / "data"
@@ -111,7 +111,7 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns == before
     assert len(list((tmp_path / "cv" / "tables").glob("*.npz"))) == 5
     # the grid from the committed tables equals scoring the saved probabilities directly
-    from brats_cnn.io import list_cases
+    from brats_cnn.data.layouts import list_cases
 
     ref = next(r for r in list_cases(data) if r.case_id == "Phantom_011")
     direct = cv.score_case(cv._crop(cv._load_oof_case(ref, tmp_path / "cv", "brats2017")), "brats2017",

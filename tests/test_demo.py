@@ -10,7 +10,7 @@ import numpy as np
 
 from brats_cnn.cli import main
 from brats_cnn.demo import DEMO_TRAIN_CASES, QUICK_SHAPE
-from brats_cnn.model import load_checkpoint
+from brats_cnn.network.checkpoint import load_checkpoint
 
 
 def test_quick_demo_runs_every_stage_through_the_cli(tmp_path, capsys):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.phantom import write_phantom_dataset
+from brats_cnn.data.phantom import write_phantom_dataset
 
 TINY = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=16",
         "train.batch_size=4", "train.validate_dice=false", "data.validation_cases=0", "train.num_workers=0",
@@ -23,7 +23,7 @@ TINY = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_
 def data(tmp_path_factory) -> tuple[Path, Path]:
     """(raw dataset of 2 HGG phantoms, its preprocessed cache)."""
     from brats_cnn.config import load_config
-    from brats_cnn.preprocess import preprocess_dataset
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     raw = tmp_path_factory.mktemp("raw")
     write_phantom_dataset(raw, 2, grades=["HGG", "HGG"], shape=(40, 40, 12))
@@ -34,7 +34,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def two_runs(data, tmp_path_factory):
-    from brats_cnn.train import run_training
+    from brats_cnn.training.train import run_training
 
     _, cache = data
     root = tmp_path_factory.mktemp("runs")
@@ -53,7 +53,7 @@ def test_same_seed_same_model(two_runs):
 
 
 def test_another_seed_another_model(data, two_runs, tmp_path):
-    from brats_cnn.train import run_training
+    from brats_cnn.training.train import run_training
 
     _, cache = data
     _, first, _ = two_runs
@@ -64,7 +64,7 @@ def test_another_seed_another_model(data, two_runs, tmp_path):
 
 
 def test_same_model_same_segmentation(data, two_runs, tmp_path):
-    from brats_cnn.segment import run_segment
+    from brats_cnn.inference.segment import run_segment
 
     raw, _ = data
     root, _, _ = two_runs
@@ -82,9 +82,9 @@ def test_same_model_same_segmentation(data, two_runs, tmp_path):
 
 def test_exact_mode_is_repeatable(data, two_runs):
     """Exact mode on a brain subset: two calls give identical probabilities."""
-    from brats_cnn.model import load_checkpoint
-    from brats_cnn.preprocess import list_cached_cases, load_cached_case
-    from brats_cnn.segment import predict_exact
+    from brats_cnn.network.checkpoint import load_checkpoint
+    from brats_cnn.preprocessing.cache import list_cached_cases, load_cached_case
+    from brats_cnn.inference.predict import predict_exact
 
     _, cache = data
     root, _, _ = two_runs

@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn import evaluate
+from brats_cnn.evaluation import evaluate
+from brats_cnn.evaluation import pairing
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.metrics import HD95_ONE_EMPTY
+from brats_cnn.evaluation.metrics import HD95_ONE_EMPTY
 
 SHAPE = (12, 10, 8)
 SPACING = (1.0, 2.0, 2.5)  # voxel volume 5 mm^3
@@ -187,10 +188,10 @@ def test_nothing_to_evaluate_raises_before_writing(tmp_path):
 
 
 def test_label_file_case_id():
-    assert evaluate.label_file_case_id("Brats18_X_1_seg.nii.gz") == "Brats18_X_1"
-    assert evaluate.label_file_case_id("BraTS-GLI-00001-000-seg.nii.gz") == "BraTS-GLI-00001-000"
-    assert evaluate.label_file_case_id("BRATS_001.nii") == "BRATS_001"
-    assert evaluate.label_file_case_id("notes.txt") is None
+    assert pairing.label_file_case_id("Brats18_X_1_seg.nii.gz") == "Brats18_X_1"
+    assert pairing.label_file_case_id("BraTS-GLI-00001-000-seg.nii.gz") == "BraTS-GLI-00001-000"
+    assert pairing.label_file_case_id("BRATS_001.nii") == "BRATS_001"
+    assert pairing.label_file_case_id("notes.txt") is None
 
 
 def test_dataset_folder_with_images_gives_overlays(tmp_path):
@@ -224,7 +225,7 @@ def test_case_ids_ending_in_four_digits_are_predictions_not_channel_files(tmp_pa
     # "Phantom_1000.nii.gz" is a prediction; only _0000.._0003 are nnU-Net image channels.
     _save(_labels(), tmp_path / "pred" / "Phantom_1000.nii.gz")
     _save(_labels(), tmp_path / "pred" / "Case_0002.nii.gz")
-    found, failures = evaluate.find_predictions(tmp_path / "pred")
+    found, failures = pairing.find_predictions(tmp_path / "pred")
     assert sorted(found) == ["Phantom_1000"]
     assert failures == []
 
@@ -311,7 +312,7 @@ def test_bad_lesion_wise_config_values_stop_the_command_with_one_line(label_fold
 
 def test_missing_predictions_warn_once_and_only_predicted_leaves_them_out(label_folders, tmp_path, caplog):
     gt, pred = label_folders
-    with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
+    with caplog.at_level("INFO", logger="brats_cnn.evaluation.evaluate"):
         evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "all")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     # one line for the unmatched prediction Z (issue 14), one for the missing case C
@@ -370,7 +371,7 @@ def test_compare_two_prediction_folders(label_folders, tmp_path):
     page = (out / "report.html").read_text()
     assert "Ranking" in page and "Paired plots" in page and page.count("data:image/png;base64,") == 4
     assert "perfect/report.html" in page
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     assert report.terminal_comparison(comparison).splitlines()[1].split()[:2] == ["1", "perfect"]
     with pytest.raises(InputError, match="at least two"):
@@ -405,9 +406,9 @@ def test_ground_truth_with_incomplete_images_needs_only_label_maps(tmp_path):
         _save(lab, pred / f"{case_id}.nii.gz")
     (gt / "manifest.csv").write_text("case_id,grade\nP1,unknown\nP2,LGG\n")
     with pytest.raises(BratsCnnError):
-        from brats_cnn import io
+        from brats_cnn.data import layouts
 
-        io.list_cases(gt)
+        layouts.list_cases(gt)
     summary = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "out")
     assert summary["n_cases_scored"] == 2 and summary["failures"] == []
     assert summary["grades"] == {"P1": None, "P2": "LGG"}
@@ -421,7 +422,7 @@ def test_label_maps_only_in_grade_folders_and_labels_tr(tmp_path):
     _save(lab, gt / "HGG" / "P1" / "P1_seg.nii.gz")                     # no images at all
     _save(lab, gt / "LGG" / "P2" / "P2_seg.nii.gz")
     _save(lab, gt / "labelsTr" / "P3.nii.gz")
-    found = evaluate.find_ground_truth(gt)
+    found = pairing.find_ground_truth(gt)
     assert [(t.case_id, t.grade, t.case_ref) for t in found] == [("P1", "HGG", None), ("P2", "LGG", None),
                                                                  ("P3", None, None)]
     assert found[2].label_path == gt / "labelsTr" / "P3.nii.gz"
@@ -429,7 +430,7 @@ def test_label_maps_only_in_grade_folders_and_labels_tr(tmp_path):
 
 def test_cases_scored_in_parallel_give_the_same_report_in_the_same_order(label_folders, tmp_path, caplog):
     gt, pred = label_folders
-    with caplog.at_level("INFO", logger="brats_cnn.evaluate"):
+    with caplog.at_level("INFO", logger="brats_cnn.evaluation.evaluate"):
         one = evaluate.run_evaluate(pred=pred, gt=gt, out=tmp_path / "one", workers=1)
         serial = [r.getMessage() for r in caplog.records if r.getMessage()[:2] in ("A ", "B ", "C:")]
         caplog.clear()
@@ -454,7 +455,7 @@ def test_compare_outputs_stay_inside_out_even_for_a_path_ending_in_dot_dot(label
 
 
 def test_a_failed_evaluate_leaves_the_previous_report_whole(label_folders, tmp_path, monkeypatch):
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     gt, pred = label_folders
     out = tmp_path / "out"

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from brats_cnn.errors import InputError
-from brats_cnn.io import load_case, load_label_map
-from brats_cnn.metrics import dice, hd95, ppv, sensitivity
+from brats_cnn.data.io import load_case, load_label_map
+from brats_cnn.evaluation.metrics import dice, hd95, ppv, sensitivity
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 derandomize=True)

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn.model import load_checkpoint
-from brats_cnn.phantom import write_phantom_dataset
+from brats_cnn.network.checkpoint import load_checkpoint
+from brats_cnn.data.phantom import write_phantom_dataset
 
 # LGG network (cheapest), no validation cases, no N4; 2 epochs of 8 batches of 4 patches
 # (about 1 s per epoch on one free core; a batch of 4 LGG patches costs ~2.4 GFLOP forward+backward).
@@ -87,7 +87,7 @@ def assert_no_partial_under_final_names(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     from brats_cnn.config import load_config
-    from brats_cnn.preprocess import preprocess_dataset
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     raw = tmp_path_factory.mktemp("raw")
     write_phantom_dataset(raw, 2, grades=["HGG", "HGG"], shape=SHAPE)
@@ -123,7 +123,7 @@ def _epoch_of(path: Path) -> int:
 
 
 def test_train_killed_mid_epoch_resumes_to_the_same_weights(cache, tmp_path):
-    from brats_cnn.train import run_training
+    from brats_cnn.training.train import run_training
 
     # the uninterrupted run in this process (same code, same thread count, same seed)
     straight = run_training("hgg", cache, tmp_path / "straight", config="smoke", overrides=TINY_TRAIN,
@@ -151,7 +151,7 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(cache, tmp_path):
 
 
 def test_train_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_weights(cache, tmp_path):
-    from brats_cnn.train import run_training
+    from brats_cnn.training.train import run_training
 
     mid = TINY_TRAIN + ["train.checkpoint_every_steps=3"]  # 8 batches per epoch: last.pt at step 3, 6, 8, ...
     straight = run_training("hgg", cache, tmp_path / "straight", config="smoke", overrides=mid, device="cpu")
@@ -215,9 +215,11 @@ def _mtime(path: Path) -> int:
 def model_and_cases(tmp_path_factory) -> tuple[Path, Path]:
     """A random-weight checkpoint (normaliser fitted on the phantoms) and 4 phantom cases."""
     from brats_cnn.config import load_config
-    from brats_cnn.io import list_cases, load_case
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
+    from brats_cnn.data.layouts import list_cases
+    from brats_cnn.data.io import load_case
+    from brats_cnn.network.model import build_network
+    from brats_cnn.network.checkpoint import save_checkpoint
+    from brats_cnn.preprocessing.normalise import fit_normaliser
 
     root = tmp_path_factory.mktemp("segment")
     data = root / "cases"
@@ -278,7 +280,7 @@ def test_segment_rerun_completes_a_case_killed_between_label_map_and_sidecar(mod
     """The label map is written before the sidecar; a kill in between must not leave the case half done."""
     import shutil
 
-    from brats_cnn.segment import run_segment
+    from brats_cnn.inference.segment import run_segment
 
     model, data = model_and_cases
     out = tmp_path / "out"
@@ -292,8 +294,8 @@ def test_stale_temp_files_from_a_killed_run_are_never_read(model_and_cases, refe
     """Hidden ``.name.*.tmp.nii.gz`` left by SIGKILL are not taken for sequences or predictions."""
     import shutil
 
-    from brats_cnn.evaluate import find_predictions
-    from brats_cnn.io import find_case, list_cases
+    from brats_cnn.evaluation.pairing import find_predictions
+    from brats_cnn.data.layouts import find_case, list_cases
 
     _, data = model_and_cases
     cases = tmp_path / "cases"

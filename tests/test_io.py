@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.io: every layout, every bad input (exact messages), writing, real data."""
+"""Tests for brats_cnn.data.io: every layout, every bad input (exact messages), writing, real data."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn import io
+from brats_cnn.data import io
+from brats_cnn.data import layouts
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.phantom import make_phantom, write_phantom_dataset
+from brats_cnn.data.phantom import make_phantom, write_phantom_dataset
 
 SHAPE = (16, 14, 8)
 
@@ -74,8 +75,8 @@ def test_brats2017_file_names_and_single_file_gives_the_case(case_dir):
     names = sorted(p.name for p in case_dir.iterdir())
     assert names == ["Phantom_flair.nii.gz", "Phantom_seg.nii.gz", "Phantom_t1.nii.gz",
                      "Phantom_t1ce.nii.gz", "Phantom_t2.nii.gz"]
-    from_folder = io.find_case(case_dir)
-    from_file = io.find_case(_nii(case_dir, "t2"))
+    from_folder = layouts.find_case(case_dir)
+    from_file = layouts.find_case(_nii(case_dir, "t2"))
     assert from_folder == from_file
     assert [p.name for p in from_folder.image_paths] == ["Phantom_t1.nii.gz", "Phantom_t1ce.nii.gz",
                                                          "Phantom_t2.nii.gz", "Phantom_flair.nii.gz"]
@@ -96,14 +97,14 @@ def test_brats2023_names(tmp_path, phantom):
     ref = io.save_case(phantom, tmp_path, "brats2023")
     assert [p.name for p in ref.image_paths] == [f"phantom_003-{t}.nii.gz" for t in ("t1n", "t1c", "t2w", "t2f")]
     assert ref.label_path.name == "phantom_003-seg.nii.gz"
-    assert io.find_case(ref.image_paths[3]) == ref
+    assert layouts.find_case(ref.image_paths[3]) == ref
 
 
 def test_nnunet_default_channel_map_is_t1_t1c_t2_flair(tmp_path, phantom):
     ref = io.save_case(phantom, tmp_path, "nnunet")
     assert [p.name for p in ref.image_paths] == [f"phantom_003_000{k}.nii.gz" for k in range(4)]
     assert ref.label_path == tmp_path / "labelsTr" / "phantom_003.nii.gz"
-    assert io.DEFAULT_NNUNET_CHANNEL_MAP == {"t1": "0000", "t1c": "0001", "t2": "0002", "flair": "0003"}
+    assert layouts.DEFAULT_NNUNET_CHANNEL_MAP == {"t1": "0000", "t1c": "0001", "t2": "0002", "flair": "0003"}
 
 
 @pytest.mark.parametrize("channel_map", [{"flair": "0000", "t1": "0001", "t1c": "0002", "t2": "0003"},
@@ -116,12 +117,12 @@ def test_nnunet_custom_channel_map(tmp_path, phantom, channel_map):
     np.testing.assert_array_equal(on_disk, phantom.image[3])
     case = io.load_case(tmp_path / "imagesTr" / "phantom_003_0002.nii.gz", channel_map=channel_map)
     np.testing.assert_array_equal(case.image, phantom.image)
-    refs = io.list_cases(tmp_path, channel_map=channel_map)
+    refs = layouts.list_cases(tmp_path, channel_map=channel_map)
     assert [r.case_id for r in refs] == ["phantom_003"]
 
 
 def test_bad_channel_map_is_rejected(tmp_path):
-    assert _error(io.find_case, tmp_path, channel_map=["t1", "t1c", "t2"]) == (
+    assert _error(layouts.find_case, tmp_path, channel_map=["t1", "t1c", "t2"]) == (
         "channel map {'t1': '0000', 't1c': '0001', 't2': '0002'} must give each of "
         "['t1', 't1c', 't2', 'flair'] its own file index")
 
@@ -135,7 +136,7 @@ def test_msd_file_has_flair_t1_t1gd_t2_order_on_disk(tmp_path, phantom):
     np.testing.assert_array_equal(data[..., 2], phantom.image[1])  # T1gd
     np.testing.assert_array_equal(data[..., 3], phantom.image[2])  # T2w
     assert ref.label_path == tmp_path / "labelsTr" / "phantom_003.nii.gz"
-    assert io.find_case(ref.image_paths[0]) == ref
+    assert layouts.find_case(ref.image_paths[0]) == ref
     case = io.load_case(ref.image_paths[0], label_convention="brats2017")
     assert case.header.get_data_shape() == SHAPE + (4,)
 
@@ -169,7 +170,7 @@ def test_brats2013_tags_match_case_insensitively_in_a_flat_folder(tmp_path, phan
                         ("VSD.Brain.XX.O.MR_t1.13", 0), ("VSD.Brain.XX.O.MR_T2.14", 2)):
         sitk.WriteImage(sitk.GetImageFromArray(phantom.image[index].transpose(2, 1, 0).copy()),
                         str(folder / f"{name}.mha"))
-    ref = io.find_case(folder)
+    ref = layouts.find_case(folder)
     assert ref.case_id == "HG0001" and ref.label_path is None
     np.testing.assert_array_equal(io.load_case(ref).image, phantom.image)
 
@@ -188,10 +189,10 @@ def test_label_conventions_round_trip_through_files(tmp_path):
 # list_cases and manifests
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", io.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_list_cases_every_layout_with_manifest_grades(tmp_path, layout):
     written = write_phantom_dataset(tmp_path, 3, layout, seed=10, shape=SHAPE, grades=["LGG", "HGG", "LGG"])
-    refs = io.list_cases(tmp_path)
+    refs = layouts.list_cases(tmp_path)
     assert [r.case_id for r in refs] == ["Phantom_010", "Phantom_011", "Phantom_012"]
     assert [r.grade for r in refs] == ["LGG", "HGG", "LGG"]
     assert {r.layout for r in refs} == {layout}
@@ -202,40 +203,40 @@ def test_list_cases_every_layout_with_manifest_grades(tmp_path, layout):
 def test_list_cases_grade_folders_and_manifest_override(tmp_path):
     write_phantom_dataset(tmp_path, 3, "brats2017", shape=SHAPE, grade_folders=True, write_manifest=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["HGG", "LGG"]
-    refs = io.list_cases(tmp_path)
+    refs = layouts.list_cases(tmp_path)
     assert [(r.case_id, r.grade) for r in refs] == [("Phantom_000", "HGG"), ("Phantom_001", "LGG"),
                                                     ("Phantom_002", "HGG")]
     manifest = tmp_path / "other.csv"
     manifest.write_text("case_id,grade,notes\nPhantom_000,lgg,x\n")
-    refs = io.list_cases(tmp_path, manifest=manifest)
+    refs = layouts.list_cases(tmp_path, manifest=manifest)
     assert [r.grade for r in refs] == ["LGG", "LGG", "HGG"]
 
 
 def test_list_cases_without_manifest_has_no_grades_and_accepts_image_folder(tmp_path):
     write_phantom_dataset(tmp_path, 2, "nnunet", shape=SHAPE, write_manifest=False)
-    assert [r.grade for r in io.list_cases(tmp_path)] == [None, None]
-    assert [r.case_id for r in io.list_cases(tmp_path / "imagesTr")] == ["Phantom_000", "Phantom_001"]
+    assert [r.grade for r in layouts.list_cases(tmp_path)] == [None, None]
+    assert [r.case_id for r in layouts.list_cases(tmp_path / "imagesTr")] == ["Phantom_000", "Phantom_001"]
 
 
 def test_list_cases_single_case_folder_and_file(case_dir):
-    assert [r.case_id for r in io.list_cases(case_dir)] == ["Phantom"]
-    assert [r.case_id for r in io.list_cases(_nii(case_dir, "flair"))] == ["Phantom"]
+    assert [r.case_id for r in layouts.list_cases(case_dir)] == ["Phantom"]
+    assert [r.case_id for r in layouts.list_cases(_nii(case_dir, "flair"))] == ["Phantom"]
 
 
 def test_list_cases_empty_folder(tmp_path):
-    assert _error(io.list_cases, tmp_path) == f"{tmp_path}: no cases found; {io._UNKNOWN_LAYOUT}"
+    assert _error(layouts.list_cases, tmp_path) == f"{tmp_path}: no cases found; {layouts._UNKNOWN_LAYOUT}"
 
 
 def test_read_manifest(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("case_id,grade,dataset\nA,HGG,x\nB, lgg ,y\n")
-    assert io.read_manifest(path) == {"A": "HGG", "B": "LGG"}
+    assert layouts.read_manifest(path) == {"A": "HGG", "B": "LGG"}
     path.write_text("case_id,grade\nA,GBM\n")
-    assert _error(io.read_manifest, path) == f"{path}: line 2: grade 'GBM' must be HGG or LGG"
+    assert _error(layouts.read_manifest, path) == f"{path}: line 2: grade 'GBM' must be HGG or LGG"
     path.write_text("id,grade\nA,HGG\n")
-    assert _error(io.read_manifest, path) == (
+    assert _error(layouts.read_manifest, path) == (
         f"{path}: manifest needs a header row with columns case_id,grade and at least one row")
-    assert _error(io.read_manifest, tmp_path / "none.csv") == (
+    assert _error(layouts.read_manifest, tmp_path / "none.csv") == (
         f"{tmp_path / 'none.csv'}: cannot read manifest (No such file or directory)")
 
 
@@ -246,10 +247,10 @@ def test_manifest_of_the_real_sample(sample_dir):
     expected = {row["case_id"]: row["grade"] for row in rows}
     case_folders = sorted(p.name for p in sample_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(expected) == len(rows) > 0 and sorted(expected) == case_folders
-    grades = io.read_manifest(sample_dir / "manifest.csv")
+    grades = layouts.read_manifest(sample_dir / "manifest.csv")
     assert grades == expected and sorted(set(grades.values())) == ["HGG", "LGG"]
     assert grades["Brats18_TCIA10_628_1"] == "LGG" and grades["Brats18_CBICA_ABM_1"] == "HGG"
-    refs = io.list_cases(sample_dir)
+    refs = layouts.list_cases(sample_dir)
     assert [r.case_id for r in refs] == case_folders
     assert {r.case_id: r.grade for r in refs} == expected
     assert [r.grade for r in refs].count("LGG") == list(expected.values()).count("LGG")
@@ -273,7 +274,7 @@ def test_missing_sequence_is_named(case_dir):
 def test_missing_nnunet_channel_is_named(tmp_path, phantom):
     io.save_case(phantom, tmp_path, "nnunet")
     (tmp_path / "imagesTr" / "phantom_003_0001.nii.gz").unlink()
-    assert _error(io.list_cases, tmp_path) == (
+    assert _error(layouts.list_cases, tmp_path) == (
         f"{tmp_path / 'imagesTr'}: case phantom_003 has no t1c image (expected phantom_003_0001.nii.gz by the "
         "channel map {'t1': '0000', 't1c': '0001', 't2': '0002', 'flair': '0003'})")
 
@@ -283,14 +284,14 @@ def test_unknown_layout(tmp_path):
     expected = ("unknown layout: expected BraTS 2017-21 <ID>_t1/_t1ce/_t2/_flair.nii.gz, BraTS 2023 "
                 "<ID>-t1n/-t1c/-t2w/-t2f.nii.gz, nnU-Net <ID>_0000..0003.nii.gz, a Decathlon 4-D NIfTI "
                 "or BRATS 2013 .mha files")
-    assert _error(io.find_case, tmp_path) == f"{tmp_path}: {expected}"
-    assert _error(io.find_case, tmp_path / "notes.txt") == f"{tmp_path / 'notes.txt'}: {expected}"
+    assert _error(layouts.find_case, tmp_path) == f"{tmp_path}: {expected}"
+    assert _error(layouts.find_case, tmp_path / "notes.txt") == f"{tmp_path / 'notes.txt'}: {expected}"
 
 
 def test_single_3d_file_is_not_a_case(tmp_path, phantom):
     path = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(phantom.image[0], phantom.affine), path)
-    assert _error(io.find_case, path).startswith(f"{path}: unknown layout: expected BraTS 2017-21")
+    assert _error(layouts.find_case, path).startswith(f"{path}: unknown layout: expected BraTS 2017-21")
 
 
 def test_shape_mismatch_between_sequences(case_dir, phantom):
@@ -453,13 +454,13 @@ def test_non_axial_third_axis_warns(tmp_path, phantom, caplog):
     for path, index in zip(ref.image_paths, range(4)):
         _overwrite(path, phantom.image[index], phantom.affine @ swap)
     _overwrite(ref.label_path, phantom.label.astype(np.uint8), phantom.affine @ swap)
-    with caplog.at_level(logging.WARNING, logger="brats_cnn.io"):
+    with caplog.at_level(logging.WARNING, logger="brats_cnn.data.io"):
         io.load_case(ref)
     assert "third voxel axis points P (orientation LSP)" in caplog.text
 
 
 def test_brats_affine_has_no_warning(case_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="brats_cnn.io"):
+    with caplog.at_level(logging.WARNING, logger="brats_cnn.data.io"):
         io.load_case(case_dir)
     assert caplog.text == ""
 
@@ -564,7 +565,7 @@ def test_load_real_case(real_case_dir, tmp_path):
 
 def test_manifest_from_a_spreadsheet_and_conflicting_duplicates(tmp_path):
     from brats_cnn.errors import InputError
-    from brats_cnn.io import read_manifest
+    from brats_cnn.data.layouts import read_manifest
 
     saved = tmp_path / "excel.csv"
     saved.write_bytes("\ufeffcase_id,grade\r\nA,HGG\r\nB,lgg\r\nA,HGG\r\nC,unknown\r\n".encode("utf-8"))

@@ -1,11 +1,11 @@
-"""Tests for brats_cnn.labels: the conventions of SPEC.md, class indices, conversions, validation."""
+"""Tests for brats_cnn.data.labels: the conventions of SPEC.md, class indices, conversions, validation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from brats_cnn import labels as L
+from brats_cnn.data import labels as L
 from brats_cnn.errors import InputError
 
 # SPEC.md, "Data and labels": convention -> (labels, complete, core, enhancing)

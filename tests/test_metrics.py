@@ -7,9 +7,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from brats_cnn import metrics
-from brats_cnn.labels import region_mask
-from brats_cnn.metrics import HD95_ONE_EMPTY
+from brats_cnn.evaluation import metrics
+from brats_cnn.data.labels import region_mask
+from brats_cnn.evaluation.metrics import HD95_ONE_EMPTY
 
 
 def _cube(shape, lo, hi):
@@ -491,7 +491,7 @@ def test_surfel_hd95_simple_cases():
 def test_hd95_of_one_mask_pair_is_measured_once_per_case(monkeypatch):
     # a region whose only lesion is matched by the whole prediction: with --hd95 surfel the legacy and the
     # lesion-wise HD95 are the same measurement, computed once (one pair of distance transforms)
-    from brats_cnn import metrics
+    from brats_cnn.evaluation import metrics
 
     ref = np.zeros((30, 30, 30), dtype=bool)
     ref[5:15, 5:15, 5:15] = True

@@ -11,12 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from brats_cnn import normalise
+from brats_cnn.preprocessing import normalise
 from brats_cnn.config import load_config
 from brats_cnn.errors import CheckpointError, ConfigError
-from brats_cnn.model import (CHECKPOINT_FORMAT_VERSION, PereiraCNN, average_checkpoints, build_network,
-                             check_patch_size, count_parameters, feature_size, load_checkpoint, run_average,
-                             save_checkpoint, unwrap_network)
+from brats_cnn.network.checkpoint import CHECKPOINT_FORMAT_VERSION, average_checkpoints, load_checkpoint, run_average, save_checkpoint, unwrap_network
+from brats_cnn.network.model import PereiraCNN, build_network, check_patch_size, count_parameters, feature_size
 
 
 @pytest.mark.parametrize(("architecture", "classes", "expected"), [
@@ -156,7 +155,7 @@ def _any_normaliser_state(normalise):
 def _fake_case(image):
     import numpy as np
 
-    from brats_cnn.io import Case
+    from brats_cnn.data.io import Case
     return Case(case_id="c0", image=image, label=None, affine=np.eye(4), header=None,
                 spacing=(1.0, 1.0, 1.0), label_convention=None, grade=None, source=Path("c0"))
 

@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.normalise: N4, Nyul fit/apply, z-score, NormaliserState."""
+"""Tests for brats_cnn.preprocessing.normalise: N4, Nyul fit/apply, z-score, NormaliserState."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from brats_cnn.config import N4Config, NyulConfig, PreprocessConfig
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.normalise import (
-    NORMALISER_VERSION, NormaliserState, apply_nyul, brain_mask, case_statistics, correct_bias, fit_normaliser,
-    CaseStatistics, fit_nyul, image_landmarks, load_normaliser, n4_correct, normalise_case, piecewise_linear,
-    save_normaliser, sequence_coverage, sequence_data_mask, sequence_moments, state_from_statistics, zscore)
-from brats_cnn.phantom import WHITE_MATTER, bias_field, make_phantom, phantom_tissues
+from brats_cnn.preprocessing.normalise import NORMALISER_VERSION, NormaliserState, brain_mask, case_statistics, fit_normaliser, CaseStatistics, load_normaliser, normalise_case, save_normaliser, sequence_coverage, sequence_moments, state_from_statistics, zscore
+from brats_cnn.preprocessing.nyul import sequence_data_mask
+from brats_cnn.preprocessing.nyul import apply_nyul, fit_nyul, image_landmarks, piecewise_linear
+from brats_cnn.preprocessing.bias import correct_bias, n4_correct
+from brats_cnn.data.phantom import WHITE_MATTER, bias_field, make_phantom, phantom_tissues
 
 SHAPE = (32, 32, 20)
 # two fitting levels: on a 48-voxel phantom the 4-level ITK default fits tissue edges as "bias"

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn import evaluate
+from brats_cnn.evaluation import evaluate
 from brats_cnn.outward import csv_cell, printable, strict_json
 
 

@@ -1,14 +1,14 @@
-"""Tests for brats_cnn.phantom: determinism, contrasts, labels, bias field, noise, scale, dataset writer."""
+"""Tests for brats_cnn.data.phantom: determinism, contrasts, labels, bias field, noise, scale, dataset writer."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from brats_cnn import io
-from brats_cnn import phantom as P
+from brats_cnn.data import io
+from brats_cnn.data import phantom as P
 from brats_cnn.errors import InputError
-from brats_cnn.labels import convert_labels
+from brats_cnn.data.labels import convert_labels
 
 SHAPE = (32, 32, 20)
 

@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.postprocess: small-component removal on hand-built label maps."""
+"""Tests for brats_cnn.inference.postprocess: small-component removal on hand-built label maps."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.postprocess import component_sizes, remove_small_components
+from brats_cnn.inference.postprocess import component_sizes, remove_small_components
 
 
 def _bar(volume: np.ndarray, start: tuple[int, int, int], length: int, value: int) -> None:
@@ -92,7 +92,7 @@ def _blobs(sizes_and_corners):
 
 def test_a_small_tumour_is_never_removed_entirely():
     from brats_cnn.config import PostprocessConfig
-    from brats_cnn.postprocess import postprocess_labels, postprocess_with_report
+    from brats_cnn.inference.postprocess import postprocess_labels, postprocess_with_report
 
     labels = _blobs([(4, (0, 0, 0)), (5, (10, 10, 10)), (3, (20, 20, 20))])  # 64, 125 and 27 voxels, all < t_vol
     kept, report = postprocess_with_report(labels, PostprocessConfig(min_component_voxels=10_000))
@@ -110,7 +110,7 @@ def test_a_small_tumour_is_never_removed_entirely():
 @pytest.mark.parametrize("t_vol", [0, 30, 100, 200])
 def test_postprocess_with_report_equals_removal_then_keep_largest(t_vol):
     from brats_cnn.config import PostprocessConfig
-    from brats_cnn.postprocess import keep_largest_component, postprocess_with_report
+    from brats_cnn.inference.postprocess import keep_largest_component, postprocess_with_report
 
     rng = np.random.default_rng(t_vol)
     labels = (rng.random((20, 20, 20)) < 0.3).astype(np.int16) * rng.integers(1, 4, (20, 20, 20)).astype(np.int16)

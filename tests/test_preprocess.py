@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.preprocess: the cache format, skipping, refitting and the CLI command."""
+"""Tests for brats_cnn.preprocessing.preprocess: the cache format, skipping, refitting and the CLI command."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import pytest
 from brats_cnn.cli import main
 from brats_cnn.config import load_config
 from brats_cnn.errors import InputError
-from brats_cnn.io import find_case, list_cases, load_case, load_label_map, save_case
-from brats_cnn.labels import to_class_indices
-from brats_cnn.normalise import load_normaliser, normalise_case
-from brats_cnn.phantom import make_phantom, write_phantom_dataset
-from brats_cnn.preprocess import (
-    is_cache, list_cached_cases, load_cached_case, preprocess_dataset, run_preprocess)
+from brats_cnn.data.layouts import find_case, list_cases
+from brats_cnn.data.io import load_case, load_label_map, save_case
+from brats_cnn.data.labels import to_class_indices
+from brats_cnn.preprocessing.normalise import load_normaliser, normalise_case
+from brats_cnn.data.phantom import make_phantom, write_phantom_dataset
+from brats_cnn.preprocessing.cache import is_cache, list_cached_cases, load_cached_case
+from brats_cnn.preprocessing.preprocess import preprocess_dataset, run_preprocess
 
 SHAPE = (32, 32, 20)
 OVERRIDES = ["preprocess.n4.shrink_factor=2", "preprocess.workers=1"]
@@ -80,7 +81,7 @@ def test_fit_writes_the_cache_format(dataset, fitted_cache, config):
 
 def test_preprocess_runs_the_nyul_map_of_normalise(dataset, fitted_cache, tmp_path, monkeypatch):
     # one path: a change to normalise.apply_nyul changes what preprocess (and so train) writes
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     state = load_normaliser(fitted_cache / "normaliser.json")
     real = normalise.apply_nyul
@@ -204,14 +205,14 @@ def _bad_dataset(root: Path) -> Path:
 @pytest.fixture()
 def n4_calls(monkeypatch) -> list[str]:
     """Counts N4 runs (one per corrected sequence) in this process (workers=1)."""
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import bias
 
-    calls, real = [], normalise.n4_correct
+    calls, real = [], bias.n4_correct
 
     def counting(volume, mask, n4, **kwargs):
         calls.append(str(kwargs.get("source")))
         return real(volume, mask, n4, **kwargs)
-    monkeypatch.setattr(normalise, "n4_correct", counting)
+    monkeypatch.setattr(bias, "n4_correct", counting)
     return calls
 
 
@@ -219,7 +220,7 @@ def test_unusable_case_is_skipped_with_one_warning_and_partial_coverage_is_used(
                                                                                  caplog):
     data = _bad_dataset(tmp_path / "data")
     out = tmp_path / "cache"
-    with caplog.at_level(logging.WARNING, logger="brats_cnn.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="brats_cnn.preprocessing.preprocess"):
         result = preprocess_dataset(data, out, config=config, fit=True)
     t2 = data / "Phantom_001" / "Phantom_001_t2.nii.gz"
     reason = f"{t2}: file is truncated (the gzip stream ends early)"
@@ -301,8 +302,8 @@ def test_cli_strict_flag_and_summary_of_skipped_cases(tmp_path, capsys, caplog):
 @pytest.mark.slow
 def test_real_case_with_a_partly_missing_flair_preprocesses_and_segments(sample_dir, tmp_path):
     """Brats18_2013_20_1: FLAIR is 0 in 34 % of the brain (it stopped preprocess before issue 13)."""
-    from brats_cnn.labels import region_masks
-    from brats_cnn.metrics import dice
+    from brats_cnn.data.labels import region_masks
+    from brats_cnn.evaluation.metrics import dice
 
     case_dir = sample_dir / "Brats18_2013_20_1"
     out = tmp_path / "cache"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.segment import parse_shard, run_segment, shard_pairs
+from brats_cnn.inference.segment import parse_shard, run_segment, shard_pairs
 
 SHAPE = (36, 36, 6)
 
@@ -167,9 +167,10 @@ def test_an_upper_case_suffix_names_a_file_not_a_folder(phantom_setup, tmp_path)
 
 def test_a_volume_too_small_for_n4_is_refused_with_its_size_and_the_minimum(tmp_path):
     from brats_cnn.config import load_config
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
-    from brats_cnn.phantom import make_phantom, write_phantom_dataset
+    from brats_cnn.network.model import build_network
+    from brats_cnn.network.checkpoint import save_checkpoint
+    from brats_cnn.preprocessing.normalise import fit_normaliser
+    from brats_cnn.data.phantom import make_phantom, write_phantom_dataset
 
     config = load_config("smoke")  # N4 on T1 and T1c, shrink factor 4
     state = fit_normaliser([make_phantom((36, 36, 12), seed=1)], config)
@@ -188,9 +189,9 @@ def test_a_volume_too_small_for_n4_is_refused_with_its_size_and_the_minimum(tmp_
 
 
 def test_invalid_class_frequencies_are_refused_when_the_model_is_loaded(phantom_setup, tmp_path, monkeypatch):
-    from brats_cnn import segment
+    from brats_cnn.inference import members
     from brats_cnn.config import config_to_dict, load_config
-    from brats_cnn.model import load_checkpoint, save_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
 
     root, refs, model = phantom_setup
     good = load_checkpoint(model)
@@ -198,7 +199,7 @@ def test_invalid_class_frequencies_are_refused_when_the_model_is_loaded(phantom_
     bad = save_checkpoint(tmp_path / "bad.pt", network=good.network, config=config, normaliser=good.normaliser,
                           label_convention="brats2017", calibration={"class_frequencies": [0.9, float("nan"), 0.05, 0.05]})
     predicted = []
-    monkeypatch.setattr(segment, "predict", lambda *a, **k: predicted.append(1))
+    monkeypatch.setattr(members, "predict", lambda *a, **k: predicted.append(1))
     with pytest.raises(ConfigError, match=r"invalid class frequencies .* \(need 4 finite values > 0\)"):
         run_segment([refs[0].image_paths[0].parent], model=bad, out=tmp_path / "s.nii.gz", device="cpu")
     assert predicted == [] and not (tmp_path / "s.nii.gz").exists()
@@ -210,7 +211,8 @@ def test_invalid_class_frequencies_are_refused_when_the_model_is_loaded(phantom_
      "brats-cnn: error: cannot load SimpleITK (libSimpleITK.so: failed to map segment from shared object); a native "
      "library failed to load: check the memory limit (ulimit -v)")])
 def test_memory_and_native_import_failures_are_one_line(monkeypatch, capsys, error, said, tmp_path):
-    from brats_cnn import cli, segment
+    from brats_cnn import cli
+    from brats_cnn.inference import segment
 
     def fail(**kwargs):
         raise error

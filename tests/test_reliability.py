@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from brats_cnn.config import load_config
-from brats_cnn.train import learning_rate
+from brats_cnn.training.train import learning_rate
 
 from test_bad_inputs import (AFFINE, BAD, SHAPE, assert_one_line_error, case_file, checkpoints,  # noqa: F401
                              dataset, leftovers, pristine, read_nifti, run_cli, save_nifti)
@@ -127,7 +127,7 @@ def test_train_settings_out_of_range(override, phrase, pristine, tmp_path):
 def test_train_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint(pristine, tmp_path):
     import torch
 
-    from brats_cnn.model import load_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     result = run_cli("train", "--grade", "hgg", "--data", pristine, "--out", out, *TINY_TRAIN,
@@ -256,7 +256,7 @@ def test_segment_a_2mm_case_resamples_to_1mm_and_writes_on_the_input_grid(checkp
 
 
 def test_resampling_round_trip_of_labels_and_images():
-    from brats_cnn.resample import isotropic_shape, needs_resampling, resample_volume
+    from brats_cnn.data.resample import isotropic_shape, needs_resampling, resample_volume
 
     assert not needs_resampling((1.0, 1.0, 1.0 + 1e-7)) and needs_resampling((1, 1, 5))
     assert isotropic_shape((20, 20, 6), (2, 2, 2)) == (40, 40, 12) and isotropic_shape((9, 9, 3), (1, 1, 5)) == (9, 9, 15)

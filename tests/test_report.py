@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from brats_cnn import report
+from brats_cnn.evaluation import report
 
 
 def _rows():

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.sampling import (Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns,
-                                rotate_patches, rotate_patches_90, rotation_support,
-                                sample_balanced_centres)
+from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 
@@ -232,7 +230,7 @@ def test_patch_batches_empty_centres():
 # ---- dense training crops ----------------------------------------------------------------------
 
 def test_slab_batches_label_the_crop_centre_ignore_outside_the_brain_and_rotate_with_the_image():
-    from brats_cnn.sampling import IGNORE_LABEL, SlabBatches
+    from brats_cnn.training.sampling import IGNORE_LABEL, SlabBatches
 
     cases = [fake_case(0), fake_case(1)]
     centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 24, 4, make_rng(0, 1))
@@ -265,7 +263,7 @@ def test_slab_batches_label_the_crop_centre_ignore_outside_the_brain_and_rotate_
 
 
 def test_slab_batches_jitter_the_crop_intensities_and_keep_the_labels():
-    from brats_cnn.sampling import SlabBatches
+    from brats_cnn.training.sampling import SlabBatches
 
     case = fake_case(0)
     case.image = np.where(case.mask[:, None], case.image, 0).astype(np.float16)

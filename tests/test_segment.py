@@ -1,4 +1,4 @@
-"""Tests for brats_cnn.segment: exact vs a per-voxel reference, fast vs exact, and the command."""
+"""Tests for brats_cnn.inference.segment: exact vs a per-voxel reference, fast vs exact, and the command."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError
-from brats_cnn.model import PereiraCNN
-from brats_cnn.dense import to_fully_convolutional
-from brats_cnn.segment import predict_exact, predict_fast, resolve_mode, run_segment
+from brats_cnn.network.model import PereiraCNN
+from brats_cnn.network.dense import to_fully_convolutional
+from brats_cnn.inference.predict import predict_exact, predict_fast, resolve_mode
+from brats_cnn.inference.segment import run_segment
 
 BACKGROUND = 0.5  # a non-zero background value shows that border patches are padded with it
 
@@ -166,7 +167,7 @@ def test_run_segment_one_case_writes_labels_sidecar_and_probabilities(phantom_se
 
 def test_run_segment_runs_the_nyul_map_of_normalise(phantom_setup, tmp_path, monkeypatch):
     # one path: segment standardises through normalise.apply_nyul, once per sequence and case
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     root, refs, model = phantom_setup
     calls = []
@@ -213,9 +214,9 @@ def test_run_segment_torchrun_rank_takes_every_other_case(phantom_setup, tmp_pat
 
 def test_run_segment_option_errors(phantom_setup, tmp_path, monkeypatch):
     root, refs, model = phantom_setup
-    import brats_cnn.segment as segment
+    import brats_cnn.inference.members as members
 
-    monkeypatch.setattr(segment, "WEIGHTS_DIR_NAME", "no_such_weights_dir")
+    monkeypatch.setattr(members, "WEIGHTS_DIR_NAME", "no_such_weights_dir")
     with pytest.raises(CheckpointError, match="no_such_weights_dir/hgg.pt"):  # LGG cases: the HGG model
         run_segment([root / "data"], grade="lgg", out=tmp_path)
     with pytest.raises(CheckpointError, match="no_such_weights_dir/hgg.pt"):  # no grade: the HGG default
@@ -234,9 +235,10 @@ def _second_model(root, name: str, overrides: list, seed: int, convention: str =
                   calibration: dict | None = None):
     """Another small checkpoint next to ``phantom_setup``'s, with its own weights and normaliser."""
     from brats_cnn.config import load_config
-    from brats_cnn.model import build_network, save_checkpoint
-    from brats_cnn.normalise import fit_normaliser
-    from brats_cnn.phantom import make_phantom
+    from brats_cnn.network.model import build_network
+    from brats_cnn.network.checkpoint import save_checkpoint
+    from brats_cnn.preprocessing.normalise import fit_normaliser
+    from brats_cnn.data.phantom import make_phantom
 
     config = load_config("smoke", ["preprocess.n4.sequences=[]", "postprocess.min_component_voxels=5", *overrides])
     torch.manual_seed(seed)
@@ -327,7 +329,7 @@ def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain
     import dataclasses
 
     from brats_cnn.config import load_config
-    from brats_cnn.segment import predict
+    from brats_cnn.inference.predict import predict
 
     net = _network("lgg", classes=5)
     image, mask = _volume((4, 14, 14, 3), seed=5, brain=0.6)
@@ -352,7 +354,7 @@ def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain
 @pytest.mark.parametrize("architecture", ["hgg", "lgg"])
 def test_dense_network_computes_fast_mode_and_trains_the_patch_network(architecture):
     # dense training optimises exactly the function fast mode runs, through the patch network's own weights
-    from brats_cnn.dense import DenseNetwork
+    from brats_cnn.network.dense import DenseNetwork
 
     net = _network(architecture, classes=5, seed=4)
     dense = DenseNetwork(net).eval()
@@ -386,7 +388,7 @@ def _weights_of(net):
 
 @pytest.mark.parametrize("dilation", [1, 2, 4])
 def test_separable_dilated_max_pool_equals_padded_max_pool2d_exactly(dilation):
-    from brats_cnn.dense import _dilated_max_pool
+    from brats_cnn.network.dense import _dilated_max_pool
 
     x = torch.randn(2, 5, 17, 13)
     reference = torch.nn.functional.max_pool2d(
@@ -399,7 +401,7 @@ def test_separable_dilated_max_pool_equals_padded_max_pool2d_exactly(dilation):
 
 
 def test_convolutional_head_equals_the_fc_layers_on_each_gathered_neighbourhood():
-    from brats_cnn.dense import to_fully_convolutional
+    from brats_cnn.network.dense import to_fully_convolutional
 
     net = _network("hgg", classes=5, seed=3)
     dense = to_fully_convolutional(net)
@@ -430,7 +432,7 @@ def test_tta_is_chosen_by_device_unless_asked():
     import dataclasses
 
     from brats_cnn.config import load_config
-    from brats_cnn.segment import tta_rotations
+    from brats_cnn.inference.members import tta_rotations
 
     config = load_config("smoke", ["segment.tta_rotations=[0,90,180,270]"])
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -445,9 +447,8 @@ def test_tta_is_chosen_by_device_unless_asked():
 
 
 def test_segment_takes_speed_settings_from_this_version_not_the_checkpoint(phantom_setup, tmp_path, monkeypatch):
-    from brats_cnn import segment
     from brats_cnn.config import SegmentConfig, config_to_dict, load_config
-    from brats_cnn.model import load_checkpoint, save_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
 
     root, refs, model = phantom_setup
     old = load_checkpoint(model)
@@ -456,8 +457,10 @@ def test_segment_takes_speed_settings_from_this_version_not_the_checkpoint(phant
     older = save_checkpoint(tmp_path / "older.pt", network=old.network, config=stored, normaliser=old.normaliser,
                             label_convention="brats2017")
     seen = []
-    real = segment.predict_fast
-    monkeypatch.setattr(segment, "predict_fast", lambda *a, **k: seen.append(
+    from brats_cnn.inference import predict
+
+    real = predict.predict_fast
+    monkeypatch.setattr(predict, "predict_fast", lambda *a, **k: seen.append(
         (k["slices_per_batch"], k["batch_size"])) or real(*a, **k))
     run_segment([refs[0].image_paths[0].parent], model=older, out=tmp_path / "a.nii.gz", device="cpu", mode="fast")
     assert seen == [(SegmentConfig().slices_per_batch, SegmentConfig().batch_size)]
@@ -516,7 +519,7 @@ def test_class_weights_apply_after_the_prior_as_the_cv_grid_scores_them(phantom_
     import sys
     from pathlib import Path
 
-    from brats_cnn.prior import apply_class_prior, weight_classes
+    from brats_cnn.inference.prior import apply_class_prior, weight_classes
 
     rng = np.random.default_rng(0)
     probabilities = rng.dirichlet(np.ones(4), size=(5, 6, 2)).transpose(3, 0, 1, 2).astype(np.float32)

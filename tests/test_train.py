@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from brats_cnn import train
+from brats_cnn.training import train
+from brats_cnn.training import loss as training_loss
+from brats_cnn.training import validation
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
-from brats_cnn.model import load_checkpoint
+from brats_cnn.network.checkpoint import load_checkpoint
 from brats_cnn.device import resolve_device
 from brats_cnn.config import load_config
-from brats_cnn.train import learning_rate, run_training, split_cases
+from brats_cnn.training.train import learning_rate, run_training, split_cases
 
 # A tiny run: the LGG network (cheapest), 32 patches of batch 8 per epoch, no N4.
 TINY = ["preprocess.n4.sequences=[]", "model.architecture=lgg", "sampling.total_patches=32",
@@ -28,7 +30,7 @@ NO_DROPOUT = ["model.dropout=0.0"]  # dropout masks differ per rank; without it 
 
 @pytest.fixture(scope="module")
 def raw_dataset(tmp_path_factory) -> Path:
-    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.data.phantom import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("raw")
     write_phantom_dataset(root, 4, grades=["HGG", "HGG", "LGG", "HGG"], shape=(40, 40, 16))
@@ -38,7 +40,7 @@ def raw_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache(raw_dataset, tmp_path_factory) -> Path:
     from brats_cnn.config import load_config
-    from brats_cnn.preprocess import preprocess_dataset
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     out = tmp_path_factory.mktemp("cache")
     config = load_config("smoke", TINY)
@@ -67,15 +69,15 @@ def test_split_holds_out_whole_cases_deterministically():
 def test_dice_slices_are_evenly_spaced_over_the_brain():
     mask = np.zeros((20, 3, 3), bool)
     mask[4:15, 1, 1] = True
-    assert train.dice_slice_indices(mask, 0).tolist() == list(range(4, 15))
-    assert train.dice_slice_indices(mask, 3).tolist() == [4, 9, 14]
-    assert train.dice_slice_indices(mask, 50).tolist() == list(range(4, 15))
+    assert validation.dice_slice_indices(mask, 0).tolist() == list(range(4, 15))
+    assert validation.dice_slice_indices(mask, 3).tolist() == [4, 9, 14]
+    assert validation.dice_slice_indices(mask, 50).tolist() == list(range(4, 15))
 
 
 def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch):
-    # train.train_step (train and benchmark) and train.evaluate_patches both use train.loss_function
+    # train.train_step (train and benchmark) and validation.evaluate_patches both use training_loss.loss_function
     from brats_cnn.device import Compute
-    from brats_cnn.model import PereiraCNN
+    from brats_cnn.network.model import PereiraCNN
 
     compute = Compute(torch.device("cpu"), bf16=False, channels_last=False)
     torch.manual_seed(0)
@@ -83,17 +85,20 @@ def test_loss_function_is_the_loss_of_the_step_and_of_the_validation(monkeypatch
     patches, labels = torch.randn(6, 4, 9, 9), torch.tensor([0, 1, 2, 3, 0, 1])
     with torch.no_grad():
         logits = net.eval()(patches)
-    loss, accuracy = train.evaluate_patches(net, [(patches, labels)], compute)
+    loss, accuracy = validation.evaluate_patches(net, [(patches, labels)], compute)
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     calls = []
-    monkeypatch.setattr(train, "loss_function", lambda out, target, config=None, weight=None: calls.append(len(target)) or 0 * out.sum())
+    assert train.loss_function is validation.loss_function is training_loss.loss_function  # one function, imported by both
+    fake = lambda out, target, config=None, weight=None: calls.append(len(target)) or 0 * out.sum()  # noqa: E731
+    monkeypatch.setattr(train, "loss_function", fake)
+    monkeypatch.setattr(validation, "loss_function", fake)
     before = _weights(net)
     net.train()
     step_loss, _ = train.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), patches, labels, compute)
     assert step_loss.item() == 0 and calls == [6]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # zero loss, zero gradient
-    assert train.evaluate_patches(net, [(patches, labels)], compute)[0] == 0.0 and calls == [6, 6]
+    assert validation.evaluate_patches(net, [(patches, labels)], compute)[0] == 0.0 and calls == [6, 6]
 
 
 def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkeypatch):
@@ -104,17 +109,17 @@ def test_focal_loss_by_hand_and_selected_by_config_in_train_and_benchmark(monkey
     focal = load_config("smoke", ["train.loss=focal", "train.focal_gamma=2"]).train
     p_t = torch.tensor([np.exp(2) / (np.exp(2) + 1), 1 / (1 + np.e), 0.5])
     expected = (-((1 - p_t) ** 2) * torch.log(p_t)).mean()
-    assert train.loss_function(logits, labels, focal).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert training_loss.loss_function(logits, labels, focal).item() == pytest.approx(expected.item(), rel=1e-6)
     gamma0 = load_config("smoke", ["train.loss=focal", "train.focal_gamma=0"]).train
-    assert train.loss_function(logits, labels, gamma0).item() == pytest.approx(
+    assert training_loss.loss_function(logits, labels, gamma0).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     with pytest.raises(ConfigError, match="train.loss"):
         load_config("smoke", ["train.loss=dice"])
     # the config's loss reaches the benchmark's train step too (one place to change it)
-    from brats_cnn import benchmark
+    from brats_cnn.training import benchmark
 
     seen = []
-    real = train.loss_function
+    real = training_loss.loss_function
     monkeypatch.setattr(train, "loss_function", lambda out, target, config=None, weight=None:
                         seen.append(config.loss) or real(out, target, config, weight))
     config = load_config("smoke", ["train.loss=focal", "preprocess.n4.sequences=[]", "model.architecture=lgg",
@@ -176,13 +181,13 @@ def test_train_from_raw_data_via_the_cli(raw_dataset, tmp_path):
 def test_mean_dice_averages_each_region_over_the_cases():
     per_case = {"a": {"complete": 1.0, "core": 0.5, "enhancing": 0.0},
                 "b": {"complete": 0.5, "core": 0.25, "enhancing": 1.0}}
-    assert train.mean_dice(per_case) == {"complete": 0.75, "core": 0.375, "enhancing": 0.5}
+    assert validation.mean_dice(per_case) == {"complete": 0.75, "core": 0.375, "enhancing": 0.5}
 
 
 def test_training_uses_the_configured_patch_size(cache, tmp_path):
     # the network, the training patches and the validation Dice (fast sliding window) all follow
     # sampling.patch_size; the checkpoint keeps it and segments with it
-    from brats_cnn.segment import predict_exact, predict_fast
+    from brats_cnn.inference.predict import predict_exact, predict_fast
 
     result = run_training("hgg", cache, tmp_path / "p25", config="smoke", device="cpu",
                           overrides=TINY + ["sampling.patch_size=25", "train.epochs=1", "train.validate_dice=true",
@@ -373,7 +378,7 @@ def test_ddp_on_gloo_keeps_ranks_identical_and_matches_one_process(cache, tmp_pa
 def test_training_skips_an_unusable_case_and_strict_stops(tmp_path, caplog):
     from brats_cnn.cli import main
     from brats_cnn.config import load_config
-    from brats_cnn.phantom import write_phantom_dataset
+    from brats_cnn.data.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "raw", 4, grades=["HGG"] * 4, shape=(40, 40, 16))
     broken = tmp_path / "raw" / "Phantom_002" / "Phantom_002_seg.nii.gz"
@@ -398,17 +403,17 @@ DENSE = TINY + ["train.mode=dense", "dense.crop_size=9", "dense.crops_per_epoch=
 
 
 def test_dense_loss_is_the_weighted_cross_entropy_of_the_labelled_voxels():
-    from brats_cnn.sampling import IGNORE_LABEL
+    from brats_cnn.training.sampling import IGNORE_LABEL
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 3, 3)
     labels = torch.randint(0, 4, (2, 3, 3))
     labels[0, 0, :] = IGNORE_LABEL
-    weight = train.dense_class_weights([0.7, 0.1, 0.15, 0.05], 1.0)
+    weight = training_loss.dense_class_weights([0.7, 0.1, 0.15, 0.05], 1.0)
     # pi ** -1 with mean 1 over the 4 classes
     expected_w = torch.tensor([1 / 0.7, 10, 1 / 0.15, 20]) / torch.tensor([1 / 0.7, 10, 1 / 0.15, 20]).mean()
     torch.testing.assert_close(weight, expected_w.float())
-    assert torch.equal(train.dense_class_weights([0.7, 0.3, 0.0], 0.5)[2], torch.tensor(0.0))
+    assert torch.equal(training_loss.dense_class_weights([0.7, 0.3, 0.0], 0.5)[2], torch.tensor(0.0))
     by_hand_num, by_hand_den = 0.0, 0.0
     for b in range(2):
         for i in range(3):
@@ -418,9 +423,9 @@ def test_dense_loss_is_the_weighted_cross_entropy_of_the_labelled_voxels():
                     continue
                 by_hand_num += -float(weight[c] * torch.log_softmax(logits[b, :, i, j], 0)[c])
                 by_hand_den += float(weight[c])
-    assert float(train.loss_function(logits, labels, None, weight)) == pytest.approx(by_hand_num / by_hand_den,
+    assert float(training_loss.loss_function(logits, labels, None, weight)) == pytest.approx(by_hand_num / by_hand_den,
                                                                                        rel=1e-6)
-    unweighted = train.loss_function(logits, labels)
+    unweighted = training_loss.loss_function(logits, labels)
     flat = logits.movedim(1, -1)[labels != IGNORE_LABEL]
     assert float(unweighted) == pytest.approx(float(torch.nn.functional.cross_entropy(flat, labels[labels >= 0])))
 
@@ -454,7 +459,7 @@ def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cac
 
 
 def test_loader_workers_auto_is_zero_on_the_cpu_and_bounded_on_cuda(monkeypatch):
-    from brats_cnn.train import CUDA_LOADER_WORKERS, loader_workers
+    from brats_cnn.training.train import CUDA_LOADER_WORKERS, loader_workers
 
     assert load_config("pereira_hgg").train.num_workers is None
     assert load_config("pereira_hgg", ["train.num_workers=null"]).train.num_workers is None
@@ -471,8 +476,8 @@ def test_loader_workers_auto_is_zero_on_the_cpu_and_bounded_on_cuda(monkeypatch)
 
 
 def test_make_loader_takes_its_workers_from_loader_workers(cache):
-    from brats_cnn.benchmark import _pipeline_batches
-    from brats_cnn.train import make_loader
+    from brats_cnn.training.benchmark import _pipeline_batches
+    from brats_cnn.training.train import make_loader
 
     data = _pipeline_batches(cache, load_config("smoke", ["sampling.patch_size=9"]), batch_size=4, batches=2)
     auto = make_loader(data, load_config("smoke", ["train.num_workers=null"]), torch.device("cpu"), seed=0)

@@ -9,9 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn.model import count_parameters, load_checkpoint
-from brats_cnn.phantom import write_phantom_dataset
-from brats_cnn.segment import bundled_weights
+from brats_cnn.network.model import count_parameters
+from brats_cnn.network.checkpoint import load_checkpoint
+from brats_cnn.data.phantom import write_phantom_dataset
+from brats_cnn.inference.members import bundled_weights
 
 # 4 outputs: the brats2017 convention (0, 1, 2, 4) the bundled model was trained in.
 HGG_PARAMETERS = 2_117_956
@@ -54,7 +55,7 @@ def test_segment_without_grade_or_model_uses_the_bundled_hgg_model_with_one_noti
                              "--out", str(out), "--mode", "fast", "--no-postprocess"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     notices = [line for line in result.stderr.splitlines() if "no --grade or --model" in line]
-    assert notices == ["WARNING brats_cnn.segment: no --grade or --model given: using the bundled HGG model "
+    assert notices == ["WARNING brats_cnn.inference.members: no --grade or --model given: using the bundled HGG model "
                        "(the default for cases of unknown grade; see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
@@ -68,7 +69,7 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     notices = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
-    assert notices == ["WARNING brats_cnn.segment: --grade lgg: using the bundled HGG model, which scores better "
+    assert notices == ["WARNING brats_cnn.inference.members: --grade lgg: using the bundled HGG model, which scores better "
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))

@@ -18,8 +18,8 @@ Run folder::
     <out>/last.pt          checkpoint with the resume state (also in the middle of an epoch)
     <out>/best.pt          checkpoint of the best validation score so far
 
-``train.mode: dense`` trains the same network through :class:`brats_cnn.dense.DenseNetwork` on
-axial crops (:class:`brats_cnn.sampling.SlabBatches`, every brain voxel of a crop labelled, class
+``train.mode: dense`` trains the same network through :class:`brats_cnn.network.dense.DenseNetwork` on
+axial crops (:class:`brats_cnn.training.sampling.SlabBatches`, every brain voxel of a crop labelled, class
 weights ``dense.class_weight_power``); everything else above is shared with patch training.
 ``train.init_weights`` starts a new run from a checkpoint's weights.
 
@@ -32,33 +32,47 @@ middle of an epoch, therefore reproduces the uninterrupted run exactly on the CP
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from brats_cnn.calibrate import region_mean
-from brats_cnn.prior import class_frequencies
-from brats_cnn.config import Config, check_grade, config_to_dict, load_config, save_config
 from brats_cnn import progress_wanted
-from brats_cnn.device import Compute, compute_settings, resolve_device, torchrun_environment
-from brats_cnn.errors import BratsCnnError, CheckpointError, ConfigError, InputError
-from brats_cnn.fsutil import write_json_atomic, write_text_atomic
-from brats_cnn.labels import REGIONS, get_convention
-from brats_cnn.dense import DenseNetwork
-from brats_cnn.model import (build_network, check_patch_size, load_checkpoint, save_checkpoint,
-                             unwrap_network)
-from brats_cnn.sampling import (CENTRE_STREAM, IGNORE_LABEL, VALIDATION_STREAM, PatchBatches, SlabBatches,
-                                cases_label_mask, make_rng, sample_balanced_centres)
+from brats_cnn.config import Config, check_grade, save_config
+from brats_cnn.data.labels import REGIONS, get_convention
+from brats_cnn.device import Compute, compute_settings, resolve_device
+from brats_cnn.errors import BratsCnnError, ConfigError, InputError
+from brats_cnn.inference.calibrate import region_mean
+from brats_cnn.inference.prior import class_frequencies
+from brats_cnn.network.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, save_checkpoint, unwrap_network
+from brats_cnn.network.dense import DenseNetwork
+from brats_cnn.network.model import build_network, check_patch_size
+from brats_cnn.preprocessing.cache import cases_label_mask
+from brats_cnn.training.distributed import Distributed, all_ranks_agree, init_distributed
+from brats_cnn.training.loss import dense_class_weights, loss_function
+from brats_cnn.training.resume import RunState, initial_weights, load_run_config, restore_rng, restore_state, rng_states
+from brats_cnn.training.sampling import (
+    CENTRE_STREAM,
+    IGNORE_LABEL,
+    VALIDATION_STREAM,
+    PatchBatches,
+    SlabBatches,
+    make_rng,
+    sample_balanced_centres,
+)
+from brats_cnn.training.validation import (
+    evaluate_patches,
+    json_float,
+    mean_dice,
+    validation_dice,
+    write_metrics,
+    write_step_losses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +81,6 @@ TORCH_STREAM = 12
 PROGRESS_INTERVAL = 20  # iterations between progress-bar updates (each one syncs the device)
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead (keeps a GPU fed)
 CUDA_LOADER_WORKERS = 4  # DataLoader workers of ``train.num_workers: null`` on CUDA (at most the core count)
-METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                  *(f"dice_{region}" for region in REGIONS), "score", "score_alpha", "epoch_seconds",
-                  "patches_per_second")
 
 
 # ---- small pure helpers --------------------------------------------------------------------------
@@ -96,36 +107,6 @@ def torch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(make_rng(seed, TORCH_STREAM, epoch, rank).integers(2**62))
 
 
-@dataclass(frozen=True)
-class Distributed:
-    """Process group facts; ``world_size == 1`` when not launched by torchrun."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device_name: str) -> Distributed:
-    """Join the torchrun process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, gloo on the CPU)."""
-    env = torchrun_environment()
-    if env.world_size <= 1:
-        return Distributed()
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(env.rank, env.local_rank, env.world_size)
-
-
 # ---- data ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -139,7 +120,7 @@ class TrainingData:
 
 
 def _grade_of(folder: Path, grades: dict[str, str]) -> str | None:
-    from brats_cnn.preprocess import load_cached_case
+    from brats_cnn.preprocessing.cache import load_cached_case
 
     return grades.get(folder.name) or load_cached_case(folder).grade
 
@@ -163,17 +144,18 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
     written with it. An existing ``<out>/cache`` is reused when up to date (``--resume``). Cases that
     preprocessing skips as unusable are left out of both splits (one warning line lists them).
     """
-    from brats_cnn import preprocess
-    from brats_cnn.io import list_cases, read_manifest
-    from brats_cnn.normalise import load_normaliser
+    from brats_cnn.data.layouts import list_cases, read_manifest
+    from brats_cnn.preprocessing import preprocess
+    from brats_cnn.preprocessing.cache import NORMALISER_FILE, is_cache, list_cached_cases
+    from brats_cnn.preprocessing.normalise import load_normaliser
 
     data = Path(data)
     if not data.exists():
         raise InputError("training data folder not found", data)
-    if preprocess.is_cache(data):
+    if is_cache(data):
         cache = data
         grades = read_manifest(manifest) if manifest else {}
-        folders = {p.name: p for p in preprocess.list_cached_cases(cache)}
+        folders = {p.name: p for p in list_cached_cases(cache)}
         ids = _keep_grade([(name, _grade_of(p, grades)) for name, p in folders.items()], grade, data)
         train_ids, val_ids = split_cases(ids, config.data.validation_cases, config.train.seed)
     else:
@@ -185,7 +167,7 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
             kept = [r for r in refs if r.case_id in set(ids)]
             preprocess.preprocess_dataset(kept, cache, config=config, fit=True, fit_case_ids=train_ids)
         dist.barrier()
-        written = {p.name for p in preprocess.list_cached_cases(cache)}
+        written = {p.name for p in list_cached_cases(cache)}
         unusable = [c for c in ids if c not in written]
         if unusable:
             log.warning("training without %d unusable case(s): %s", len(unusable), ", ".join(unusable))
@@ -194,7 +176,7 @@ def prepare_data(data: Path, out: Path, config: Config, grade: str, manifest: Pa
             raise InputError("no usable training case left (see the warnings above)", data)
     log.info("training cases: %s; validation cases: %s", ", ".join(train_ids), ", ".join(val_ids) or "none")
     return TrainingData(cache, tuple(cache / c for c in train_ids), tuple(cache / c for c in val_ids),
-                        load_normaliser(cache / preprocess.NORMALISER_FILE))
+                        load_normaliser(cache / NORMALISER_FILE))
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> int:
@@ -228,44 +210,6 @@ def make_loader(dataset: PatchBatches, config: Config, device: torch.device, see
 
 # ---- one training step (also timed by ``brats-cnn benchmark``) ----------------------------------
 
-LOSSES = ("cross_entropy", "focal")
-
-
-def loss_function(logits: torch.Tensor, labels: torch.Tensor, config: Any = None,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The training loss of ``train.loss``, a mean over the batch, computed in float32 (also under bf16).
-
-    ``cross_entropy`` (the paper's; default, also when ``config`` is None) or ``focal``
-    (Lin et al. 2017: ``-(1 - p_t) ** gamma * log p_t`` with ``gamma = train.focal_gamma``; gamma 0 is
-    cross-entropy). ``config`` is a ``TrainConfig``.
-
-    Args:
-        logits: ``(B, C)`` network outputs, or ``(B, C, S, S)`` of dense training.
-        labels: ``(B,)`` int64 class indices, or ``(B, S, S)`` with :data:`IGNORE_LABEL` for voxels
-            that count for nothing.
-        weight: ``(C,)`` class weights (dense training); the mean is then weighted, as torch's.
-    """
-    if logits.dim() > 2:  # dense: every labelled voxel is one sample
-        logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
-        labels = labels.reshape(-1)
-        labelled = labels != IGNORE_LABEL
-        logits, labels = logits[labelled], labels[labelled]
-    kind = getattr(config, "loss", "cross_entropy")
-    if kind == "cross_entropy":
-        return F.cross_entropy(logits.float(), labels, weight=weight)
-    if kind == "focal":
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
-        terms = -((1 - log_p.exp()) ** config.focal_gamma * log_p)
-        return terms.mean() if weight is None else (terms * weight[labels]).sum() / weight[labels].sum()
-    raise ConfigError(f"train.loss must be one of {list(LOSSES)}, got '{kind}'")
-
-
-def dense_class_weights(frequencies: Sequence[float], power: float) -> torch.Tensor:
-    """``(C,)`` float32 loss weights ``pi_c ** -power`` of dense training, mean 1 (classes absent: weight 0)."""
-    pi = torch.tensor(frequencies, dtype=torch.float64)
-    weight = torch.where(pi > 0, pi.clamp_min(1e-12) ** -power, torch.zeros_like(pi))
-    return (weight * (pi > 0).sum() / weight.sum()).float()
-
 
 def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches: torch.Tensor,
                labels: torch.Tensor, compute: Compute, config: Any = None,
@@ -286,34 +230,7 @@ def train_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, patches
     return loss.detach(), logits.detach()
 
 
-# ---- evaluation ----------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate_patches(network: torch.nn.Module, loader: Any, compute: Compute,
-                     config: Any = None) -> tuple[float, float]:
-    """Mean :func:`loss_function` and accuracy over labelled patch batches (eval mode)."""
-    network.eval()
-    loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
-    correct = torch.zeros((), device=compute.device, dtype=torch.int64)
-    count = 0
-    for patches, labels in loader:
-        labels = compute.batch(labels)
-        with compute.autocast():
-            logits = network(compute.batch(patches))
-        loss_sum += loss_function(logits, labels, config).double() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum()
-        count += labels.numel()
-    if count == 0:
-        return math.nan, math.nan
-    return loss_sum.item() / count, correct.item() / count
-
-
-def dice_slice_indices(mask: np.ndarray, count: int) -> np.ndarray:
-    """``count`` evenly spaced axial indices over the slices of ``mask (Z, X, Y)`` holding brain (all if 0)."""
-    brain = np.flatnonzero(np.asarray(mask).any(axis=(1, 2)))
-    if count <= 0 or count >= brain.size:
-        return brain
-    return np.unique(brain[np.round(np.linspace(0, brain.size - 1, count)).astype(int)])
+# ---- optimiser -----------------------------------------------------------------------------------
 
 
 def build_optimiser(network: torch.nn.Module, train_config: Any) -> torch.optim.Optimizer:
@@ -323,142 +240,7 @@ def build_optimiser(network: torch.nn.Module, train_config: Any) -> torch.optim.
                            nesterov=True, weight_decay=train_config.weight_decay)
 
 
-def validation_dice(network: torch.nn.Module, folders: Sequence[Path], config: Config, compute: Compute,
-                    frequencies: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, float]]]:
-    """Dice of complete/core/enhancing of each validation case, per prior-correction exponent.
-
-    Uses :func:`brats_cnn.segment.predict_fast` on whole volumes (``train.dice_slices = 0``, the
-    default) or on that many evenly spaced brain slices per case; the networks are 2-D, so a slice's
-    prediction does not depend on which other slices are predicted. No post-processing.
-
-    Returns:
-        ``{alpha: {case id: {region: Dice}}}`` (case ids in the order of ``folders``) for ``alpha = 0``
-        (the network's own output) and, when the training class ``frequencies`` are given, every
-        ``train.selection_alphas`` value (the prior correction of :mod:`brats_cnn.calibrate`, which
-        ``calibrate`` later tunes on the same cases). :func:`mean_dice` averages over the cases.
-    """
-    from brats_cnn.calibrate import region_dice
-    from brats_cnn.prior import apply_class_prior
-    from brats_cnn.labels import classify
-    from brats_cnn.preprocess import load_cached_case
-    from brats_cnn.segment import predict_fast
-
-    convention = config.data.label_convention
-    if frequencies is not None and min(frequencies) <= 0:  # a class absent from training: no prior to correct to
-        log.info("a class has no training voxels; validation Dice without prior correction only")
-        frequencies = None
-    alphas = sorted({0.0, *(config.train.selection_alphas if frequencies is not None else ())})
-    scores: dict[float, dict[str, dict[str, float]]] = {a: {} for a in alphas}
-    plain = unwrap_network(network)
-    was_training = plain.training
-    for folder in folders:
-        case = load_cached_case(folder)
-        slices = dice_slice_indices(case.mask, config.train.dice_slices)
-        image = np.transpose(case.image[slices], (1, 2, 3, 0)).astype(np.float32)  # (z,4,X,Y) -> (4,X,Y,z)
-        mask = np.transpose(case.mask[slices], (1, 2, 0))
-        truth = np.transpose(case.label[slices], (1, 2, 0))
-        probabilities = predict_fast(plain, image, mask, compute=compute, batch_size=config.segment.batch_size,
-                                     slices_per_batch=config.segment.slices_per_batch,
-                                     background_value=config.preprocess.background_value)
-        for alpha in alphas:
-            corrected = apply_class_prior(probabilities, frequencies, alpha) if alpha else probabilities
-            classes = classify(corrected, convention, config.segment.decision)
-            scores[alpha][folder.name] = region_dice(classes, truth, convention)
-    plain.train(was_training)
-    return scores
-
-
-def mean_dice(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``{region: mean Dice}`` over the cases of one :func:`validation_dice` entry."""
-    return {region: float(np.mean([dice[region] for dice in per_case.values()])) for region in REGIONS}
-
-
-# ---- metrics files -------------------------------------------------------------------------------
-
-def write_metrics(out: Path, history: list[dict]) -> None:
-    """Rewrite ``metrics.csv`` and ``metrics.json`` from the full history (atomically)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(out / "metrics.csv", buffer.getvalue())
-    write_json_atomic(out / "metrics.json", history)
-
-
-def write_step_losses(out: Path, rows: list[tuple[int, float, float]]) -> None:
-    """Rewrite ``steps.csv`` (step, lr, loss) from all iterations so far (atomically)."""
-    text = "step,lr,loss\n" + "".join(f"{step},{lr:.8g},{loss:.6g}\n" for step, lr, loss in rows)
-    write_text_atomic(out / "steps.csv", text)
-
-
-def _read_step_losses(out: Path, last_step: int) -> list[tuple[int, float, float]]:
-    try:
-        lines = (out / "steps.csv").read_text().splitlines()[1:]
-    except OSError:
-        return []
-    rows = [(int(a), float(b), float(c)) for a, b, c in (line.split(",") for line in lines)]
-    return [row for row in rows if row[0] <= last_step]
-
-
-def _read_history(out: Path, last_step: int) -> list[dict]:
-    import json
-
-    try:
-        history = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [row for row in history if row.get("step", math.inf) <= last_step]
-
-
-def _json_float(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 # ---- run state -----------------------------------------------------------------------------------
-
-@dataclass
-class RunState:
-    """Where a run is; everything :func:`run_training` needs to continue exactly from a checkpoint.
-
-    ``epoch`` is the epoch in progress (0-based) and ``batch`` the next batch of it, so an
-    end-of-epoch checkpoint holds ``(epoch + 1, 0)``. ``interval`` sums (loss, correct, patches)
-    since the last metrics row and ``interval_seconds`` the training time they took (both kept in
-    ``last.pt``, so the patches/s of a row that spans a resume counts only time spent training);
-    ``pending`` holds the (step, lr, loss tensor) not yet in steps.csv.
-    """
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    best_score: float = -math.inf
-    history: list = field(default_factory=list)
-    step_rows: list = field(default_factory=list)
-    interval: Any = None
-    interval_seconds: float = 0.0
-    pending: list = field(default_factory=list)
-    last_saved: float = 0.0
-
-
-def _rng_states(compute: Compute, dist: Distributed) -> list:
-    """Every process's torch RNG state (CPU, and CUDA when used), gathered on all ranks."""
-    state = {"cpu": torch.get_rng_state()}
-    if compute.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(compute.device)
-    if dist.world_size == 1:
-        return [state]
-    gathered: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
-def _restore_rng(states: list, compute: Compute, dist: Distributed) -> None:
-    if len(states) != dist.world_size:
-        log.warning("the checkpoint was written by %d process(es), this run has %d: dropout draws of the rest of "
-                    "this epoch will differ from an uninterrupted run", len(states), dist.world_size)
-        return
-    torch.set_rng_state(states[dist.rank]["cpu"])
-    if compute.device.type == "cuda" and "cuda" in states[dist.rank]:
-        torch.cuda.set_rng_state(states[dist.rank]["cuda"], compute.device)
 
 
 def _flush_step_losses(state: RunState) -> None:
@@ -466,15 +248,6 @@ def _flush_step_losses(state: RunState) -> None:
         losses = torch.stack([loss for _, _, loss in state.pending]).tolist()  # one device sync
         state.step_rows += [(step, lr, loss) for (step, lr, _), loss in zip(state.pending, losses)]
         state.pending = []
-
-
-def _all_ranks_agree(flag: bool, dist: Distributed, device: torch.device) -> bool:
-    """Rank 0's decision, shared with every process (time-based decisions differ between ranks)."""
-    if dist.world_size == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    torch.distributed.broadcast(value, 0)
-    return bool(value.item())
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -517,120 +290,11 @@ class Run:
 
     @property
     def last_path(self) -> Path:
-        return self.out / "last.pt"
+        return self.out / LAST_CHECKPOINT
 
     @property
     def best_path(self) -> Path:
-        return self.out / "best.pt"
-
-
-def _load_run_config(grade: str, out: Path, config: str | Path | None, overrides: Sequence[str],
-                     resume: bool) -> tuple[Config, Any]:
-    """The run's config, and the checkpoint to resume from (None for a new run)."""
-    last_path = out / "last.pt"
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError("nothing to resume: no last.pt in the run folder", last_path)
-        resumed = load_checkpoint(last_path)
-        if resumed.grade != grade:
-            raise ConfigError(f"checkpoint is for grade '{resumed.grade}' but --grade {grade} was given", last_path)
-        if not resumed.training_state or "optimiser" not in resumed.training_state:
-            raise CheckpointError("holds no training state (a best.pt or a calibrated model copied over it?); "
-                                  "--resume needs the last.pt that train wrote", last_path)
-        resumed_config = load_config(None, overrides, base=config_to_dict(resumed.config))
-        _refuse_changed_settings(resumed.config, resumed_config, last_path)
-        _check_new_epochs(resumed, resumed_config.train.epochs, last_path)
-        return resumed_config, resumed
-    if last_path.is_file():
-        raise ConfigError("run folder already holds last.pt; pass --resume or choose another --out", out)
-    written = out / "config.yaml"
-    if config is not None and Path(config).is_file() and written.is_file() and written.samefile(config):
-        raise ConfigError(f"refusing to write over an input of this command (--config {config}); copy the config "
-                          "elsewhere or choose another --out", written)
-    return load_config(config or f"pereira_{grade}", overrides), None
-
-
-# Settings that ``train --resume --set`` may change: they affect speed, memory or when last.pt and
-# the validation rows are written, never the schedule, the data or the arithmetic of the run
-# (docs/reliability.md lists them; validation draws no random number the training uses: tested).
-RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.num_workers", "train.compile", "train.deterministic", "train.checkpoint_minutes",
-    "train.checkpoint_every_steps", "train.validate_every_steps", "preprocess.workers", "compute.channels_last",
-    "segment.batch_size", "segment.slices_per_batch", "segment.memory_fraction")
-# ``train.epochs`` may change too (shorten or extend a run); the linear learning-rate decay then follows
-# the new length from the resumed step on, and the log says so.
-RESCHEDULABLE_KEYS: tuple[str, ...] = ("train.epochs",)
-
-
-def _refuse_changed_settings(stored: Config, requested: Config, last_path: Path) -> None:
-    """ConfigError naming the first setting outside :data:`RESUMABLE_KEYS` that ``--set`` changes."""
-    def leaves(values: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in values.items():
-            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    before, after = leaves(config_to_dict(stored)), leaves(config_to_dict(requested))
-    allowed = RESUMABLE_KEYS + RESCHEDULABLE_KEYS
-    changed = [key for key in before if before[key] != after[key] and key not in allowed]
-    if changed:
-        key = changed[0]
-        raise ConfigError(f"--resume cannot change {key} (the run has {before[key]!r}, --set gives {after[key]!r}): "
-                          f"it would change the schedule or the data of the run; with --resume only "
-                          f"{', '.join(allowed)} may change; start a new run in another --out", last_path)
-
-
-def _saved_position(resumed: Any) -> tuple[int, int]:
-    """``(epoch in progress (0-based), next batch)`` of a ``last.pt``; the epoch is done when the batch is 0."""
-    saved = resumed.training_state
-    return int(saved.get("epoch_in_progress", resumed.epoch)), int(saved.get("next_batch", 0))
-
-
-def _check_new_epochs(resumed: Any, epochs: int, last_path: Path) -> None:
-    """Refuse an ``--set train.epochs`` that ends before the epoch the run has reached; warn about any other."""
-    stored = resumed.config.train.epochs
-    if epochs == stored:
-        return
-    in_progress, next_batch = _saved_position(resumed)
-    reached = in_progress + (1 if next_batch > 0 else 0)
-    if epochs < reached:
-        raise ConfigError(f"--resume cannot set train.epochs={epochs}: the run has reached epoch {reached}; "
-                          f"give at least {reached}", last_path)
-    log.warning("--resume changes train.epochs from %d to %d: from step %d on, the learning rate decays "
-                "linearly to lr_end over the new length", stored, epochs, int(resumed.training_state["step"]))
-
-
-def _restore(state: RunState, resumed: Any, network: torch.nn.Module, optimiser: torch.optim.Optimizer,
-             out: Path) -> None:
-    """Weights, optimiser and :class:`RunState` from the ``last.pt`` being resumed."""
-    saved = resumed.training_state
-    network.load_state_dict(resumed.network.state_dict())
-    optimiser.load_state_dict(saved["optimiser"])
-    state.step = int(saved["step"])
-    state.epoch, state.batch = _saved_position(resumed)
-    state.best_score = float(saved["best_score"])
-    state.interval = torch.tensor(saved.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64)
-    state.interval_seconds = float(saved.get("interval_seconds", 0.0))  # older checkpoints: rate of one row too high
-    state.history = list(saved["history"]) if "history" in saved else _read_history(out, state.step)
-    state.step_rows = _read_step_losses(out, state.step)
-    log.info("resuming at epoch %d, batch %d (step %d) from %s", state.epoch + 1, state.batch, state.step,
-             out / "last.pt")
-
-
-def _initial_weights(path: Path, cfg: Config) -> dict:
-    """The state dict of checkpoint ``path`` (``train.init_weights``), checked against the run's network.
-
-    Called before any preprocessing, so a wrong or unreadable file stops the run before any work.
-    """
-    source = load_checkpoint(path)  # CheckpointError names the file when it cannot be read
-    plain = unwrap_network(source.network)
-    wanted = (cfg.model.architecture, get_convention(cfg.data.label_convention).num_classes, cfg.sampling.patch_size)
-    if (plain.architecture, plain.num_classes, plain.patch_size) != wanted:
-        raise ConfigError(f"train.init_weights holds a {plain.architecture.upper()} network with {plain.num_classes} "
-                          f"classes for {plain.patch_size}x{plain.patch_size} patches; this run trains a "
-                          f"{wanted[0].upper()} network with {wanted[1]} classes for {wanted[2]}x{wanted[2]} "
-                          f"patches", path)
-    return plain.state_dict()
+        return self.out / BEST_CHECKPOINT
 
 
 def epoch_batches(run: Run, epoch: int) -> PatchBatches:
@@ -659,11 +323,11 @@ def epoch_batches(run: Run, epoch: int) -> PatchBatches:
 def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, overrides: Sequence[str],
               device: str, resume: bool, manifest: Path | None) -> Run:
     """Config, device and precision, process group, data split, network, optimiser and resume state."""
-    cfg, resumed = _load_run_config(grade, out, config, overrides, resume)
+    cfg, resumed = load_run_config(grade, out, config, overrides, resume)
     if cfg.grade != grade:
         raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
     check_patch_size(cfg.model.architecture, cfg.sampling.patch_size)  # before any preprocessing
-    initial = _initial_weights(Path(cfg.train.init_weights), cfg) if cfg.train.init_weights and resumed is None else None
+    initial = initial_weights(Path(cfg.train.init_weights), cfg) if cfg.train.init_weights and resumed is None else None
     dist = init_distributed(device)
     compute = compute_settings(resolve_device(device, dist.local_rank), cfg.compute)
     tc = cfg.train
@@ -682,7 +346,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     data_ = prepare_data(data, out, cfg, grade, manifest, dist)
     num_classes = get_convention(cfg.data.label_convention).num_classes
     train_pairs = cases_label_mask(data_.train_dirs)
-    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.calibrate)
+    # stored in every checkpoint: what `segment.prior_alpha` corrects towards (see brats_cnn.inference.calibrate)
     calibration = {"class_frequencies": class_frequencies(train_pairs, num_classes).tolist()}
     validation = None
     if data_.validation_dirs and dist.is_main:
@@ -698,7 +362,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     optimiser = build_optimiser(network, tc)
     state = RunState(interval=torch.zeros(3, dtype=torch.float64))
     if resumed is not None:
-        _restore(state, resumed, network, optimiser, out)
+        restore_state(state, resumed, network, optimiser, out)
     elif initial is not None:
         network.load_state_dict(initial)
         log.info("initial weights from %s", tc.init_weights)
@@ -739,7 +403,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
 def save_last(run: Run) -> None:
     """``last.pt`` with everything needed to continue at ``run.state``; also ``steps.csv`` (rank 0 writes)."""
     state = run.state
-    rng = _rng_states(run.compute, run.dist)
+    rng = rng_states(run.compute, run.dist)
     _flush_step_losses(state)
     if not run.dist.is_main:
         return
@@ -784,8 +448,8 @@ def record_validation(run: Run, epoch: int, lr: float) -> None:
                  val_accuracy if math.isfinite(val_accuracy) else -train_loss)
         state.history.append({
             "epoch": epoch + 1, "step": state.step, "lr": lr, "train_loss": train_loss,
-            "train_accuracy": train_accuracy, "val_loss": _json_float(val_loss),
-            "val_accuracy": _json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
+            "train_accuracy": train_accuracy, "val_loss": json_float(val_loss),
+            "val_accuracy": json_float(val_accuracy), **{f"dice_{r}": (dice or {}).get(r) for r in REGIONS},
             "score": score, "score_alpha": score_alpha, "epoch_seconds": round(state.interval_seconds, 3),
             "patches_per_second": round(seen / max(state.interval_seconds, 1e-9), 1), **cases})
         if score > state.best_score:
@@ -832,7 +496,7 @@ def train_epoch(run: Run, epoch: int) -> None:
     if state.batch == 0:
         torch.manual_seed(torch_seed(tc.seed, epoch, run.dist.rank))
     elif run.resumed_rng is not None:  # continuing inside the epoch a checkpoint was written in
-        _restore_rng(run.resumed_rng, run.compute, run.dist)
+        restore_rng(run.resumed_rng, run.compute, run.dist)
     loader = make_loader(epoch_batches(run, epoch), run.config, run.compute.device, seed=tc.seed * 1000 + epoch,
                          start=state.batch)
     run.model.train()
@@ -862,7 +526,7 @@ def train_epoch(run: Run, epoch: int) -> None:
             bar.set_postfix(loss=f"{state.interval[0].item() / seen:.4f}",
                             acc=f"{state.interval[1].item() / seen:.3f}", lr=f"{lr:.2e}")
             if not checkpoint_now and tc.checkpoint_minutes > 0:
-                checkpoint_now = _all_ranks_agree(time.monotonic() - state.last_saved >= 60 * tc.checkpoint_minutes,
+                checkpoint_now = all_ranks_agree(time.monotonic() - state.last_saved >= 60 * tc.checkpoint_minutes,
                                                   run.dist, run.compute.device)
         if checkpoint_now:
             state.interval_seconds += time.perf_counter() - started

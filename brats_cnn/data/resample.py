@@ -59,7 +59,7 @@ def resample_volume(volume: np.ndarray, spacing: Sequence[float], shape: Sequenc
 def to_isotropic(case: Any) -> Any:
     """The case on the 1 mm grid: images linear, label map nearest neighbour; affine with 1 mm columns.
 
-    ``case`` is a :class:`brats_cnn.io.Case`; the header is dropped (outputs are written on the
+    ``case`` is a :class:`brats_cnn.data.io.Case`; the header is dropped (outputs are written on the
     input grid, with the input's header, after :func:`resample_volume` back).
     """
     shape = isotropic_shape(case.image.shape[1:], case.spacing)

@@ -1,4 +1,5 @@
-"""Stages 1-3: N4 bias-field correction, Nyul intensity standardisation and z-scoring.
+"""Stages 1-3 on one case: the brain mask, N4 (:mod:`~brats_cnn.preprocessing.bias`), Nyul
+(:mod:`~brats_cnn.preprocessing.nyul`) and z-scoring, fitted into a :class:`NormaliserState` and applied.
 
 Every stage is a plain function on arrays. Fitting returns plain data (:class:`NyulStandard`,
 :class:`CaseStatistics`, :class:`NormaliserState`); applying is a pure function of an image and
@@ -38,8 +39,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from brats_cnn import CHANNELS
-from brats_cnn.config import N4Config, NyulConfig, PreprocessConfig
-from brats_cnn.errors import ConfigError, InputError
+from brats_cnn.config import N4Config, PreprocessConfig
+from brats_cnn.errors import InputError
+from brats_cnn.preprocessing.bias import correct_bias
+from brats_cnn.preprocessing.nyul import (
+    NyulStandard,
+    _data_values,
+    _landmarks_of_values,
+    apply_nyul,
+    nyul_percentiles,
+    sequence_data_mask,
+    standard_from_landmarks,
+)
 
 NORMALISER_VERSION = 1
 """Format version of :class:`NormaliserState`; bump it when the meaning of a field changes."""
@@ -64,19 +75,6 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
     return np.any(image != 0, axis=0)
 
 
-def sequence_data_mask(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Brain voxels where one sequence has data: inside ``mask`` and non-zero.
-
-    Args:
-        volume: ``(X, Y, Z)`` intensities of one sequence (raw or N4-corrected: N4 keeps zeros).
-        mask: ``(X, Y, Z)`` bool brain mask.
-
-    Returns:
-        ``(X, Y, Z)`` bool, a new array.
-    """
-    return np.asarray(mask, dtype=bool) & (np.asarray(volume) != 0)
-
-
 def sequence_coverage(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fraction of the brain mask where each sequence has data.
 
@@ -92,263 +90,6 @@ def sequence_coverage(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if brain == 0:
         return np.zeros(np.shape(image)[0])
     return np.array([np.count_nonzero(sequence_data_mask(channel, mask)) / brain for channel in image])
-
-
-# --------------------------------------------------------------------------------------------
-# N4 bias-field correction (stage 1)
-# --------------------------------------------------------------------------------------------
-
-def n4_correct(volume: np.ndarray, mask: np.ndarray, n4: N4Config, *,
-               spacing: Sequence[float] = (1.0, 1.0, 1.0), shrink_factor: int | None = None,
-               source: str | Path | None = None) -> np.ndarray:
-    """N4 bias-field correction of one sequence (SimpleITK).
-
-    The field is fitted on the image and mask shrunk by ``shrink_factor`` (default
-    ``n4.shrink_factor``; 1 = full resolution) and evaluated at full resolution; the corrected image
-    is ``volume / exp(log_field)``. Only voxels inside ``mask`` with a positive intensity take part
-    in the fit (N4 works on log intensities). Zeros stay zeros.
-
-    Args:
-        volume: ``(X, Y, Z)`` intensities (any real dtype; computed in float32).
-        mask: ``(X, Y, Z)`` bool brain mask.
-        n4: iterations per fitting level, convergence threshold and default shrink factor.
-        spacing: voxel size in mm along X, Y, Z.
-        shrink_factor: override of ``n4.shrink_factor`` (the benchmark compares 1 and 4).
-        source: file or case named in error messages.
-
-    Returns:
-        ``(X, Y, Z)`` float32 corrected intensities.
-    """
-    import SimpleITK as sitk
-
-    volume = np.asarray(volume, dtype=np.float32)
-    fit_mask = np.asarray(mask, dtype=bool) & (volume > 0)
-    if volume.shape != fit_mask.shape:
-        raise InputError(f"N4: image shape {volume.shape} and mask shape {fit_mask.shape} differ", source)
-    if not fit_mask.any():
-        raise InputError("N4: no positive voxels inside the brain mask", source)
-    factor = n4.shrink_factor if shrink_factor is None else int(shrink_factor)
-    if factor < 1:
-        raise InputError(f"N4: shrink factor must be >= 1, got {factor}", source)
-    smallest = 2 * factor  # ITK's B-spline fit needs >= 2 voxels per axis after shrinking
-    if min(volume.shape) < smallest:
-        raise InputError(f"the volume is {'x'.join(map(str, volume.shape))} voxels; N4 with shrink factor {factor} "
-                         f"needs at least {smallest} voxels along every axis (a larger crop, or a lower "
-                         "preprocess.n4.shrink_factor)", source)
-
-    # SimpleITK indexes arrays as (z, y, x); transposing keeps our X, Y, Z as ITK's x, y, z.
-    image_itk = sitk.GetImageFromArray(volume.T)
-    image_itk.SetSpacing(tuple(float(s) for s in spacing))
-    mask_itk = sitk.GetImageFromArray(fit_mask.T.astype(np.uint8))
-    mask_itk.CopyInformation(image_itk)
-    if factor > 1:
-        small_image = sitk.Shrink(image_itk, [factor] * 3)
-        small_mask = sitk.Shrink(mask_itk, [factor] * 3)
-    else:
-        small_image, small_mask = image_itk, mask_itk
-    if not sitk.GetArrayViewFromImage(small_mask).any():
-        raise InputError(f"N4: brain mask is empty after shrinking by {factor}; lower "
-                         f"preprocess.n4.shrink_factor", source)
-
-    corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.SetMaximumNumberOfIterations([int(i) for i in n4.iterations])
-    corrector.SetConvergenceThreshold(float(n4.convergence_threshold))
-    corrector.Execute(small_image, small_mask)
-    log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image_itk)).T
-    return (volume / np.exp(log_field)).astype(np.float32)
-
-
-def correct_bias(image: np.ndarray, mask: np.ndarray, n4: N4Config, *,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 channel_order: Sequence[str] = CHANNELS,
-                 source: str | Path | None = None) -> np.ndarray:
-    """N4 on the sequences named in ``n4.sequences``; the others are copied unchanged.
-
-    Args:
-        image: ``(C, X, Y, Z)`` intensities in ``channel_order``.
-        mask: ``(X, Y, Z)`` bool brain mask.
-
-    Returns:
-        ``(C, X, Y, Z)`` float32, a new array.
-    """
-    unknown = sorted(set(n4.sequences) - set(channel_order))
-    if unknown:
-        raise InputError(f"preprocess.n4.sequences names unknown sequences {unknown} "
-                         f"(expected some of {list(channel_order)})", source)
-    out = np.array(image, dtype=np.float32, copy=True)
-    for c, name in enumerate(channel_order):
-        if name in n4.sequences:
-            out[c] = n4_correct(out[c], mask, n4, spacing=spacing, source=f"{source or 'image'} ({name})")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Nyul standardisation (stage 2)
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NyulStandard:
-    """Fitted Nyul standard histogram of one sequence (plain data).
-
-    Attributes:
-        percentiles: ``(pc1, 10, ..., 90, pc2)`` in percent, strictly increasing.
-        landmarks: the standard landmark intensities, one per percentile, strictly increasing,
-            on the standard scale (``landmarks[0] == s1``, ``landmarks[-1] == s2``).
-    """
-
-    percentiles: tuple[float, ...]
-    landmarks: tuple[float, ...]
-
-
-def nyul_percentiles(nyul: NyulConfig) -> tuple[float, ...]:
-    """The landmark percentiles ``(pc1, *landmarks, pc2)`` in percent; ConfigError if not increasing."""
-    percentiles = (float(nyul.pc1), *(float(p) for p in nyul.landmarks), float(nyul.pc2))
-    if not all(0.0 <= p <= 100.0 for p in percentiles) or np.any(np.diff(percentiles) <= 0):
-        raise ConfigError(f"preprocess.nyul: pc1 < landmarks < pc2 must increase strictly within "
-                          f"[0, 100], got {list(percentiles)}", "preprocess.nyul")
-    if not float(nyul.s1) < float(nyul.s2):
-        raise ConfigError(f"preprocess.nyul: s1 < s2 required, got s1={nyul.s1}, s2={nyul.s2}",
-                          "preprocess.nyul")
-    return percentiles
-
-
-def _data_values(image: np.ndarray, mask: np.ndarray, source: str | Path | None) -> tuple[np.ndarray, float]:
-    """The values of one sequence where it has data, and its coverage (fraction of the brain mask)."""
-    image = np.asarray(image)
-    mask = np.asarray(mask, dtype=bool)
-    if image.shape != mask.shape:
-        raise InputError(f"image shape {image.shape} and brain mask shape {mask.shape} differ", source)
-    values = image[mask]
-    if values.size == 0:
-        raise InputError("empty brain mask (every voxel is zero); cannot standardise intensities", source)
-    if not np.all(np.isfinite(values)):
-        raise InputError("image has NaN or infinite values inside the brain", source)
-    data = values[values != 0]
-    if data.size == 0:
-        raise InputError(f"sequence has no data inside the brain: it is 0 in all {values.size} voxels where "
-                         "another sequence is non-zero", source)
-    return data, data.size / values.size
-
-
-def image_landmarks(image: np.ndarray, mask: np.ndarray, percentiles: Sequence[float], *,
-                    source: str | Path | None = None) -> np.ndarray:
-    """An image's own Nyul landmarks: percentiles of the brain voxels where it has data (non-zero).
-
-    Args:
-        image: ``(X, Y, Z)`` intensities of one sequence.
-        mask: ``(X, Y, Z)`` bool brain mask (any sequence non-zero).
-        percentiles: in percent, increasing.
-
-    Returns:
-        ``(len(percentiles),)`` float64, strictly increasing.
-
-    Raises:
-        InputError: empty mask, non-finite values, no data in the brain, or repeated landmarks
-        (an image that is constant or almost constant where it has data).
-    """
-    values, coverage = _data_values(image, mask, source)
-    return _landmarks_of_values(values, percentiles, source, coverage)
-
-
-def _landmarks_of_values(values: np.ndarray, percentiles: Sequence[float],
-                         source: str | Path | None, coverage: float = 1.0) -> np.ndarray:
-    landmarks = np.percentile(values.astype(np.float64), list(percentiles))
-    if np.any(np.diff(landmarks) <= 0):
-        # zeros (missing coverage) are already excluded here, so this is the image itself
-        raise InputError("degenerate intensity histogram: Nyul landmarks repeat "
-                         f"({np.array2string(landmarks, precision=4, separator=', ')}) over the "
-                         f"{values.size} brain voxels where this sequence has data ({100 * coverage:.1f} % "
-                         "of the brain mask; missing coverage is excluded); the image is constant or "
-                         "almost constant there", source)
-    return landmarks
-
-
-def _scale_to_standard(landmarks: np.ndarray, s1: float, s2: float) -> np.ndarray:
-    """Map an image's landmarks linearly so that its [pc1, pc2] lands on [s1, s2]."""
-    return s1 + (landmarks - landmarks[0]) * ((s2 - s1) / (landmarks[-1] - landmarks[0]))
-
-
-def standard_from_landmarks(per_image_landmarks: Iterable[Sequence[float]], nyul: NyulConfig) -> NyulStandard:
-    """The standard histogram from the landmarks of the training images of one sequence."""
-    percentiles = nyul_percentiles(nyul)
-    rows = [np.asarray(lm, dtype=np.float64) for lm in per_image_landmarks]
-    if not rows:
-        raise InputError("Nyul fit needs at least one training image")
-    for lm in rows:
-        if lm.shape != (len(percentiles),) or np.any(np.diff(lm) <= 0):
-            raise InputError(f"Nyul fit: landmarks must be {len(percentiles)} strictly increasing values, "
-                             f"got {lm.tolist()}")
-    mapped = np.stack([_scale_to_standard(lm, float(nyul.s1), float(nyul.s2)) for lm in rows])
-    standard = mapped.mean(axis=0)
-    return NyulStandard(percentiles=percentiles, landmarks=tuple(float(v) for v in standard))
-
-
-def fit_nyul(images: Iterable[np.ndarray], masks: Iterable[np.ndarray], nyul: NyulConfig) -> NyulStandard:
-    """Fit Nyul's standard histogram on training images of ONE sequence.
-
-    Args:
-        images: ``(X, Y, Z)`` volumes of one sequence (may be a generator; one is held at a time).
-        masks: matching ``(X, Y, Z)`` bool brain masks.
-        nyul: percentiles and standard scale.
-
-    Returns:
-        :class:`NyulStandard` (plain data).
-    """
-    percentiles = nyul_percentiles(nyul)
-    return standard_from_landmarks(
-        (image_landmarks(img, msk, percentiles) for img, msk in zip(images, masks, strict=True)), nyul)
-
-
-def piecewise_linear(values: np.ndarray, source_landmarks: Sequence[float],
-                     target_landmarks: Sequence[float]) -> np.ndarray:
-    """Monotone piecewise-linear map with linear extrapolation at both ends.
-
-    Between landmarks it interpolates; below the first (above the last) landmark it continues the
-    first (last) segment's line.
-
-    Args:
-        values: any shape, real dtype.
-        source_landmarks, target_landmarks: equal length >= 2, both strictly increasing.
-
-    Returns:
-        float32 array of the shape of ``values``.
-    """
-    xp = np.asarray(source_landmarks, dtype=np.float64)
-    fp = np.asarray(target_landmarks, dtype=np.float64)
-    x = np.asarray(values, dtype=np.float64)
-    out = np.interp(x, xp, fp)
-    low_slope = (fp[1] - fp[0]) / (xp[1] - xp[0])
-    high_slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
-    below, above = x < xp[0], x > xp[-1]
-    out[below] = fp[0] + (x[below] - xp[0]) * low_slope
-    out[above] = fp[-1] + (x[above] - xp[-1]) * high_slope
-    return out.astype(np.float32)
-
-
-def apply_nyul(image: np.ndarray, mask: np.ndarray, standard: NyulStandard, *,
-               source: str | Path | None = None, data_only: bool = False) -> np.ndarray:
-    """Standardise one sequence: map its own landmarks onto ``standard.landmarks`` (pure).
-
-    The landmarks come from the brain voxels where the image has data (:func:`image_landmarks`).
-    By default every voxel is mapped (background and zeros included) and callers mask afterwards;
-    with ``data_only=True`` only the data voxels (:func:`sequence_data_mask`) are mapped and the
-    others are 0, which is what the pipeline (:func:`standardise_sequence`) uses.
-
-    Args:
-        image: ``(X, Y, Z)`` intensities.
-        mask: ``(X, Y, Z)`` bool brain mask.
-        standard: fitted :class:`NyulStandard` of this sequence.
-
-    Returns:
-        ``(X, Y, Z)`` float32 on the standard scale.
-    """
-    own = image_landmarks(image, mask, standard.percentiles, source=source)
-    if not data_only:
-        return piecewise_linear(image, own, standard.landmarks)
-    data = sequence_data_mask(image, mask)
-    out = np.zeros(np.shape(image), dtype=np.float32)
-    out[data] = piecewise_linear(np.asarray(image)[data], own, standard.landmarks)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +327,7 @@ def case_statistics(case: Any, config: Any, channel_order: Sequence[str] = CHANN
     """Fitting pass over one case: brain mask, N4, then landmarks and moments per sequence.
 
     Args:
-        case: a :class:`brats_cnn.io.Case` (needs ``image``, ``case_id``, ``spacing``, ``source``).
+        case: a :class:`brats_cnn.data.io.Case` (needs ``image``, ``case_id``, ``spacing``, ``source``).
         config: ``PreprocessConfig`` or a full ``Config``.
         correct: the bias correction, called as :func:`correct_bias` is; ``brats-cnn preprocess``
             passes one that reuses a kept N4 result (the arithmetic stays :func:`correct_bias`).
@@ -736,7 +477,7 @@ def normalise_case(case: Any, state: NormaliserState, config: Any, *,
     path of the pipeline: ``preprocess`` (hence ``train``) and ``segment`` both call it.
 
     Args:
-        case: a :class:`brats_cnn.io.Case` (``image`` ``(4, X, Y, Z)`` raw intensities).
+        case: a :class:`brats_cnn.data.io.Case` (``image`` ``(4, X, Y, Z)`` raw intensities).
         state: fitted :class:`NormaliserState`.
         config: ``PreprocessConfig`` or a full ``Config``.
         correct: the bias correction, as in :func:`case_statistics`.

@@ -17,10 +17,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from brats_cnn import CHANNELS
+from brats_cnn.data.io import Case, header_from_affine, save_case
+from brats_cnn.data.labels import convert_labels
+from brats_cnn.data.layouts import LAYOUTS, CaseRef
 from brats_cnn.errors import InputError
 from brats_cnn.fsutil import write_text_atomic
-from brats_cnn.io import LAYOUTS, Case, CaseRef, header_from_affine, save_case
-from brats_cnn.labels import convert_labels
 
 # Tissue classes of the phantom; tumour classes carry their brats2013 label value.
 BACKGROUND, NECROSIS, EDEMA, NON_ENHANCING, ENHANCING = 0, 1, 2, 3, 4
@@ -141,7 +142,7 @@ def make_phantom(shape: Sequence[int] = (64, 64, 40), seed: int = 0, *, grade: s
             voxels with the lowest Y index. The other sequences keep the brain mask whole.
 
     Returns:
-        :class:`~brats_cnn.io.Case` with ``image`` ``(4, X, Y, Z)`` float32 (background exactly 0,
+        :class:`~brats_cnn.data.io.Case` with ``image`` ``(4, X, Y, Z)`` float32 (background exactly 0,
         brain voxels > 0) and ``label`` ``(X, Y, Z)`` int16.
     """
     grade = grade.upper()
@@ -216,7 +217,7 @@ def write_phantom_dataset(root: str | Path, n_cases: int, layout: str = "brats20
         phantom_options: passed to :func:`make_phantom`.
 
     Returns:
-        The written cases' :class:`~brats_cnn.io.CaseRef` in case order.
+        The written cases' :class:`~brats_cnn.data.layouts.CaseRef` in case order.
     """
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout '{layout}' (expected one of: {', '.join(LAYOUTS)})", root)

@@ -5,7 +5,7 @@ Matching (by case id):
 * Predictions: a single file, or a folder holding ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or
   ``<ID>-seg.nii.gz`` (``.nii`` and ``.mha`` too), or case folders ``<ID>/`` holding one of those
   names (or exactly one label file).
-* Ground truth: anything :func:`brats_cnn.io.list_cases` reads (the label map of each case), a
+* Ground truth: anything :func:`brats_cnn.data.layouts.list_cases` reads (the label map of each case), a
   dataset whose images are incomplete (only label maps are needed), a folder of label files named
   like predictions, or a single label file.
 
@@ -13,10 +13,10 @@ A case with ground truth but no prediction is scored as an empty prediction and 
 challenge does (one warning line gives their count; ``only_predicted`` leaves them out);
 predictions without ground truth are listed, not scored. Lesion-wise metrics (BraTS 2023+) are
 computed with a challenge preset (default ``gli``). :func:`run_compare` scores two or more
-prediction folders on the same cases and compares them (:mod:`brats_cnn.compare`). A case whose files
+prediction folders on the same cases and compares them (:mod:`brats_cnn.evaluation.compare`). A case whose files
 cannot be read, hold labels outside their convention, or whose prediction is on another voxel
-grid (shape, or affine beyond :data:`brats_cnn.io.AFFINE_TOLERANCE_MM` /
-:data:`brats_cnn.io.DIRECTION_TOLERANCE`) is listed as a failure and the others are still scored.
+grid (shape, or affine beyond :data:`brats_cnn.data.io.AFFINE_TOLERANCE_MM` /
+:data:`brats_cnn.data.io.DIRECTION_TOLERANCE`) is listed as a failure and the others are still scored.
 The report is written first; then, if any case failed, :class:`~brats_cnn.errors.InputError` is
 raised so that the command exits non-zero (code 2).
 """
@@ -34,186 +34,29 @@ from typing import Any
 
 import numpy as np
 
-from brats_cnn import __version__, io
-from brats_cnn.fsutil import staged_folder
+from brats_cnn import __version__
+from brats_cnn.data import io, layouts
+from brats_cnn.data.labels import REGIONS, get_convention, region_masks
 from brats_cnn.errors import BratsCnnError, InputError
-from brats_cnn.labels import REGIONS, get_convention, region_masks
-from brats_cnn.metrics import (HD95_DEFINITIONS, LESION_HD95_PENALTY, LESION_PRESETS, LesionWiseParams,
-                               region_metrics)
+from brats_cnn.evaluation.metrics import (
+    HD95_DEFINITIONS,
+    LESION_HD95_PENALTY,
+    LESION_PRESETS,
+    LesionWiseParams,
+    region_metrics,
+)
+from brats_cnn.evaluation.pairing import (
+    CaseFailure,
+    GroundTruth,
+    _image_refs,
+    _pair,
+    find_ground_truth,
+    find_predictions,
+    label_file_case_id,
+)
+from brats_cnn.fsutil import staged_folder
 
 log = logging.getLogger(__name__)
-
-_LABEL_FILE_RE = re.compile(r"^(?P<id>.+?)(?:[_-]seg)?\.(?:nii\.gz|nii|mha)$", re.IGNORECASE)
-_IMAGE_TAG_RE = re.compile(r"[_-](?:t1|t1ce|t2|flair|t1n|t1c|t2w|t2f|000[0-3]|probabilities)\.(?:nii\.gz|nii)$",
-                           re.IGNORECASE)  # images, and segment's probability maps: never label maps
-
-
-@dataclass(frozen=True)
-class GroundTruth:
-    """One ground-truth case: its label file, grade and, when known, the case's images."""
-
-    case_id: str
-    label_path: Path | None
-    grade: str | None
-    case_ref: io.CaseRef | None = None
-
-
-@dataclass(frozen=True)
-class CaseFailure:
-    case_id: str
-    error: str
-
-
-# ----------------------------------------------------------------------------------------------
-# Matching
-# ----------------------------------------------------------------------------------------------
-
-def label_file_case_id(name: str) -> str | None:
-    """Case id of a label/prediction file name (``X.nii.gz``, ``X_seg.nii.gz``, ``X-seg.nii.gz``), else None."""
-    match = _LABEL_FILE_RE.match(name)
-    return match["id"] if match else None
-
-
-def _label_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and label_file_case_id(p.name) and not _IMAGE_TAG_RE.search(p.name))
-
-
-def find_predictions(pred: str | Path) -> tuple[dict[str, Path], list[CaseFailure]]:
-    """Prediction files by case id.
-
-    Returns:
-        ``({case_id: path}, failures)``; a case with several candidate files (``X.nii.gz`` and
-        ``X_seg.nii.gz``) is a failure rather than a silent choice.
-
-    Raises:
-        InputError: ``pred`` does not exist or holds no prediction file.
-    """
-    pred = Path(pred)
-    if not pred.exists():
-        raise InputError("no such prediction file or folder", pred)
-    if pred.is_file():
-        case_id = label_file_case_id(pred.name)
-        if case_id is None:
-            raise InputError("prediction must be a .nii.gz, .nii or .mha label map", pred)
-        _refuse_non_label_map(pred)
-        return {case_id: pred}, []
-    candidates: dict[str, list[Path]] = {}
-    for file in _label_files(pred):
-        candidates.setdefault(label_file_case_id(file.name), []).append(file)
-    for folder in sorted(p for p in pred.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _label_files(folder)
-        named = [f for f in files if label_file_case_id(f.name) == folder.name]
-        chosen = named or (files if len(files) == 1 else [])
-        if chosen:
-            candidates.setdefault(folder.name, []).extend(chosen)
-    if not candidates:
-        raise InputError("no prediction files found (expected <ID>.nii.gz, <ID>_seg.nii.gz, <ID>-seg.nii.gz "
-                         "or case folders holding one)", pred)
-    found, failures = {}, []
-    for case_id, paths in sorted(candidates.items()):
-        if len(paths) > 1:
-            failures.append(CaseFailure(case_id, f"several prediction files for case {case_id}: "
-                                                 f"{', '.join(str(p) for p in paths)}"))
-        else:
-            found[case_id] = paths[0]
-    return found, failures
-
-
-def _refuse_non_label_map(path: Path) -> None:
-    """InputError before any scoring when a prediction file is plainly not a label map: more than 3-D
-    (segment's ``_probabilities`` maps are 4-D). Reads the header only."""
-    import nibabel as nib
-
-    try:
-        header = nib.load(path).header
-    except Exception:  # unreadable: load_label_map gives the precise one-line error when scoring
-        return
-    shape = tuple(int(n) for n in header.get_data_shape())
-    if len([n for n in shape if n > 1]) > 3 or len(shape) > 4:
-        raise InputError(f"is a {len(shape)}-D image {shape}, not a 3-D label map (a probability map? evaluate "
-                         "takes the label map segment writes next to it)", path)
-
-
-def find_ground_truth(gt: str | Path, manifest: str | Path | None = None) -> list[GroundTruth]:
-    """Ground-truth cases of a dataset folder (any io layout), a folder of label files, or one file.
-
-    Only the label maps are needed: when the folder cannot be listed as a dataset (a case with
-    an image missing, say), its label maps are listed on their own (:func:`find_label_maps`) and
-    the cases whose images are complete still give overlays. Grades come from ``manifest`` or
-    ``<gt>/manifest.csv``; a grade that is empty or ``unknown`` leaves the case's grade None.
-
-    Raises:
-        InputError: ``gt`` does not exist or holds no case.
-    """
-    gt = Path(gt)
-    if not gt.exists():
-        raise InputError("no such ground-truth file or folder", gt)
-    try:
-        refs = io.list_cases(gt, manifest=manifest)
-    except InputError as exc:
-        cases = find_label_maps(gt, manifest)
-        if not cases:
-            raise
-        if any(c.case_ref is None and c.label_path.parent.name == c.case_id for c in cases):
-            log.warning("%s: not every case is complete (%s); scoring the %d label maps found", gt, exc, len(cases))
-        return cases
-    if refs and all(ref.label_path is None for ref in refs):
-        raise InputError(f"none of the {len(refs)} cases has a label map; nothing to score against", gt)
-    return [GroundTruth(ref.case_id, ref.label_path, ref.grade, ref) for ref in refs]
-
-
-def find_label_maps(gt: str | Path, manifest: str | Path | None = None) -> list[GroundTruth]:
-    """Label maps by case without reading any image: for folders that are not complete datasets.
-
-    Looks at label files in ``gt`` itself, in ``labelsTr/``/``labelsTs/``, in case folders
-    ``<ID>/`` (the file named after the folder, or its only label file) and in case folders under
-    ``HGG/``/``LGG/`` (which give the grade). A case folder whose images are complete also gets its
-    :class:`~brats_cnn.io.CaseRef` (for overlays). Empty list when nothing is found.
-    """
-    gt = Path(gt)
-    if gt.is_file():
-        case_id = label_file_case_id(gt.name)
-        return [GroundTruth(case_id, gt, None)] if case_id else []
-    manifest_path = Path(manifest) if manifest is not None else gt / "manifest.csv"
-    grades = io.read_manifest(manifest_path) if manifest is not None or manifest_path.is_file() else {}
-    cases: dict[str, GroundTruth] = {}
-
-    def add(case_id: str, path: Path, grade: str | None, folder: Path | None) -> None:
-        ref = None
-        if folder is not None:
-            try:
-                ref = io.find_case(folder)
-            except BratsCnnError:
-                ref = None
-        cases.setdefault(case_id, GroundTruth(case_id, path, grades.get(case_id, grade), ref))
-
-    for folder in [gt] + [gt / name for name in ("labelsTr", "labelsTs") if (gt / name).is_dir()]:
-        for path in _label_files(folder):
-            add(label_file_case_id(path.name), path, None, None)
-    subfolders = sorted(p for p in gt.iterdir() if p.is_dir() and not p.name.startswith("."))
-    case_folders = [(p, None) for p in subfolders
-                    if p.name.upper() not in io.GRADES and p.name not in ("labelsTr", "labelsTs", "imagesTr", "imagesTs")]
-    for grade_folder in [p for p in subfolders if p.name.upper() in io.GRADES]:
-        case_folders += [(p, grade_folder.name.upper()) for p in sorted(grade_folder.iterdir()) if p.is_dir()]
-    for folder, grade in case_folders:
-        files = _label_files(folder)
-        named = [f for f in files if label_file_case_id(f.name) == folder.name]
-        chosen = named or (files if len(files) == 1 else [])
-        if len(chosen) == 1:
-            add(folder.name, chosen[0], grade, folder)
-    return [cases[k] for k in sorted(cases)]
-
-
-def _image_refs(images: str | Path | None) -> dict[str, io.CaseRef]:
-    """Cases with images for overlay figures, by case id (empty if the folder cannot be read)."""
-    if images is None:
-        return {}
-    try:
-        return {ref.case_id: ref for ref in io.list_cases(images)}
-    except BratsCnnError as exc:
-        log.warning("no overlay images: %s", exc)
-        return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +107,7 @@ def score_case(case_id: str, gt_path: Path, pred_path: Path | None, *, label_con
     return rows, gt.labels, pred_labels
 
 
-def _flair_slice(ref: io.CaseRef, z: int) -> np.ndarray:
+def _flair_slice(ref: layouts.CaseRef, z: int) -> np.ndarray:
     """One axial FLAIR slice ``(X, Y)`` float32 of a case (reads only that slice where it can)."""
     flair = ref.image_paths[-1]
     if ref.layout in ("brats2017", "brats2023", "nnunet") and len(ref.image_paths) == 4:
@@ -275,9 +118,9 @@ def _flair_slice(ref: io.CaseRef, z: int) -> np.ndarray:
     return case.image[3, :, :, z]
 
 
-def _overlay(case_id: str, ref: io.CaseRef, gt_labels: np.ndarray, pred_labels: np.ndarray,
+def _overlay(case_id: str, ref: layouts.CaseRef, gt_labels: np.ndarray, pred_labels: np.ndarray,
              label_convention: str, pred_convention: str, rows: list[dict[str, Any]]) -> bytes | None:
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     gt_regions = region_masks(gt_labels, label_convention)
     z = report.largest_cross_section(gt_regions["complete"] if gt_regions["complete"].any()
@@ -334,7 +177,7 @@ def evaluate_settings(label_convention: str = "brats2017", pred_convention: str 
     """Validate the scoring options.
 
     Args:
-        lesion_wise: a preset of :data:`brats_cnn.metrics.LESION_PRESETS` (``gli``, ``ssa``,
+        lesion_wise: a preset of :data:`brats_cnn.evaluation.metrics.LESION_PRESETS` (``gli``, ``ssa``,
             ``ped``, ``men``, ``met``), or ``none`` for no lesion-wise metrics; None: the config's
             ``evaluate.lesion_wise.preset`` (``gli`` by default).
         lesion_dilation, lesion_min_volume: override the preset's dilation (voxels) and volume
@@ -395,7 +238,7 @@ class FolderScores:
 
 
 def score_folder(pred: str | Path, truths: list[GroundTruth], settings: EvaluateSettings, *,
-                 image_refs: dict[str, io.CaseRef] | None = None, overlays: bool = True,
+                 image_refs: dict[str, layouts.CaseRef] | None = None, overlays: bool = True,
                  max_overlays: int = 200, workers: int | None = None) -> FolderScores:
     """Score every ground-truth case against its prediction in ``pred``; failures are collected, not raised.
 
@@ -434,29 +277,6 @@ def score_folder(pred: str | Path, truths: list[GroundTruth], settings: Evaluate
         result.rows += part.rows
         result.figures.update(part.figures)
     return result
-
-
-def _pair(pred: str | Path, predictions: dict[str, Path], failures: list[CaseFailure],
-          truths: list[GroundTruth]) -> tuple[dict[str, Path], list[CaseFailure]]:
-    """Predictions by ground-truth case id; InputError when none matches any ground-truth case.
-
-    One prediction file with one ground-truth case is a pair whatever the two names say (the user
-    named both). Otherwise names pair them, and a folder whose files match no case at all is an
-    error listing what was found and what was expected -- never a report of empty predictions.
-    """
-    expected = [t.case_id for t in truths]
-    if Path(pred).is_file() and len(truths) == 1 and expected[0] not in predictions:
-        (path,) = predictions.values()
-        log.info("pairing prediction %s with ground-truth case %s (one file each)", path.name, expected[0])
-        return {expected[0]: path}, failures
-    if not set(predictions) & set(expected) and not {f.case_id for f in failures} & set(expected):
-        def listed(names: list[str]) -> str:
-            return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
-
-        raise InputError(f"no prediction matches any ground-truth case: found {listed(sorted(predictions))}, "
-                         f"expected {listed(sorted(expected))} (file names <ID>.nii.gz, <ID>_seg.nii.gz or "
-                         "<ID>-seg.nii.gz)", pred)
-    return predictions, failures
 
 
 def default_workers() -> int:
@@ -510,7 +330,7 @@ def _score_task(task: tuple) -> "tuple[FolderScores, list[logging.LogRecord]]":
 
 
 def _score_one(truth: GroundTruth, pred_path: Path | None, settings: EvaluateSettings, result: FolderScores,
-               image_ref: io.CaseRef | None) -> None:
+               image_ref: layouts.CaseRef | None) -> None:
     """Score one case into ``result`` (rows, seconds, figure) or record its failure."""
     if truth.label_path is None:
         result.failures.append(CaseFailure(truth.case_id, f"case {truth.case_id}: no ground-truth label map"))
@@ -542,7 +362,7 @@ def _score_one(truth: GroundTruth, pred_path: Path | None, settings: EvaluateSet
 def folder_summary(pred: str | Path, gt: str | Path, truths: list[GroundTruth], settings: EvaluateSettings,
                    scores: FolderScores) -> dict[str, Any]:
     """The ``summary.json`` dictionary of one scored folder."""
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     grades = {t.case_id: t.grade for t in truths}
     scored_ids = sorted({r["case_id"] for r in scores.rows})
@@ -567,7 +387,7 @@ def folder_summary(pred: str | Path, gt: str | Path, truths: list[GroundTruth], 
 
 def write_folder_report(out: str | Path, summary: dict[str, Any], scores: FolderScores) -> None:
     """Write ``metrics.csv``, ``summary.json`` and ``report.html`` of one folder into ``out``."""
-    from brats_cnn import report
+    from brats_cnn.evaluation import report
 
     out = Path(out)
     report.write_metrics_csv(scores.rows, out / "metrics.csv")
@@ -606,7 +426,7 @@ def run_evaluate(pred: str | Path, gt: str | Path, out: str | Path = "evaluation
         manifest: CSV ``case_id,grade`` for per-grade statistics (default ``<gt>/manifest.csv``).
         images: dataset folder with the cases' images for overlays (default: ``gt`` when it
             holds full cases).
-        hd95_definition: ``"brats"`` (default) or ``"monai"``, see :mod:`brats_cnn.metrics`.
+        hd95_definition: ``"brats"`` (default) or ``"monai"``, see :mod:`brats_cnn.evaluation.metrics`.
         lesion_wise, lesion_dilation, lesion_min_volume, config, overrides: lesion-wise metrics,
             see :func:`evaluate_settings` (default: the BraTS-GLI preset).
         only_predicted: score only the cases that have a prediction (default: a missing
@@ -676,7 +496,7 @@ def run_compare(preds: list[str | Path], gt: str | Path, out: str | Path = "eval
         InputError: fewer than two predictions, bad arguments; after writing everything, when a
             case of any folder could not be scored.
     """
-    from brats_cnn import compare, report
+    from brats_cnn.evaluation import compare, report
 
     preds = [Path(p) for p in preds]
     if len(preds) < 2:

@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from brats_cnn.labels import REGIONS, region_mask
+from brats_cnn.data.labels import REGIONS, region_mask
 
 HD95_ONE_EMPTY = 373.13  # mm, BraTS 2017-2021 whole-region HD95 when exactly one mask is empty (the image diagonal)
 HD95_DEFINITIONS: dict[str, str] = {
@@ -354,7 +354,7 @@ def region_metrics(labels_ref: np.ndarray, labels_pred: np.ndarray, convention: 
             ``lesion_params.hd95_definition``, not ``hd95_definition``.
 
     Returns:
-        ``{region: {metric: value}}`` for the regions of :data:`brats_cnn.labels.REGIONS`.
+        ``{region: {metric: value}}`` for the regions of :data:`brats_cnn.data.labels.REGIONS`.
     """
     box = foreground_box(labels_ref, labels_pred)
     ref, pred = np.asarray(labels_ref)[box], np.asarray(labels_pred)[box]

@@ -219,3 +219,8 @@ def classify(probabilities: np.ndarray, convention: str | LabelConvention, decis
         reached += (reached == s - 1) & deeper
     in_stratum = strata.reshape((-1,) + (1,) * reached.ndim) == reached[None]
     return np.where(in_stratum, probabilities, -1).argmax(axis=0).astype(np.uint8)
+
+
+def class_voxel_counts(label: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` int64 number of brain-mask voxels of each class in one case."""
+    return np.bincount(np.asarray(label)[np.asarray(mask)], minlength=num_classes)[:num_classes]

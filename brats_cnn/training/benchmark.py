@@ -29,7 +29,7 @@ import torch
 
 from brats_cnn.config import Config, check_grade, load_config
 from brats_cnn.errors import ConfigError
-from brats_cnn.model import build_network
+from brats_cnn.network.model import build_network
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ def _summary(seconds: np.ndarray, batch_size: int, flops_per_batch: float) -> di
 
 def _phantom_cache(root: Path, config: Config) -> Path:
     """A small preprocessed cache of phantom cases (N4 off: it is not what is timed)."""
-    from brats_cnn.config import config_to_dict, config_from_dict
-    from brats_cnn.phantom import write_phantom_dataset
-    from brats_cnn.preprocess import preprocess_dataset
+    from brats_cnn.config import config_from_dict, config_to_dict
+    from brats_cnn.data.phantom import write_phantom_dataset
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     raw = root / "raw"
     write_phantom_dataset(raw, PHANTOM_CASES, grades=[config.grade.upper()] * PHANTOM_CASES, shape=PHANTOM_SHAPE)
@@ -116,7 +116,8 @@ def _phantom_cache(root: Path, config: Config) -> Path:
 
 def _cache_of(data: Path, root: Path, config: Config) -> Path:
     """``data`` if it is a cache, else a raw dataset preprocessed into ``root/cache``."""
-    from brats_cnn.preprocess import is_cache, preprocess_dataset
+    from brats_cnn.preprocessing.cache import is_cache
+    from brats_cnn.preprocessing.preprocess import preprocess_dataset
 
     if is_cache(data):
         return data
@@ -126,10 +127,9 @@ def _cache_of(data: Path, root: Path, config: Config) -> Path:
 
 def _pipeline_batches(cache: Path, config: Config, batch_size: int, batches: int):
     """A ``PatchBatches`` dataset of ``batches`` training batches drawn from every case of the cache."""
-    from brats_cnn.labels import get_convention
-    from brats_cnn.preprocess import list_cached_cases
-    from brats_cnn.sampling import (CENTRE_STREAM, PatchBatches, cases_label_mask, make_rng,
-                                    sample_balanced_centres)
+    from brats_cnn.data.labels import get_convention
+    from brats_cnn.preprocessing.cache import cases_label_mask, list_cached_cases
+    from brats_cnn.training.sampling import CENTRE_STREAM, PatchBatches, make_rng, sample_balanced_centres
 
     folders = list_cached_cases(cache)
     num_classes = get_convention(config.data.label_convention).num_classes
@@ -162,7 +162,7 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
                   compile_network: bool = False) -> dict:
     """Time the network in every precision and memory format, and the training pipeline; print a table.
 
-    The forward pass and the train step (:func:`brats_cnn.train.train_step`) are timed for float32
+    The forward pass and the train step (:func:`brats_cnn.training.train.train_step`) are timed for float32
     and bf16 (where native), NCHW and channels_last, each on a fresh copy of the same initial
     network; the full pipeline (``PatchBatches`` -> ``DataLoader`` -> train step) runs with the
     precision and layout the config selects (``compute``), which ``train`` uses too.
@@ -185,9 +185,9 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
     """
     import copy
 
+    from brats_cnn.data.labels import get_convention
     from brats_cnn.device import compute_settings, resolve_device
-    from brats_cnn.labels import get_convention
-    from brats_cnn.train import build_optimiser, loader_workers, make_loader, train_step
+    from brats_cnn.training.train import build_optimiser, loader_workers, make_loader, train_step
 
     grade = check_grade(grade)
     if batch_size < 1 or iterations < 2:

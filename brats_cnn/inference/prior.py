@@ -33,7 +33,7 @@ def class_frequencies(cases: Sequence[tuple[np.ndarray, np.ndarray]], num_classe
     Args:
         cases: ``(label, mask)`` pairs: class indices and the bool brain mask of the same shape.
     """
-    from brats_cnn.sampling import class_voxel_counts
+    from brats_cnn.data.labels import class_voxel_counts
 
     counts = np.zeros(num_classes, dtype=np.int64)
     for label, mask in cases:

@@ -32,14 +32,13 @@ after a case was fixed, added or removed recomputes only that case's N4 and stat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -47,190 +46,25 @@ import numpy as np
 
 from brats_cnn.errors import InputError
 from brats_cnn.fsutil import atomic_path, write_json_atomic
+from brats_cnn.preprocessing.cache import (
+    CACHE_FORMAT_VERSION,
+    CHECK_FILE,
+    CONFIG_FILE,
+    META_FILE,
+    NORMALISER_FILE,
+    OLD_WORK_DIR,
+    PERCASE_DIR,
+    STATISTICS_FILE,
+    SUMMARY_FILE,
+    cache_key,
+    check_key,
+    fit_key,
+    is_cache,
+    n4_key,
+    statistics_key,
+)
 
 log = logging.getLogger(__name__)
-
-CACHE_FORMAT_VERSION = 2
-"""Version of the cache layout and its arithmetic; part of every cache key.
-
-2: each sequence's landmarks and statistics over its own data voxels; no data -> background value.
-"""
-
-META_FILE = "meta.json"
-NORMALISER_FILE = "normaliser.json"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "preprocess.json"
-OLD_WORK_DIR = ".work"  # format 1 kept N4 output here for one run only; removed when found
-PERCASE_DIR = ".percase"
-CHECK_FILE = "check.json"
-STATISTICS_FILE = "statistics.json"
-
-
-# --------------------------------------------------------------------------------------------
-# reading the cache
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CachedCase:
-    """One preprocessed case, arrays memory-mapped read-only.
-
-    Attributes:
-        case_id: the case's id.
-        image: ``(Z, 4, X, Y)`` float16/float32, channels in ``meta["channel_order"]``.
-        mask: ``(Z, X, Y)`` bool brain mask.
-        label: ``(Z, X, Y)`` uint8 class indices of ``meta["label_convention"]``, or None.
-        meta: the case's ``meta.json`` (grade, shape ``(X, Y, Z)``, affine, spacing, cache key, ...).
-        folder: the case folder.
-    """
-
-    case_id: str
-    image: np.ndarray
-    mask: np.ndarray
-    label: np.ndarray | None
-    meta: dict
-    folder: Path
-
-    @property
-    def grade(self) -> str | None:
-        return self.meta.get("grade")
-
-
-def is_cache(folder: str | Path) -> bool:
-    """True if ``folder`` looks like a preprocessed cache (it has ``normaliser.json``)."""
-    return (Path(folder) / NORMALISER_FILE).is_file()
-
-
-def list_cached_cases(cache: str | Path) -> list[Path]:
-    """Complete case folders of a cache (those with ``meta.json``), sorted by name."""
-    cache = Path(cache)
-    if not cache.is_dir():
-        raise InputError("preprocessed cache folder not found", cache)
-    return sorted(p for p in cache.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file())
-
-
-def _read_meta(folder: Path) -> dict:
-    path = folder / META_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError("incomplete cached case (no meta.json); rerun brats-cnn preprocess", folder) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"unreadable meta.json ({exc})", path) from None
-
-
-def load_cached_case(folder: str | Path) -> CachedCase:
-    """Open a cached case; arrays are ``np.load(..., mmap_mode="r")``."""
-    folder = Path(folder)
-    meta = _read_meta(folder)
-
-    def array(name: str) -> np.ndarray:
-        try:
-            return np.load(folder / name, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read cached array ({exc})", folder / name) from None
-
-    image, mask = array("image.npy"), array("mask.npy")
-    label = array("label.npy") if meta.get("has_label") else None
-    x, y, z = meta["shape"]
-    if image.shape != (z, len(meta["channel_order"]), x, y) or mask.shape != (z, x, y) \
-            or (label is not None and label.shape != (z, x, y)):
-        raise InputError(f"cached arrays do not match meta.json shape {meta['shape']} "
-                         f"(image {image.shape}, mask {mask.shape})", folder)
-    return CachedCase(str(meta["case_id"]), image, mask, label, meta, folder)
-
-
-# --------------------------------------------------------------------------------------------
-# keys
-# --------------------------------------------------------------------------------------------
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def source_fingerprint(ref: Any, *, images_only: bool = False) -> list[list]:
-    """``[name, size, content digest]`` of a case's source files (images, then the label map).
-
-    By content, not modification time: a copy of the data with new mtimes (a fresh checkout, ``cp``
-    or ``rsync`` without ``-t``) keeps its cache; any change of a file's bytes recomputes it.
-    """
-    paths = list(ref.image_paths)
-    if ref.label_path is not None and not images_only:
-        paths.append(ref.label_path)
-    out = []
-    for path in paths:
-        try:
-            st = Path(path).stat()
-            digest = _file_digest(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-        except OSError as exc:
-            raise InputError(f"cannot read source file ({exc.strerror})", path) from None
-        out.append([str(Path(path).name), st.st_size, digest])
-    return out
-
-
-@lru_cache(maxsize=1024)
-def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """SHA-256 of a file's bytes (a few ms for a BraTS sequence); memoised per size, mtime and inode,
-    which are part of the arguments only so that a rewritten file is read again."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:32]
-
-
-def _n4_settings(n4: Any) -> dict:
-    """N4 settings as plain JSON values, typed the same whether they came from YAML or a state."""
-    return {"sequences": [str(s) for s in n4.sequences], "shrink_factor": int(n4.shrink_factor),
-            "iterations": [int(i) for i in n4.iterations],
-            "convergence_threshold": float(n4.convergence_threshold)}
-
-
-def _fit_settings(config: Any) -> dict:
-    from brats_cnn.config import config_to_dict
-
-    pre = config_to_dict(config.preprocess)
-    # numbers compared as floats: (10, 20) from a default and (10.0, 20.0) from YAML are the same setting
-    nyul = {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in pre["nyul"].items()}
-    return {"n4": pre["n4"], "nyul": nyul, "channel_order": list(config.data.channel_order)}
-
-
-def check_key(ref: Any, config: Any) -> str:
-    """Hash of what a case's check (:func:`check_case`) depends on."""
-    return _digest({"format": CACHE_FORMAT_VERSION, "case_id": ref.case_id, "layout": ref.layout,
-                    "sources": source_fingerprint(ref), "label_convention": config.data.label_convention,
-                    "channel_order": list(config.data.channel_order),
-                    "min_coverage": float(config.preprocess.min_coverage)})
-
-
-def n4_key(ref: Any, n4: Any, channel_order: Sequence[str]) -> str:
-    """Hash of what a case's N4-corrected sequences depend on (not the label map)."""
-    return _digest({"format": CACHE_FORMAT_VERSION, "case_id": ref.case_id, "layout": ref.layout,
-                    "images": source_fingerprint(ref, images_only=True), "n4": _n4_settings(n4),
-                    "channel_order": list(channel_order)})
-
-
-def statistics_key(ref: Any, config: Any) -> str:
-    """Hash of what a case's :class:`~brats_cnn.normalise.CaseStatistics` depend on."""
-    return _digest({"n4": n4_key(ref, config.preprocess.n4, config.data.channel_order),
-                    "settings": _fit_settings(config)})
-
-
-def fit_key(refs: Sequence[Any], config: Any) -> str:
-    """Hash of what a normaliser fit depends on: the fit cases' sources and the N4/Nyul settings."""
-    return _digest({"format": CACHE_FORMAT_VERSION, "settings": _fit_settings(config),
-                    "cases": [[r.case_id, source_fingerprint(r)] for r in refs]})
-
-
-def cache_key(state: Any, config: Any, ref: Any) -> str:
-    """Hash of everything a cached case's arrays depend on."""
-    return _digest({
-        "format": CACHE_FORMAT_VERSION,
-        "normaliser": state.to_dict(),
-        "background_value": float(config.preprocess.background_value),
-        "cache_dtype": config.preprocess.cache_dtype,
-        "label_convention": config.data.label_convention,
-        "channel_order": list(config.data.channel_order),
-        "case_id": ref.case_id, "grade": ref.grade,
-        "sources": source_fingerprint(ref),
-    })
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +80,8 @@ def _init_worker(threads: int) -> None:
 
 def _load(ref: Any, config: Any, load_label: bool):
     """The case on the 1 mm grid the network is trained on (resampled if its voxels are not 1 mm)."""
-    from brats_cnn.io import load_case
-    from brats_cnn.resample import needs_resampling, to_isotropic
+    from brats_cnn.data.io import load_case
+    from brats_cnn.data.resample import needs_resampling, to_isotropic
 
     case = load_case(ref, label_convention=config.data.label_convention, load_label=load_label)
     return to_isotropic(case) if needs_resampling(case.spacing) else case
@@ -286,7 +120,7 @@ def check_case(ref: Any, config: Any) -> str | None:
     Returns:
         None, or one line naming the offending file (all of the case's coverage problems at once).
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise, nyul
 
     try:
         case = _load(ref, config, load_label=True)
@@ -305,7 +139,7 @@ def check_case(ref: Any, config: Any) -> str | None:
                             f"{100 * coverage:.1f} % of the brain mask (preprocess.min_coverage is "
                             f"{100 * minimum:g} %)")
             continue
-        values = case.image[c][normalise.sequence_data_mask(case.image[c], mask)]
+        values = case.image[c][nyul.sequence_data_mask(case.image[c], mask)]
         if values.min() == values.max():
             problems.append(f"{_sequence_path(ref, c)}: {name} is constant ({values[0]:g}) wherever it has data")
     return "; ".join(problems) or None
@@ -346,7 +180,7 @@ def check_cases(refs: Sequence[Any], config: Any, out: Path, workers: int) -> di
 
 def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spacing: Sequence[float],
                           channel_order: Sequence[str], source: Any, percase: Path, key: str) -> np.ndarray:
-    """:func:`normalise.correct_bias`, reusing its result when kept in ``percase`` under ``key``.
+    """:func:`bias.correct_bias`, reusing its result when kept in ``percase`` under ``key``.
 
     Passed (bound to ``percase`` and ``key``) as ``correct=`` to :func:`normalise.case_statistics`
     and :func:`normalise.normalise_case`, so that a rerun does not run N4 again. Only the brain
@@ -356,11 +190,11 @@ def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spaci
     Returns:
         ``(C, X, Y, Z)`` float32 N4-corrected image.
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import bias
 
     n4_channels = [c for c, name in enumerate(channel_order) if name in n4.sequences]
     if not n4_channels:
-        return normalise.correct_bias(image, mask, n4, spacing=spacing, channel_order=channel_order, source=source)
+        return bias.correct_bias(image, mask, n4, spacing=spacing, channel_order=channel_order, source=source)
     kept = percase / f"n4-{key[:24]}.npy"
     if kept.is_file():
         try:
@@ -372,7 +206,7 @@ def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spaci
             for row, c in enumerate(n4_channels):
                 corrected[c][mask] = values[row]
             return corrected
-    corrected = normalise.correct_bias(image, mask, n4, spacing=spacing, channel_order=channel_order, source=source)
+    corrected = bias.correct_bias(image, mask, n4, spacing=spacing, channel_order=channel_order, source=source)
     percase.mkdir(parents=True, exist_ok=True)
     for stale in percase.glob("n4-*.npy"):
         stale.unlink(missing_ok=True)
@@ -383,7 +217,7 @@ def _kept_bias_correction(image: np.ndarray, mask: np.ndarray, n4: Any, *, spaci
 
 def _fit_one(ref: Any, config: Any, percase: Path, n4: str, statistics: str) -> Any:
     """Fitting pass of one case: N4 (or its kept result), then its statistics, kept in ``percase``."""
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     try:
         case = _load(ref, config, load_label=False)
@@ -400,8 +234,8 @@ def _write_one(ref: Any, state: Any, config: Any, case_dir: Path, key: str, perc
 
     Returns the case id, or a :class:`CaseFailure` for an input problem found only now.
     """
-    from brats_cnn import normalise
-    from brats_cnn.labels import to_class_indices
+    from brats_cnn.data.labels import to_class_indices
+    from brats_cnn.preprocessing import normalise
 
     started = time.perf_counter()
     try:
@@ -533,7 +367,7 @@ def _fit_state(refs: list, config: Any, out: Path, workers: int, unusable: _Unus
     Returns:
         ``(state, fitted, ids whose statistics were reused, fit key)``.
     """
-    from brats_cnn import normalise
+    from brats_cnn.preprocessing import normalise
 
     key = fit_key(refs, config)
     if summary.get("fit_key") == key and is_cache(out):
@@ -602,7 +436,7 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
     incomplete so that training does not pick it up.
 
     Args:
-        data: a dataset folder (any layout :func:`brats_cnn.io.list_cases` reads) or CaseRefs.
+        data: a dataset folder (any layout :func:`brats_cnn.data.layouts.list_cases` reads) or CaseRefs.
         out: the cache folder (created).
         config: a resolved :class:`brats_cnn.config.Config`.
         fit: fit the normaliser on the cases (``fit_case_ids`` only, if given).
@@ -617,10 +451,10 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
     Returns:
         :class:`PreprocessSummary`.
     """
-    from brats_cnn import normalise
     from brats_cnn.config import save_config
+    from brats_cnn.data.layouts import list_cases
     from brats_cnn.errors import ConfigError
-    from brats_cnn.io import list_cases
+    from brats_cnn.preprocessing import normalise
 
     started = time.perf_counter()
     out = Path(out)
@@ -685,8 +519,8 @@ def preprocess_dataset(data: str | Path | Iterable[Any], out: str | Path, *, con
 
 def _loaded_state(normaliser: Any, config: Any, out: Path) -> Any:
     """A given or saved NormaliserState, checked against the config."""
-    from brats_cnn import normalise
     from brats_cnn.config import config_to_dict
+    from brats_cnn.preprocessing import normalise
 
     state = normaliser if isinstance(normaliser, normalise.NormaliserState) \
         else normalise.load_normaliser(normaliser)

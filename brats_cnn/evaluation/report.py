@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from brats_cnn.fsutil import atomic_path, write_json_atomic, write_text_atomic
-from brats_cnn.labels import REGIONS
-from brats_cnn.metrics import HD95_ONE_EMPTY, LESION_HD95_PENALTY
+from brats_cnn.data.labels import REGIONS
+from brats_cnn.evaluation.metrics import HD95_ONE_EMPTY, LESION_HD95_PENALTY
 
 LESION_COLUMNS: tuple[str, ...] = ("lesion_dsc", "lesion_hd95", "gt_lesions", "detected_lesions",
                                    "missed_lesions", "fp_lesions")
@@ -356,7 +356,7 @@ def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *
     """The report page as one self-contained HTML string (figures embedded as base64 PNG).
 
     Args:
-        summary: the ``summary.json`` dictionary (keys written by :mod:`brats_cnn.evaluate`).
+        summary: the ``summary.json`` dictionary (keys written by :mod:`brats_cnn.evaluation.evaluate`).
         rows: the ``metrics.csv`` rows.
         boxplot: PNG bytes of :func:`boxplot_png`, or None.
         overlays: ``{case_id: PNG bytes}`` of :func:`overlay_png`.

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from brats_cnn.data.labels import DECISIONS, REGIONS, classify, from_class_indices, get_convention, region_masks
 from brats_cnn.errors import CheckpointError, ConfigError, InputError
-from brats_cnn.labels import DECISIONS, REGIONS, classify, from_class_indices, get_convention, region_masks
-from brats_cnn.prior import class_frequencies, correct_class_prior
+from brats_cnn.inference.prior import class_frequencies, correct_class_prior
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ CALIBRATED_NAME = "calibrated.pt"
 
 def region_dice(classes: np.ndarray, truth: np.ndarray, convention: str) -> dict[str, float]:
     """Dice of complete/core/enhancing between two ``(X, Y, Z)`` class-index maps."""
-    from brats_cnn.metrics import dice
+    from brats_cnn.evaluation.metrics import dice
 
     predicted = region_masks(from_class_indices(classes, convention), convention)
     reference = region_masks(from_class_indices(truth, convention), convention)
@@ -95,7 +95,7 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
     """
     from dataclasses import replace
 
-    from brats_cnn.postprocess import postprocess_labels
+    from brats_cnn.inference.postprocess import postprocess_labels
 
     choices = []
     for tta, per_case in probabilities.items():
@@ -121,15 +121,19 @@ def best_choice(choices: Sequence[Choice]) -> Choice:
 
 # ---- the command ---------------------------------------------------------------------------------
 
-# the settings calibrate chooses; --fixed may set only these
+# the settings calibrate chooses; --fixed may set only these (the class weights and t_vol: chosen by
+# cross-validation, pipelines/cross_validate.py)
 CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_rotations", "segment.decision",
-                    "postprocess.keep_largest")
+                    "segment.class_weights", "postprocess.keep_largest", "postprocess.min_component_voxels",
+                    "postprocess.never_empty")
 
 
 def _refuse_to_overwrite(run: Path, model: Path, out: Path) -> None:
     """ConfigError if ``out`` or ``<out>.json`` is the checkpoint being calibrated or the run's last/best.pt."""
-    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / "last.pt"),
-                         ("the run's best.pt", run / "best.pt")):
+    from brats_cnn.network.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
+
+    for name, source in (("the checkpoint being calibrated", model), ("the run's last.pt", run / LAST_CHECKPOINT),
+                         ("the run's best.pt", run / BEST_CHECKPOINT)):
         if out.resolve() == source.resolve() or out.with_suffix(".json").resolve() == source.resolve():
             raise ConfigError(f"--out would write over {name} ({source}); choose another file", out)
 
@@ -152,7 +156,7 @@ def write_fixed_calibration(run: Path, model: Path, out: Path, settings: Sequenc
     """
     from brats_cnn.config import config_to_dict, load_config, parse_overrides
     from brats_cnn.fsutil import write_json_atomic
-    from brats_cnn.model import load_checkpoint, save_checkpoint
+    from brats_cnn.network.checkpoint import load_checkpoint, save_checkpoint
 
     run, out, model = Path(run), Path(out), Path(model)
     parse_overrides(list(settings))  # one-line errors for malformed items
@@ -179,13 +183,13 @@ def write_fixed_calibration(run: Path, model: Path, out: Path, settings: Sequenc
 
 def _validation_cases(run: Path, cache: Path) -> tuple[list[Path], list[Path]]:
     """Training and validation cache folders recorded in the run's ``last.pt``."""
-    from brats_cnn.model import load_checkpoint
+    from brats_cnn.network.checkpoint import LAST_CHECKPOINT, load_checkpoint
 
-    state = load_checkpoint(run / "last.pt").training_state or {}
+    state = load_checkpoint(run / LAST_CHECKPOINT).training_state or {}
     train_ids, val_ids = state.get("train_cases"), state.get("validation_cases")
     if not train_ids or not val_ids:
         raise CheckpointError("last.pt records no training or no validation cases; calibration needs both "
-                              "(train with data.validation_cases >= 1)", run / "last.pt")
+                              "(train with data.validation_cases >= 1)", run / LAST_CHECKPOINT)
     missing = [c for c in [*train_ids, *val_ids] if not (cache / c).is_dir()]
     if missing:
         raise InputError(f"case '{missing[0]}' of the run is not in the cache", cache)
@@ -212,13 +216,12 @@ def run_calibrate(run: Path, model: Path | None = None, out: Path | None = None,
     from brats_cnn.config import config_from_dict, config_to_dict
     from brats_cnn.device import compute_settings, resolve_device
     from brats_cnn.fsutil import write_json_atomic
-    from brats_cnn.model import load_checkpoint, save_checkpoint
-    from brats_cnn.preprocess import load_cached_case
-    from brats_cnn.sampling import cases_label_mask
-    from brats_cnn.segment import predict
+    from brats_cnn.inference.predict import predict
+    from brats_cnn.network.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_checkpoint
+    from brats_cnn.preprocessing.cache import cases_label_mask, load_cached_case
 
     run = Path(run)
-    model = Path(model) if model else run / "best.pt"
+    model = Path(model) if model else run / BEST_CHECKPOINT
     out = Path(out) if out else run / CALIBRATED_NAME
     cache = Path(cache) if cache else run / "cache"
     _refuse_to_overwrite(run, model, out)

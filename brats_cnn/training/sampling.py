@@ -17,14 +17,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from brats_cnn.data.labels import class_voxel_counts
 from brats_cnn.errors import ConfigError
+from brats_cnn.preprocessing.cache import case_arrays
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,6 @@ class Centres:
     def class_counts(self, num_classes: int) -> np.ndarray:
         """``(num_classes,)`` int64 number of centres per class."""
         return np.bincount(self.label, minlength=num_classes)
-
-
-def class_voxel_counts(label: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(num_classes,)`` int64 number of brain-mask voxels of each class in one case."""
-    return np.bincount(np.asarray(label)[np.asarray(mask)], minlength=num_classes)[:num_classes]
 
 
 def sample_balanced_centres(cases: Sequence[tuple[np.ndarray, np.ndarray]], total: int, num_classes: int,
@@ -241,15 +237,6 @@ def rotate_patches(patches: np.ndarray, angles: np.ndarray, patch_size: int, bac
     return crop.numpy().copy()
 
 
-def _case_arrays(case: Any) -> Any:
-    """A cache folder (opened memory-mapped via preprocess) or an object with image/mask/label."""
-    if isinstance(case, (str, Path)):
-        from brats_cnn.preprocess import load_cached_case
-
-        return load_cached_case(Path(case))
-    return case
-
-
 class PatchBatches(Dataset):
     """Map-style ``torch.utils.data`` dataset whose item ``i`` is a whole batch.
 
@@ -307,7 +294,7 @@ class PatchBatches(Dataset):
 
     def _case(self, index: int) -> Any:
         if index not in self._opened:
-            self._opened[index] = _case_arrays(self.cases[index])
+            self._opened[index] = case_arrays(self.cases[index])
         return self._opened[index]
 
     def _image(self, index: int) -> np.ndarray:
@@ -409,14 +396,3 @@ class SlabBatches(PatchBatches):
 
 
 IGNORE_LABEL = -100  # the label of unlabelled voxels in dense batches (torch's cross-entropy ignore_index)
-
-
-def cases_label_mask(cases: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(label, mask)`` pairs of cache folders or CachedCase-like objects (memory-mapped)."""
-    pairs = []
-    for case in cases:
-        arrays = _case_arrays(case)
-        if arrays.label is None:
-            raise ConfigError(f"case '{arrays.case_id}' has no label map; training needs labels")
-        pairs.append((arrays.label, arrays.mask))
-    return pairs

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from brats_cnn.labels import REGIONS
+from brats_cnn.data.labels import REGIONS
 
 HIGHER_IS_BETTER: dict[str, bool] = {"dsc": True, "ppv": True, "sensitivity": True, "specificity": True,
                                      "hd95": False, "lesion_dsc": True, "lesion_hd95": False}

@@ -1,7 +1,7 @@
 """The dense (fully convolutional, full-resolution) form of the patch networks: fast-mode inference
-(``segment.predict_fast``) and dense training (``train.mode: dense``) run the same weights through it.
+(``inference.predict.predict_fast``) and dense training (``train.mode: dense``) run the same weights through it.
 
-Every ``MaxPool2d(k, stride s)`` of a :class:`~brats_cnn.model.PereiraCNN` becomes a stride-1 pool
+Every ``MaxPool2d(k, stride s)`` of a :class:`~brats_cnn.network.model.PereiraCNN` becomes a stride-1 pool
 and multiplies the dilation of every later layer by ``s``, so every voxel gets its own output at
 full resolution; the FC layers run as convolutions (the first as an ``n x n`` convolution dilated by
 the removed strides). See docs/segmentation.md, "Modes".
@@ -19,7 +19,7 @@ from torch import nn
 from brats_cnn.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from brats_cnn.model import PereiraCNN
+    from brats_cnn.network.model import PereiraCNN
 
 @dataclass
 class FullyConvolutional:
@@ -160,11 +160,11 @@ def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyCo
 
 
 class DenseNetwork(nn.Module):
-    """The fully convolutional form of a :class:`~brats_cnn.model.PereiraCNN` for dense training; shares its parameters.
+    """The fully convolutional form of a :class:`~brats_cnn.network.model.PereiraCNN` for dense training; shares its parameters.
 
     Maps an axial crop ``(B, 4, S + 2h, S + 2h)`` (``h`` = half a patch, 16) to logits
     ``(B, C, S, S)`` of its central ``S x S`` voxels and computes exactly what fast-mode inference
-    (``segment.predict_fast``) computes for them: the same dilated convolutions, padding and
+    (``inference.predict.predict_fast``) computes for them: the same dilated convolutions, padding and
     FC-window position (:func:`to_fully_convolutional`). The first FC layer runs as a 7x7
     convolution with dilation 4 (its weight viewed as ``(256, 128, 7, 7)``), the others as 1x1
     convolutions; dropout acts elementwise on the feature maps. Training through this module
