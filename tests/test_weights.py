@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_cnn.network.model import count_parameters
-from brats_cnn.network.checkpoint import load_checkpoint
 from brats_cnn.data.phantom import write_phantom_dataset
 from brats_cnn.inference.members import bundled_weights
+from brats_cnn.network.checkpoint import load_checkpoint
+from brats_cnn.network.model import count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
 
 # 4 outputs: the brats2017 convention (0, 1, 2, 4) the bundled model was trained in.
 HGG_PARAMETERS = 2_117_956
@@ -73,5 +77,30 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
-    assert sidecar["prior_alpha"] == 0.0  # the exponent chosen for LGG cases, not the HGG calibration's
-    assert load_checkpoint(bundled_weights("hgg")).config.segment.prior_alpha == 0.8
+    assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
+    assert load_checkpoint(bundled_weights("hgg")).config.segment.prior_alpha == 0.6
+
+
+def _grid_rule(population: str) -> dict[str, str]:
+    grid = json.loads((REPO / "benchmarks" / "results" / "cv4" / "grid.json").read_text())
+    return dict(item.split("=") for item in grid[population]["rule"].split())
+
+
+@pytest.mark.parametrize("grade, population", [("hgg", "hgg"), ("lgg", "lgg"), (None, "all")])
+def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population):
+    """Each grade's settings, after BUNDLED_MODELS' overrides, equal the rule chosen on the out-of-fold cases."""
+    from brats_cnn.config import config_to_dict, load_config
+    from brats_cnn.data.labels import get_convention
+    from brats_cnn.inference.members import BUNDLED_MODELS, DEFAULT_GRADE
+
+    rule = _grid_rule(population)
+    name, overrides = BUNDLED_MODELS[grade or DEFAULT_GRADE]
+    checkpoint = load_checkpoint(bundled_weights(grade or DEFAULT_GRADE))
+    config = load_config(None, list(overrides), base=config_to_dict(checkpoint.config))
+    assert config.segment.prior_alpha == float(rule["alpha"]) and config.segment.prior_adapt is False
+    weights = list(config.segment.class_weights) or [1.0] * 4
+    edema = get_convention(checkpoint.label_convention).tissues.index("edema")
+    assert weights[edema] == float(rule["edema_boost"]) and sum(weights) - weights[edema] == 3.0
+    assert config.postprocess.min_component_voxels == int(rule["t_vol"])
+    assert config.postprocess.keep_largest is (rule["keep_largest"] == "True")
+    assert (tuple(config.segment.tta_rotations) != (0,)) is (rule["tta"] == "on")

@@ -32,13 +32,14 @@ DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is 
 
 # The bundled checkpoint that serves each grade, and the settings applied to it for that grade (before
 # the user's --set). LGG cases get the HGG network: on the sample's LGG cases it beats the paper's
-# LGG network trained on the one or two LGG cases the sample can spare on the complete tumour and
-# HD95 (docs/results.md, "LGG"); its prior correction is off for them (alpha 0, chosen on the two LGG
-# cases outside the test split: complete-tumour Dice 0.82 against 0.72 with the HGG calibration's 0.8
-# for v3, chosen again for v8: 0.81 against 0.73).
+# LGG network trained on the one or two LGG cases the sample can spare (docs/results.md, "LGG").
+# The decision rules are chosen by 4-fold cross-validation over the 23 sample cases outside the test
+# split (docs/results.md, benchmarks/results/cv4/grid.json): HGG (and cases of unknown grade, chosen
+# on both grades: the same rule) alpha 0.6, t_vol 0 with keep-largest, in the checkpoint's calibration;
+# LGG alpha 0.2 and edema weighted 2 (class order background, non-enhancing core, edema, enhancing).
 BUNDLED_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hgg": ("hgg.pt", ()),
-    "lgg": ("hgg.pt", ("segment.prior_alpha=0",)),
+    "lgg": ("hgg.pt", ("segment.prior_alpha=0.2", "segment.class_weights=[1,1,2,1]")),
 }
 
 
