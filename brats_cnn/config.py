@@ -64,6 +64,7 @@ class SamplingConfig:
     arbitrary_rotation: bool = False  # (choice) also rotate by a uniform random angle
     intensity_scale: float = 0.0  # (choice) per patch and sequence, multiply brain intensities by U[1-s, 1+s]; 0 = off (paper)
     intensity_shift: float = 0.0  # (choice) ... and add U[-t, t] (z-score units); 0 = off (paper)
+    centres: str = "balanced"  # (paper) equal centres per class; "natural" (choice): uniform over brain voxels (Havaei 2017)
     validation_patches: int = 20_000  # (choice) patch-accuracy validation set size
     resample_each_epoch: bool = False  # (choice) False: one centre set per run (paper), reshuffled per epoch
 
@@ -96,6 +97,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # (choice) mid-epoch last.pt at most this many minutes apart; 0 = epoch ends only
     checkpoint_every_steps: int = 0  # (choice) also write last.pt every N steps; 0 = off
     mode: str = "patch"  # (paper) "patch": one label per 33x33 patch; "dense" (choice): whole axial crops, as fast mode runs (config section dense)
+    trainable: str = "all"  # (paper) all layers train; "output" (choice): only the last layer (Havaei 2017's second phase)
     init_weights: str | None = None  # (choice) start from this checkpoint's network weights (fine-tuning; optimiser fresh); null = Xavier init
 
 
@@ -186,6 +188,8 @@ _CHOICES = {
     "compute.precision": ("auto", "bf16", "float32"),
     "train.loss": ("cross_entropy", "focal"),
     "train.mode": ("patch", "dense"),
+    "train.trainable": ("all", "output"),
+    "sampling.centres": ("balanced", "natural"),
     # metrics.LESION_PRESETS (not imported: config stays free of scipy); tests/test_config.py checks they agree
     "evaluate.lesion_wise.preset": ("gli", "ssa", "ped", "men", "met", "none"),
 }

@@ -104,8 +104,12 @@ def _call(command: list[str]) -> None:
 
 
 def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path, device: str,
-               overrides: list[str]) -> Path:
-    """Train fold ``fold`` on the HGG cases of the other folds (resuming its last.pt); its last.pt."""
+               overrides: list[str], init_from: Path | None = None) -> Path:
+    """Train fold ``fold`` on the HGG cases of the other folds (resuming its last.pt); its last.pt.
+
+    ``init_from``: the ``--out`` of an earlier cross-validation whose fold ``fold`` model this one
+    starts from (a second training phase: the same fold's model, so its held-out cases stay unseen).
+    """
     from brats_cnn.data.layouts import list_cases
 
     folder = out / f"fold{fold}"
@@ -128,6 +132,11 @@ def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path
     if (run / "last.pt").is_file():
         _call([*command, "--resume", *sets])
     else:
+        if init_from is not None:
+            start = init_from / f"fold{fold}" / "run" / "last.pt"
+            if not (start.parent / "done.json").is_file():
+                raise SystemExit(f"{start.parent}: fold {fold} of --init-from has not finished (no done.json)")
+            sets += ["--set", f"train.init_weights={start}"]
         _call([*command, "--config", str(config), *sets])
     (run / "done.json").write_text(json.dumps({"fold": fold, "train": sorted(train_ids)}, indent=2) + "\n")
     return run / "last.pt"
@@ -154,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         if all((tables / f"{case}.npz").is_file() for case in held):
             print(f"fold {fold}: the tables of its {len(held)} held-out cases exist; nothing to do", flush=True)
             continue
-        model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [])
+        model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [],
+                           args.init_from)
         predict_fold(args.data, folds, fold, model, args.out, args.device)
         write_tables(args.data, folds, fold, args.out, tables)
     return 0
@@ -419,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", help="a train --set (a tiny schedule for a trial run)")
     p.add_argument("--tables", type=Path, help="where the count tables go (default: <out>/tables)")
+    p.add_argument("--init-from", type=Path, help="an earlier cross-validation's --out: each fold starts from "
+                                                  "that fold's last.pt (a second training phase)")
     p = sub.add_parser("tables")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", type=Path, required=True)

@@ -110,6 +110,18 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert cv.main(args) == 0  # a rerun trains and predicts nothing again
     assert (tmp_path / "cv" / "oof" / "plain" / "Phantom_011.json").stat().st_mtime_ns == before
     assert len(list((tmp_path / "cv" / "tables").glob("*.npz"))) == 5
+    # a second phase (--init-from): each fold starts from the same fold's model of the first run
+    phase = ["run", "--data", str(data), "--split", str(split), "--config", str(REPO / "configs" / "smoke.yaml"),
+             "--out", str(tmp_path / "cv2"), "--device", "cpu",
+             *[a for s in tiny + ["sampling.centres=natural", "train.trainable=output"] for a in ("--set", s)]]
+    assert cv.main([*phase, "--fold", "0", "--init-from", str(tmp_path / "cv")]) == 0
+    second = (tmp_path / "cv2" / "fold0" / "run" / "config.yaml").read_text()
+    assert f"init_weights: {tmp_path / 'cv' / 'fold0' / 'run' / 'last.pt'}" in second
+    assert "trainable: output" in second and "centres: natural" in second
+    held = folds[0]["hgg"] + folds[0]["lgg"]
+    assert sorted(p.stem for p in (tmp_path / "cv2" / "tables").glob("*.npz")) == sorted(held)
+    with pytest.raises(SystemExit, match="fold 1 of --init-from has not finished"):
+        cv.main([*phase, "--fold", "1", "--init-from", str(tmp_path / "cv2")])
     # the grid from the committed tables equals scoring the saved probabilities directly
     from brats_cnn.data.layouts import list_cases
 

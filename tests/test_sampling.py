@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres
+from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 
@@ -90,6 +90,29 @@ def test_centres_of_a_missing_class(caplog):
         centres = sample_balanced_centres([(label, case.mask)], 40, 4, make_rng(0, 1))
     assert centres.class_counts(4).tolist() == [10, 10, 10, 0]
     assert "class 3 has only 0" in caplog.text
+
+
+def test_natural_centres_follow_the_class_frequencies_inside_the_mask():
+    cases = [fake_case(0), fake_case(1)]
+    pairs = [(c.label, c.mask) for c in cases]
+    brain = sum(int(c.mask.sum()) for c in cases)                           # 2 x 6 x 32 x 36 = 13,824
+    truth = sum(np.bincount(c.label[c.mask], minlength=4) for c in cases)   # [10560, 708, 2496, 60]
+    centres = sample_natural_centres(pairs, total=brain // 2, num_classes=4, rng=make_rng(5, 1))
+    assert len(centres) == brain // 2
+    for n in range(len(centres)):
+        case = cases[centres.case[n]]
+        assert case.mask[centres.z[n], centres.x[n], centres.y[n]]
+        assert case.label[centres.z[n], centres.x[n], centres.y[n]] == centres.label[n]
+    keys = set(zip(centres.case.tolist(), centres.z.tolist(), centres.x.tolist(), centres.y.tolist()))
+    assert len(keys) == len(centres)               # without replacement
+    counts = centres.class_counts(4)
+    # half the brain drawn without replacement: each class count is hypergeometric around half its
+    # voxels, standard deviation at most sqrt(13824 / 16) = 29.4; 5 sigma
+    assert np.all(np.abs(counts - truth / 2) < 5 * 29.4), (counts, truth)
+    again = sample_natural_centres(pairs, total=brain // 2, num_classes=4, rng=make_rng(5, 1))
+    np.testing.assert_array_equal(again.x, centres.x)
+    everything = sample_natural_centres(pairs, total=brain + 5, num_classes=4, rng=make_rng(5, 1))
+    assert everything.class_counts(4).tolist() == truth.tolist()   # fewer brain voxels than asked: all
 
 
 # ---- rotation ----------------------------------------------------------------------------------

@@ -458,6 +458,25 @@ def test_dense_training_resumes_bit_identically_and_starts_from_init_weights(cac
                      overrides=DENSE + [f"train.init_weights={tmp_path / 'broken.pt'}"])
 
 
+def test_second_phase_trains_only_the_output_layer_on_natural_centres(cache, tmp_path, caplog):
+    # Havaei et al.'s second phase: init_weights from a first run, natural-frequency centres, only the
+    # last fully connected layer changes
+    first = run_training("hgg", cache, tmp_path / "a", config="smoke", device="cpu",
+                         overrides=TINY + ["train.epochs=1"])
+    before = _weights(first.network)
+    phase = TINY + ["train.epochs=1", "sampling.centres=natural", "train.trainable=output",
+                    f"train.init_weights={tmp_path / 'a' / 'last.pt'}"]
+    with caplog.at_level(logging.INFO):
+        second = run_training("hgg", cache, tmp_path / "b", config="smoke", device="cpu", overrides=phase)
+    assert "trainable: output layer only (1028 parameters)" in caplog.text   # 256 x 4 classes + 4 biases
+    after = _weights(second.network)
+    changed = sorted(key for key in after if not torch.equal(after[key], before[key]))
+    assert changed == ["classifier.8.bias", "classifier.8.weight"]
+    counts = [int(n) for n in caplog.text.split("training centres per class: [")[-1].split("]")[0].split(",")]
+    assert sum(counts) == 32 and counts[0] > counts[3]             # natural: background dominates
+    assert load_checkpoint(tmp_path / "b" / "last.pt").config.train.trainable == "output"
+
+
 def test_loader_workers_auto_is_zero_on_the_cpu_and_bounded_on_cuda(monkeypatch):
     from brats_cnn.training.train import CUDA_LOADER_WORKERS, loader_workers
 

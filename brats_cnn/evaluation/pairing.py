@@ -1,5 +1,4 @@
-"""Which prediction goes with which ground truth: label files found by case id, whatever the names.
-"""
+"""Which prediction goes with which ground truth: label files found by case id, whatever the names."""
 
 from __future__ import annotations
 

@@ -54,15 +54,12 @@ class Member:
 
 def bundled_weights(grade: str) -> Path:
     """Path of the bundled checkpoint that serves a grade (:data:`BUNDLED_MODELS`)."""
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[1] / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]  # brats_cnn/weights
+    package = Path(__file__).resolve().parents[1]  # brats_cnn/
+    return package / WEIGHTS_DIR_NAME / BUNDLED_MODELS[grade.lower()][0]
 
 
 def resolve_checkpoints(model: str | Path | list | None, grade: str | None) -> tuple[list[Path], tuple[str, ...]]:
     """The checkpoint(s) to load and the grade's settings for them (none unless it is a bundled one)."""
-    from pathlib import Path
-
     from brats_cnn.config import check_grade
     from brats_cnn.errors import CheckpointError
 

@@ -29,8 +29,6 @@ class OutputTarget:
 
 def output_targets(refs: list[CaseRef], out: str | Path) -> list[OutputTarget]:
     """Output paths per case: ``--out x.nii.gz`` for one case, else ``<out>/<case_id>.nii.gz``."""
-    from pathlib import Path
-
     from brats_cnn.errors import ConfigError
 
     out = Path(out)

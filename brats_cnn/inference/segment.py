@@ -58,8 +58,6 @@ class SegmentResult:
 
 def _find_cases(inputs: list) -> list[CaseRef]:
     """Case references of every input (a case file/folder, or a dataset folder = many cases)."""
-    from pathlib import Path
-
     from brats_cnn.data.layouts import find_case, list_cases
 
     refs = []
@@ -261,7 +259,6 @@ def run_segment(inputs: str | Path | list, model: str | Path | list | None = Non
             naming the cases that failed.
     """
     import time
-    from pathlib import Path
 
     from brats_cnn.data.labels import conversion_table, get_convention
     from brats_cnn.device import keep_freed_memory

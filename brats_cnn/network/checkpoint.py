@@ -1,5 +1,4 @@
-"""Checkpoints: the one file format a trained network is saved in, loaded from, and averaged over.
-"""
+"""Checkpoints: the one file format a trained network is saved in, loaded from, and averaged over."""
 
 from __future__ import annotations
 

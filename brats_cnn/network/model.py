@@ -114,6 +114,18 @@ def build_network(config: ModelConfig, num_classes: int, *, patch_size: int) -> 
                       leaky_relu_slope=config.leaky_relu_slope, patch_size=patch_size)
 
 
+def freeze_for(network: PereiraCNN, trainable: str) -> int:
+    """Freeze every layer except those ``trainable`` names ("all": none frozen; "output": only the last
+    fully connected layer trains, as the second training phase of Havaei et al. 2017); the number of
+    trainable parameters left."""
+    for parameter in network.parameters():
+        parameter.requires_grad_(trainable == "all")
+    if trainable == "output":
+        for parameter in network.classifier[-1].parameters():
+            parameter.requires_grad_(True)
+    return count_parameters(network)
+
+
 def count_parameters(network: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad)

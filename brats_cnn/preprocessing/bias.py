@@ -1,5 +1,4 @@
-"""N4 bias-field correction (SPEC stage 1) with SimpleITK, on a shrunk image inside the brain mask.
-"""
+"""N4 bias-field correction (SPEC stage 1) with SimpleITK, on a shrunk image inside the brain mask."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The training loss (SPEC stage 5): cross-entropy or focal loss over labelled voxels, with class weights.
-"""
+"""The training loss (SPEC stage 5): cross-entropy or focal loss over labelled voxels, with class weights."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Resuming a run: which settings may change, where it stopped, and restoring its weights, optimiser and RNGs.
-"""
+"""Resuming a run: which settings may change, where it stopped, and restoring its weights, optimiser and RNGs."""
 
 from __future__ import annotations
 

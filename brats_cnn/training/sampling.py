@@ -120,6 +120,40 @@ def sample_balanced_centres(cases: Sequence[tuple[np.ndarray, np.ndarray]], tota
                    cls.astype(np.uint8))
 
 
+def sample_natural_centres(cases: Sequence[tuple[np.ndarray, np.ndarray]], total: int, num_classes: int,
+                           rng: np.random.Generator) -> Centres:
+    """Draw ``total`` centres uniformly from all brain voxels of all cases, without replacement: every
+    class at its natural frequency (the second training phase of Havaei et al. 2017, which retrains the
+    output layer on the label distribution the network meets when it segments).
+
+    Args and Returns as :func:`sample_balanced_centres` (``num_classes`` is not used: the labels
+    come as they are); fewer than ``total`` only if the brains have fewer voxels.
+    """
+    del num_classes
+    voxels = np.array([int(np.count_nonzero(mask)) for _, mask in cases], dtype=np.int64)
+    wanted = min(total, int(voxels.sum()))
+    if wanted < total:
+        log.info("only %d brain voxels in %d cases; taking all of them (asked %d)", wanted, len(cases), total)
+    per_case = rng.multivariate_hypergeometric(voxels, wanted) if wanted else np.zeros_like(voxels)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for index, (label, mask) in enumerate(cases):
+        if not per_case[index]:
+            continue
+        inside = np.flatnonzero(np.asarray(mask))
+        chosen = np.sort(rng.choice(inside, size=int(per_case[index]), replace=False))
+        z, x, y = np.unravel_index(chosen, mask.shape)
+        parts.append((np.full(chosen.size, index), z, x, y, np.asarray(label).reshape(-1)[chosen]))
+    if not parts:
+        empty = np.zeros(0, np.int32)
+        return Centres(empty, empty, empty, empty, np.zeros(0, np.uint8))
+    case, z, x, y, cls = (np.concatenate(column) for column in zip(*parts))
+    return Centres(case.astype(np.int32), z.astype(np.int32), x.astype(np.int32), y.astype(np.int32),
+                   cls.astype(np.uint8))
+
+
+CENTRE_SAMPLERS = {"balanced": sample_balanced_centres, "natural": sample_natural_centres}  # sampling.centres
+
+
 def extract_patches(image: np.ndarray, z: np.ndarray, x: np.ndarray, y: np.ndarray, patch_size: int,
                     background: float) -> np.ndarray:
     """Gather axial patches around centres of one case.

@@ -51,12 +51,13 @@ from brats_cnn.inference.calibrate import region_mean
 from brats_cnn.inference.prior import class_frequencies
 from brats_cnn.network.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, save_checkpoint, unwrap_network
 from brats_cnn.network.dense import DenseNetwork
-from brats_cnn.network.model import build_network, check_patch_size
+from brats_cnn.network.model import build_network, check_patch_size, freeze_for
 from brats_cnn.preprocessing.cache import cases_label_mask
 from brats_cnn.training.distributed import Distributed, all_ranks_agree, init_distributed
 from brats_cnn.training.loss import dense_class_weights, loss_function
 from brats_cnn.training.resume import RunState, initial_weights, load_run_config, restore_rng, restore_state, rng_states
 from brats_cnn.training.sampling import (
+    CENTRE_SAMPLERS,
     CENTRE_STREAM,
     IGNORE_LABEL,
     VALIDATION_STREAM,
@@ -298,7 +299,8 @@ class Run:
 
 
 def epoch_batches(run: Run, epoch: int) -> PatchBatches:
-    """The training batches of one epoch: class-balanced centres (per run or per epoch), this rank's part.
+    """The training batches of one epoch: class-balanced centres, or natural ones (``sampling.centres``),
+    per run or per epoch, this rank's part.
 
     Patches (``train.mode: patch``) or, for dense training, crops around ``dense.crops_per_epoch``
     class-balanced centres (:class:`SlabBatches`).
@@ -307,9 +309,9 @@ def epoch_batches(run: Run, epoch: int) -> PatchBatches:
     dense = cfg.train.mode == "dense"
     keys = (epoch,) if cfg.sampling.resample_each_epoch else ()
     num_classes = get_convention(cfg.data.label_convention).num_classes
-    centres = sample_balanced_centres(run.train_pairs, cfg.dense.crops_per_epoch if dense else
-                                      cfg.sampling.total_patches, num_classes,
-                                      make_rng(cfg.train.seed, CENTRE_STREAM, *keys))
+    centres = CENTRE_SAMPLERS[cfg.sampling.centres](run.train_pairs, cfg.dense.crops_per_epoch if dense else
+                                                    cfg.sampling.total_patches, num_classes,
+                                                    make_rng(cfg.train.seed, CENTRE_STREAM, *keys))
     common = dict(patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
                   rotation_angles=cfg.sampling.rotation_angles, arbitrary_rotation=cfg.sampling.arbitrary_rotation,
                   intensity_scale=cfg.sampling.intensity_scale, intensity_shift=cfg.sampling.intensity_shift,
@@ -359,6 +361,8 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
 
     torch.manual_seed(tc.seed)
     network = build_network(cfg.model, num_classes, patch_size=cfg.sampling.patch_size)
+    if tc.trainable != "all":
+        log.info("trainable: %s layer only (%d parameters)", tc.trainable, freeze_for(network, tc.trainable))
     optimiser = build_optimiser(network, tc)
     state = RunState(interval=torch.zeros(3, dtype=torch.float64))
     if resumed is not None:

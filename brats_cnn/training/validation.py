@@ -1,5 +1,4 @@
-"""What a training run measures and records: validation loss, accuracy and Dice, and its CSV files.
-"""
+"""What a training run measures and records: validation loss, accuracy and Dice, and its CSV files."""
 
 from __future__ import annotations
 
