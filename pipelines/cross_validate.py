@@ -16,6 +16,11 @@ post-processing the same way). Each step resumes where it stopped, across sessio
     #    both) in grid.csv, the chosen rules with per-case scores in grid.json
     .venv/bin/python pipelines/cross_validate.py grid --split pipelines/splits/brats_sample_cv4.json \
         --tables benchmarks/results/cv4/tables --out benchmarks/results/cv4
+    # a lever: two cross-validations' fold models as an ensemble (the mean of their saved probabilities,
+    # as nnU-Net scores an ensemble of configurations), then grid over its tables
+    .venv/bin/python pipelines/cross_validate.py tables --data ../shared/data/brats_sample \
+        --split pipelines/splits/brats_sample_cv4.json --out runs/cv --ensemble runs/cv_intensity \
+        --tables benchmarks/results/cv4_ensemble/tables
 
 Layout under ``--out``: ``fold<k>/data`` (links to its training cases), ``fold<k>/run`` (the train run;
 ``done.json`` when it ended), ``oof/plain`` and ``oof/tta`` (``<case>_probabilities.nii.gz`` and
@@ -270,7 +275,13 @@ def _crop(case: dict) -> dict:
             "tta": case["tta"][(slice(None), *box)]}
 
 
-def _load_oof_case(ref, out: Path, convention: str) -> dict:
+def _load_oof_case(ref, out: Path, convention: str, ensemble: tuple[Path, ...] = ()) -> dict:
+    """A held-out case's reference, probabilities (plain and TTA) and its fold model's class frequencies.
+
+    ``ensemble``: further cross-validations (their ``--out``, the same split) whose fold models are
+    averaged with ``out``'s: the mean of their probabilities and of their class frequencies, as
+    nnU-Net scores an ensemble of configurations on their out-of-fold predictions.
+    """
     import nibabel as nib
 
     from brats_cnn.data.io import load_case
@@ -279,13 +290,21 @@ def _load_oof_case(ref, out: Path, convention: str) -> dict:
     from brats_cnn.inference.members import prior_frequencies
 
     case: dict = {"truth": to_class_indices(load_case(ref, load_label=True).label, convention)}
+    members = (out, *ensemble)
     for name in ("plain", "tta"):
-        path = out / "oof" / name / f"{ref.case_id}_probabilities.nii.gz"
-        if not path.is_file():
-            raise SystemExit(f"{path}: no out-of-fold probabilities for {ref.case_id} (run the 'run' step first)")
-        case[name] = np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
-    model = Path(json.loads((out / "oof" / "plain" / f"{ref.case_id}.json").read_text())["model"])
-    case["frequencies"] = np.asarray(prior_frequencies(load_checkpoint(model), model))
+        total = None
+        for member in members:
+            path = member / "oof" / name / f"{ref.case_id}_probabilities.nii.gz"
+            if not path.is_file():
+                raise SystemExit(f"{path}: no out-of-fold probabilities for {ref.case_id} (run the 'run' step first)")
+            probabilities = np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
+            total = probabilities if total is None else total + probabilities
+        case[name] = total / len(members)
+    frequencies = []
+    for member in members:
+        model = Path(json.loads((member / "oof" / "plain" / f"{ref.case_id}.json").read_text())["model"])
+        frequencies.append(np.asarray(prior_frequencies(load_checkpoint(model), model), dtype=np.float64))
+    case["frequencies"] = np.mean(frequencies, axis=0)
     return case
 
 
@@ -337,8 +356,10 @@ def load_tables(path: Path) -> dict[tuple, tuple]:
     return tables
 
 
-def write_tables(data: Path, folds: list[dict], fold: int, out: Path, tables: Path) -> None:
-    """The count tables of a fold's held-out cases from their saved probabilities (skips existing ones)."""
+def write_tables(data: Path, folds: list[dict], fold: int, out: Path, tables: Path,
+                 ensemble: tuple[Path, ...] = ()) -> None:
+    """The count tables of a fold's held-out cases from their saved probabilities (skips existing ones);
+    with ``ensemble``, of the mean of ``out``'s and those cross-validations' probabilities."""
     from brats_cnn.data.layouts import list_cases
 
     held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
@@ -346,15 +367,17 @@ def write_tables(data: Path, folds: list[dict], fold: int, out: Path, tables: Pa
         path = tables / f"{ref.case_id}.npz"
         if path.is_file():
             continue
-        case = _crop(_load_oof_case(ref, out, "brats2017"))
+        case = _crop(_load_oof_case(ref, out, "brats2017", ensemble))
         save_tables(path, case_tables(case, "brats2017"), case["frequencies"])
         print(f"fold {fold}: tables of {ref.case_id} written ({path.stat().st_size / 1e3:.0f} kB)", flush=True)
 
 
 def tables_step(args: argparse.Namespace) -> int:
     folds = json.loads(args.split.read_text())["folds"]
+    if args.ensemble and args.tables is None:
+        raise SystemExit("--ensemble needs --tables: the ensemble's tables are not --out's")
     for fold in args.fold if args.fold is not None else range(len(folds)):
-        write_tables(args.data, folds, fold, args.out, args.tables or args.out / "tables")
+        write_tables(args.data, folds, fold, args.out, args.tables or args.out / "tables", tuple(args.ensemble or ()))
     return 0
 
 
@@ -437,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fold", type=int, nargs="+")
     p.add_argument("--tables", type=Path)
+    p.add_argument("--ensemble", type=Path, nargs="+", help="further cross-validations' --out (same split): the "
+                                                            "tables of the mean of their probabilities and --out's")
     p = sub.add_parser("grid")
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)

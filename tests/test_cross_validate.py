@@ -131,6 +131,27 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     tables = cv.load_tables(tmp_path / "cv" / "tables" / "Phantom_011.npz")
     for rule, scores in direct.items():
         assert cv.rule_scores(*tables[(rule.tta, rule.alpha, rule.edema_boost)], rule) == scores
+    # an ensemble of two cross-validations (fold 0 of cv and cv2): the tables of their mean probabilities
+    ens_ref = next(r for r in list_cases(data) if r.case_id == held[0])
+    one, two = (cv._load_oof_case(ens_ref, tmp_path / name, "brats2017") for name in ("cv", "cv2"))
+    mean = cv._load_oof_case(ens_ref, tmp_path / "cv", "brats2017", (tmp_path / "cv2",))
+    for name in ("plain", "tta"):
+        assert not np.array_equal(one[name], two[name])
+        np.testing.assert_array_equal(mean[name], (one[name] + two[name]) / 2)
+    np.testing.assert_array_equal(mean["frequencies"], (one["frequencies"] + two["frequencies"]) / 2)
+    ensemble = ["tables", "--data", str(data), "--split", str(split), "--out", str(tmp_path / "cv"), "--fold", "0",
+                "--ensemble", str(tmp_path / "cv2")]
+    with pytest.raises(SystemExit, match="--ensemble needs --tables"):
+        cv.main(ensemble)
+    assert cv.main([*ensemble, "--tables", str(tmp_path / "ens")]) == 0
+    assert sorted(p.stem for p in (tmp_path / "ens").glob("*.npz")) == sorted(held)
+    expected = cv.case_tables(cv._crop(mean), "brats2017")
+    saved = cv.load_tables(tmp_path / "ens" / f"{held[0]}.npz")
+    for key, (sizes, regions) in expected.items():
+        np.testing.assert_array_equal(saved[key][0], sizes)
+        for region, (tp, positive, reference) in regions.items():
+            np.testing.assert_array_equal(saved[key][1][region][0], tp)
+            assert saved[key][1][region][2] == reference
     # a fresh checkout holds only the tables: run does nothing, grid works without the probabilities
     import shutil
 
