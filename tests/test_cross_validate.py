@@ -165,3 +165,19 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert set(chosen) == {"hgg", "lgg", "all"} and len(chosen["hgg"]["per_case"]) == 4
     rows = (tmp_path / "cv" / "grid.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * len(cv.grid_rules(cv.T_VOLS))
+
+
+def test_pooled_choice_across_levers_follows_the_pre_registered_rule():
+    spec = importlib.util.spec_from_file_location("cv_compare", REPO / "pipelines" / "cv_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def row(rule, mean, worst, failures):
+        return {"population": "hgg", "rule": rule, "mean_dice": str(mean), "worst_dice_complete": str(worst),
+                "cases_complete_below_0.5": str(failures)}
+
+    base = [row("a", 0.800, 0.60, 0), row("b", 0.790, 0.65, 0)]
+    assert compare.pooled_choice({"base": base, "lever": [row("c", 0.803, 0.55, 0)]}, "hgg")["lever"] == "base"
+    chosen = compare.pooled_choice({"base": base, "lever": [row("c", 0.810, 0.55, 0)]}, "hgg")
+    assert (chosen["lever"], chosen["rule"]) == ("lever", "c")
+    assert compare.pooled_choice({"base": base, "lever": [row("c", 0.900, 0.45, 1)]}, "hgg")["rule"] == "a"
