@@ -52,10 +52,13 @@ def main(prefix: Path, runs: list[Path]) -> None:
     left.set_xlabel("iteration")
     left.set_ylabel("cross-entropy")
     left.legend(fontsize=7)
-    right.set_xlabel("iteration")
-    right.set_ylabel("validation Dice (whole volumes, no calibration)")
-    right.set_ylim(0, 1)
-    right.legend(fontsize=7)
+    if right.lines:
+        right.set_xlabel("iteration")
+        right.set_ylabel("validation Dice (whole volumes, no calibration)")
+        right.set_ylim(0, 1)
+        right.legend(fontsize=7)
+    else:  # runs without validation cases (v8, v9, the folds): the loss panel alone
+        fig.delaxes(right)
     fig.suptitle(", ".join(run.name for run in runs), fontsize=10)
     fig.tight_layout()
     prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -77,12 +77,13 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
-    assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
+    assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] is None  # LGG's rule, not HGG's
+    assert sidecar["tta_rotations"] == [0]
     assert load_checkpoint(bundled_weights("hgg")).config.segment.prior_alpha == 0.6
 
 
 def _grid_rule(population: str) -> dict[str, str]:
-    grid = json.loads((REPO / "benchmarks" / "results" / "cv4" / "grid.json").read_text())
+    grid = json.loads((REPO / "benchmarks" / "results" / "cv4_intensity" / "grid.json").read_text())
     return dict(item.split("=") for item in grid[population]["rule"].split())
 
 
