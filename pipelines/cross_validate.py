@@ -16,6 +16,10 @@ post-processing the same way). Each step resumes where it stopped, across sessio
     #    both) in grid.csv, the chosen rules with per-case scores in grid.json
     .venv/bin/python pipelines/cross_validate.py grid --split pipelines/splits/brats_sample_cv4.json \
         --tables benchmarks/results/cv4/tables --out benchmarks/results/cv4
+    # 4. the ceiling of any decision: the chosen rule against a per-case oracle that picks each case's
+    #    best rule knowing its reference (headroom_<population>.json beside grid.json)
+    .venv/bin/python pipelines/cross_validate.py headroom --split pipelines/splits/brats_sample_cv4.json \
+        --tables benchmarks/results/cv4/tables --out benchmarks/results/cv4
     # a lever: two cross-validations' fold models as an ensemble (the mean of their saved probabilities,
     # as nnU-Net scores an ensemble of configurations), then grid over its tables
     .venv/bin/python pipelines/cross_validate.py tables --data ../shared/data/brats_sample \
@@ -381,20 +385,68 @@ def tables_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def grid(args: argparse.Namespace) -> int:
-    folds = json.loads(args.split.read_text())["folds"]
+def _grades_with_tables(split: Path, tables: Path) -> dict[str, str]:
+    """Every out-of-fold case's grade (``hgg`` / ``lgg``); exits naming the cases without count tables."""
+    folds = json.loads(split.read_text())["folds"]
     grades = {case: grade for fold in folds for grade in ("hgg", "lgg") for case in fold[grade]}
-    tables = args.tables or args.out / "tables"
     missing = sorted(c for c in grades if not (tables / f"{c}.npz").is_file())
     if missing:
         raise SystemExit(f"{tables}: no count tables for {len(missing)} case(s) ({', '.join(missing[:3])}...); "
                          "run the 'run' step (or 'tables' where the probabilities exist) first")
-    rules = grid_rules(T_VOLS)
+    return grades
+
+
+def score_grid(tables: Path, cases: list[str], rules: list[Rule]) -> dict[Rule, dict[str, dict[str, float]]]:
+    """Every rule's scores on every case, from the cases' count tables."""
     per_rule: dict[Rule, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
-    for case_id in grades:
+    for case_id in cases:
         counts = load_tables(tables / f"{case_id}.npz")
         for rule in rules:
             per_rule[rule][case_id] = rule_scores(*counts[(rule.tta, rule.alpha, rule.edema_boost)], rule)
+    return per_rule
+
+
+def mean_of_regions(scores: dict[str, float]) -> float:
+    return float(np.mean([scores[f"dice_{r}"] for r in ("complete", "core", "enhancing")]))
+
+
+def oracle(per_rule: dict[Rule, dict[str, dict[str, float]]], cases: list[str],
+           target=mean_of_regions) -> dict[str, tuple[Rule, dict[str, float]]]:
+    """Per case, the rule that scores best on ``target`` *knowing the reference*, and its scores: the
+    ceiling of every decision rule over these probabilities (no fixed rule can beat it on any case)."""
+    return {case: max(((rule, scores[case]) for rule, scores in per_rule.items()), key=lambda rs: target(rs[1]))
+            for case in cases}
+
+
+def headroom(args: argparse.Namespace) -> int:
+    """How far the chosen fixed rule is from the per-case oracle: whether a decision can still reach a target."""
+    tables = args.tables or args.out / "tables"
+    grades = _grades_with_tables(args.split, tables)
+    cases = [c for c in grades if args.population in ("all", grades[c])]
+    chosen = json.loads((args.out / "grid.json").read_text())[args.population]
+    per_rule = score_grid(tables, cases, grid_rules(T_VOLS))
+    targets = {"mean_of_regions": mean_of_regions, "dice_complete": lambda s: s["dice_complete"]}
+    report = {"population": args.population, "cases": len(cases),
+              "chosen": {"rule": chosen["rule"], **summarise(chosen["per_case"])}}
+    for name, target in targets.items():
+        best = oracle(per_rule, cases, target)
+        report[f"oracle_{name}"] = {**summarise({c: s for c, (_, s) in best.items()}),
+                                    "rules": {c: r.name() for c, (r, _) in best.items()},
+                                    "per_case": {c: scores for c, (_, scores) in best.items()}}
+    (args.out / f"headroom_{args.population}.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name in ("chosen", *(f"oracle_{t}" for t in targets)):
+        s = report[name]
+        print(f"{name}: mean {s['mean_dice_complete']:.3f} / {s['mean_dice_core']:.3f} / {s['mean_dice_enhancing']:.3f}, "
+              f"complete sensitivity {s['mean_sens_complete']:.3f}, worst complete {s['worst_dice_complete']:.3f}, "
+              f"{s['cases_complete_below_0.5']} case(s) < 0.5")
+    return 0
+
+
+def grid(args: argparse.Namespace) -> int:
+    tables = args.tables or args.out / "tables"
+    grades = _grades_with_tables(args.split, tables)
+    rules = grid_rules(T_VOLS)
+    per_rule = score_grid(tables, list(grades), rules)
     rows, summary = [], {}
     for population in ("hgg", "lgg", "all"):
         members = [c for c in grades if population in ("all", grades[c])]
@@ -466,8 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tables", type=Path)
+    p = sub.add_parser("headroom", help="the chosen rule against the per-case oracle (grid first)")
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the grid's --out (holds grid.json)")
+    p.add_argument("--tables", type=Path)
+    p.add_argument("--population", default="hgg", choices=("hgg", "lgg", "all"))
     args = parser.parse_args(argv)
-    return {"split": split, "run": run, "tables": tables_step, "grid": grid}[args.action](args)
+    return {"split": split, "run": run, "tables": tables_step, "grid": grid, "headroom": headroom}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,14 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert set(chosen) == {"hgg", "lgg", "all"} and len(chosen["hgg"]["per_case"]) == 4
     rows = (tmp_path / "cv" / "grid.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * len(cv.grid_rules(cv.T_VOLS))
+    assert cv.main(["headroom", "--split", str(split), "--out", str(tmp_path / "cv"),
+                    "--tables", str(tmp_path / "tables")]) == 0
+    headroom = json.loads((tmp_path / "cv" / "headroom_hgg.json").read_text())
+    assert headroom["cases"] == 4 and headroom["chosen"]["rule"] == chosen["hgg"]["rule"]
+    assert headroom["chosen"]["mean_dice"] == pytest.approx(chosen["hgg"]["summary"]["mean_dice"])
+    assert headroom["oracle_mean_of_regions"]["mean_dice"] >= headroom["chosen"]["mean_dice"] - 1e-12
+    assert (headroom["oracle_dice_complete"]["mean_dice_complete"]
+            >= headroom["oracle_mean_of_regions"]["mean_dice_complete"] - 1e-12)
 
 
 def test_pooled_choice_across_levers_follows_the_pre_registered_rule():
@@ -181,3 +189,20 @@ def test_pooled_choice_across_levers_follows_the_pre_registered_rule():
     chosen = compare.pooled_choice({"base": base, "lever": [row("c", 0.810, 0.55, 0)]}, "hgg")
     assert (chosen["lever"], chosen["rule"]) == ("lever", "c")
     assert compare.pooled_choice({"base": base, "lever": [row("c", 0.900, 0.45, 1)]}, "hgg")["rule"] == "a"
+
+
+def test_the_oracle_picks_each_cases_best_rule_knowing_the_reference():
+    cv = _module()
+    a, b = cv.Rule(False, 0.0, 1.0, 0, False, False), cv.Rule(True, 0.6, 1.0, 0, True, False)
+
+    def scores(complete, core, enhancing):
+        return {"dice_complete": complete, "dice_core": core, "dice_enhancing": enhancing}
+
+    per_rule = {a: {"x": scores(0.9, 0.3, 0.3), "y": scores(0.5, 0.5, 0.5)},
+                b: {"x": scores(0.6, 0.6, 0.6), "y": scores(0.7, 0.8, 0.9)}}
+    best = cv.oracle(per_rule, ["x", "y"])
+    assert {case: rule for case, (rule, _) in best.items()} == {"x": b, "y": b}
+    best = cv.oracle(per_rule, ["x", "y"], target=lambda s: s["dice_complete"])
+    assert {case: rule for case, (rule, _) in best.items()} == {"x": a, "y": b}
+    assert np.mean([s["dice_complete"] for _, s in best.values()]) == pytest.approx(0.8)
+    assert cv.mean_of_regions(scores(0.9, 0.6, 0.3)) == pytest.approx(0.6)
