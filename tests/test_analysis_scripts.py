@@ -120,3 +120,32 @@ def test_every_benchmark_and_pipeline_script_imports_and_answers_help(script):
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-800:]
     assert "usage:" in result.stdout.lower()
+
+
+def test_edema_contrast_probe_prints_each_sequences_brain_and_edema_medians(tmp_path, capsys):
+    import json
+
+    probe = _script("pipelines/edema_contrast_probe.py")
+    case = tmp_path / "Brats18_X_1"
+    case.mkdir()
+    label = np.zeros((2, 4, 4), np.uint8)
+    label[0, :2] = 2  # 8 edema voxels
+    mask = np.ones_like(label, bool)
+    mask[1, 3] = False  # outside the brain: never counted as brain
+    image = np.zeros((2, 2, 4, 4), np.float16)  # ZCXY
+    image[:, 0] = 1.0
+    image[0, 0, :2] = 3.0
+    image[:, 1] = -0.5
+    image[0, 1, :2] = 0.25
+    image[1, :, 3] = 99.0  # outside the brain
+    np.save(case / "image.npy", image)
+    np.save(case / "label.npy", label)
+    np.save(case / "mask.npy", mask)
+    (case / "meta.json").write_text(json.dumps({"case_id": "Brats18_X_1", "array_layout": "ZCXY",
+                                                "channel_order": ["t2", "flair"]}))
+    assert probe.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("case  edema_voxels  t2:brain/edema  flair:brain/edema")
+    assert lines[1].split() == ["Brats18_X_1", "8", "1.00/", "3.00", "-0.50/", "0.25"]
+    with pytest.raises(SystemExit, match="no cached cases"):
+        probe.main([str(tmp_path / "Brats18_X_1")])
