@@ -4,7 +4,7 @@ sequence, against the normal brain, read from a training run's preprocessing cac
 is only faintly hyperintense on FLAIR are the ones the network under-calls out of fold.
 
     .venv/bin/python pipelines/edema_contrast_probe.py runs/cv_intensity_full/fold1/run/cache \
-        > benchmarks/results/cv4_intensity_full/edema_contrast.txt
+        > benchmarks/results/cv4_intensity_full/edema_contrast_fold1cache.txt
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-EDEMA_CLASS = 2  # class index of the cache's label maps (0 background, 1 necrosis/non-enhancing, 2 edema, 3 enhancing)
+
+def edema_class(cache: Path) -> int:
+    """The class index of edema in the cache's label maps, from the label convention the cache was built with."""
+    from brats_cnn.config import load_config
+    from brats_cnn.data.labels import get_convention
+
+    return get_convention(load_config(cache / "config.yaml").data.label_convention).tissues.index("edema")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = sorted(p for p in args.cache.iterdir() if (p / "meta.json").is_file())
     if not cases:
         raise SystemExit(f"{args.cache}: no cached cases (<case>/meta.json)")
+    edema_index = edema_class(args.cache)
     print("case  edema_voxels  " + "  ".join(f"{s}:brain/edema" for s in json.loads(
         (cases[0] / "meta.json").read_text())["channel_order"]) + "   (medians, standardised units)")
     for case in cases:
@@ -33,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{case / 'meta.json'}: array_layout {meta['array_layout']}, expected ZCXY")
         image = np.load(case / "image.npy", mmap_mode="r")
         label, mask = np.load(case / "label.npy"), np.load(case / "mask.npy")
-        brain, edema = mask & (label == 0), label == EDEMA_CLASS
+        brain, edema = mask & (label == 0), label == edema_index
         medians = []
         for channel in range(image.shape[1]):
             values = np.asarray(image[:, channel], dtype=np.float32)

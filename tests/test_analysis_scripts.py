@@ -143,9 +143,12 @@ def test_edema_contrast_probe_prints_each_sequences_brain_and_edema_medians(tmp_
     np.save(case / "mask.npy", mask)
     (case / "meta.json").write_text(json.dumps({"case_id": "Brats18_X_1", "array_layout": "ZCXY",
                                                 "channel_order": ["t2", "flair"]}))
+    (tmp_path / "config.yaml").write_text("data: {label_convention: brats2017}\n")  # edema is class 2
     assert probe.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("case  edema_voxels  t2:brain/edema  flair:brain/edema")
     assert lines[1].split() == ["Brats18_X_1", "8", "1.00/", "3.00", "-0.50/", "0.25"]
+    (tmp_path / "config.yaml").write_text("data: {label_convention: msd}\n")  # edema is class 1: none here
+    assert probe.edema_class(tmp_path) == 1
     with pytest.raises(SystemExit, match="no cached cases"):
         probe.main([str(tmp_path / "Brats18_X_1")])
