@@ -20,6 +20,12 @@ post-processing the same way). Each step resumes where it stopped, across sessio
     #    best rule knowing its reference (headroom_<population>.json beside grid.json)
     .venv/bin/python pipelines/cross_validate.py headroom --split pipelines/splits/brats_sample_cv4.json \
         --tables benchmarks/results/cv4/tables --out benchmarks/results/cv4
+    # a test-time lever on the same fold models: --models-from skips training, --segment-set changes
+    # how the held-out cases are segmented (here the network run on axial, coronal and sagittal slices)
+    .venv/bin/python pipelines/cross_validate.py run --data ../shared/data/brats_sample \
+        --split pipelines/splits/brats_sample_cv4.json --models-from runs/cv_intensity_full \
+        --segment-set "segment.views=[axial,coronal,sagittal]" --out runs/cv_views \
+        --tables benchmarks/results/cv4_views/tables
     # a lever: two cross-validations' fold models as an ensemble (the mean of their saved probabilities,
     # as nnU-Net scores an ensemble of configurations), then grid over its tables
     .venv/bin/python pipelines/cross_validate.py tables --data ../shared/data/brats_sample \
@@ -151,14 +157,18 @@ def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path
     return run / "last.pt"
 
 
-def predict_fold(data: Path, folds: list[dict], fold: int, model: Path, out: Path, device: str) -> None:
-    """The held-out cases' probabilities at alpha 0, no post-processing, without and with TTA."""
+def predict_fold(data: Path, folds: list[dict], fold: int, model: Path, out: Path, device: str,
+                 segment_sets: list[str] = ()) -> None:
+    """The held-out cases' probabilities at alpha 0, no post-processing, without and with TTA.
+
+    ``segment_sets``: further ``segment --set`` values for both (a test-time lever, e.g. ``segment.views``).
+    """
     from brats_cnn.data.layouts import list_cases
 
     held = set(folds[fold]["hgg"]) | set(folds[fold]["lgg"])
     cases = [str(Path(r.image_paths[0]).parent) for r in list_cases(data) if r.case_id in held]
     common = ["--model", str(model), "--device", device, "--save-probabilities", "--no-postprocess",
-              "--set", "segment.prior_alpha=0"]
+              "--set", "segment.prior_alpha=0", *(a for item in segment_sets for a in ("--set", item))]
     _call([*_brats_cnn(), "segment", *cases, "--out", str(out / "oof" / "plain"), "--no-tta", *common])
     _call([*_brats_cnn(), "segment", *cases, "--out", str(out / "oof" / "tta"), "--tta",
            "--set", f"segment.tta_rotations={TTA_ROTATIONS}", *common])
@@ -172,9 +182,14 @@ def run(args: argparse.Namespace) -> int:
         if all((tables / f"{case}.npz").is_file() for case in held):
             print(f"fold {fold}: the tables of its {len(held)} held-out cases exist; nothing to do", flush=True)
             continue
-        model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [],
-                           args.init_from)
-        predict_fold(args.data, folds, fold, model, args.out, args.device)
+        if args.models_from is not None:  # a test-time lever: another cross-validation's finished fold models
+            model = args.models_from / f"fold{fold}" / "run" / "last.pt"
+            if not (model.parent / "done.json").is_file():
+                raise SystemExit(f"{model.parent}: fold {fold} of --models-from has not finished (no done.json)")
+        else:
+            model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [],
+                               args.init_from)
+        predict_fold(args.data, folds, fold, model, args.out, args.device, args.segment_set or [])
         write_tables(args.data, folds, fold, args.out, tables)
     return 0
 
@@ -498,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", type=Path, required=True)
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="the fold models' training config (not with --models-from)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fold", type=int, nargs="+", help="only these folds (default: all, in order)")
     p.add_argument("--device", default="auto")
@@ -506,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", type=Path, help="where the count tables go (default: <out>/tables)")
     p.add_argument("--init-from", type=Path, help="an earlier cross-validation's --out: each fold starts from "
                                                   "that fold's last.pt (a second training phase)")
+    p.add_argument("--models-from", type=Path, help="an earlier cross-validation's --out: segment with its finished "
+                                                    "fold models, no training (a test-time lever)")
+    p.add_argument("--segment-set", action="append", help="a segment --set for the out-of-fold predictions "
+                                                          "(e.g. segment.views=[axial,coronal,sagittal])")
     p = sub.add_parser("tables")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", type=Path, required=True)
@@ -524,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", type=Path)
     p.add_argument("--population", default="hgg", choices=("hgg", "lgg", "all"))
     args = parser.parse_args(argv)
+    if args.action == "run" and (args.config is None) == (args.models_from is None):
+        parser.error("run needs --config (train the fold models) or --models-from (use finished ones), not both")
     return {"split": split, "run": run, "tables": tables_step, "grid": grid, "headroom": headroom}[args.action](args)
 
 

@@ -214,7 +214,8 @@ def _fields(cls: type, prefix: str = "") -> list[tuple[str, object]]:
 # one value outside each kind of range, and the boundary value that is still valid
 _OUTSIDE = {">= 0": (-1, 0), ">= 1": (0, 1), "finite and > 0": (0, 1e-9), "in [0, 1]": (1.5, 1.0),
             "in [0, 1)": (1.0, 0.0), "in (0, 1]": (0.0, 1.0), "finite": (float("nan"), -1e6),
-            "multiples of 90 degrees": (45, 270), "sequences from t1, t1c, t2, flair": ("t3", "t2")}
+            "multiples of 90 degrees": (45, 270), "sequences from t1, t1c, t2, flair": ("t3", "t2"),
+            "planes from axial, coronal, sagittal": ("oblique", "sagittal")}
 
 
 def _yaml(value: object) -> str:

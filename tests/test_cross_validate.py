@@ -122,6 +122,19 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert sorted(p.stem for p in (tmp_path / "cv2" / "tables").glob("*.npz")) == sorted(held)
     with pytest.raises(SystemExit, match="fold 1 of --init-from has not finished"):
         cv.main([*phase, "--fold", "1", "--init-from", str(tmp_path / "cv2")])
+    # a test-time lever on the same fold models (--models-from): no training, segment's --set applied
+    views = ["run", "--data", str(data), "--split", str(split), "--out", str(tmp_path / "cv3"), "--device", "cpu",
+             "--fold", "0", "--models-from", str(tmp_path / "cv"), "--segment-set", "segment.views=[axial,coronal]"]
+    assert cv.main(views) == 0
+    assert not (tmp_path / "cv3" / "fold0").exists()
+    sidecar = json.loads((tmp_path / "cv3" / "oof" / "tta" / f"{held[0]}.json").read_text())
+    assert sidecar["views"] == ["axial", "coronal"] and sidecar["tta_rotations"] == [0, 90, 180, 270]
+    assert sidecar["model"] == str(tmp_path / "cv" / "fold0" / "run" / "last.pt")
+    assert sorted(p.stem for p in (tmp_path / "cv3" / "tables").glob("*.npz")) == sorted(held)
+    with pytest.raises(SystemExit, match="fold 1 of --models-from has not finished"):
+        cv.main([*views[:-6], "--fold", "1", "--models-from", str(tmp_path / "cv2")])
+    with pytest.raises(SystemExit):  # --config and --models-from exclude each other
+        cv.main([*views, "--config", str(REPO / "configs" / "smoke.yaml")])
     # the grid from the committed tables equals scoring the saved probabilities directly
     from brats_cnn.data.layouts import list_cases
 

@@ -351,6 +351,54 @@ def test_tta_over_four_rotations_is_rotation_invariant_and_single_angle_is_plain
 
 
 
+def test_views_run_the_network_on_coronal_and_sagittal_slices_and_average_with_axial():
+    import dataclasses
+
+    from brats_cnn.config import load_config
+    from brats_cnn.inference.predict import predict
+
+    net = _network("lgg", classes=5, seed=2)
+    image, mask = _volume((4, 10, 9, 7), seed=6, brain=0.7)  # three different axis lengths
+    base = load_config("pereira_lgg", ["compute.precision=float32", "compute.channels_last=false",
+                                       f"preprocess.background_value={BACKGROUND}"])
+    device = torch.device("cpu")
+
+    def with_views(*views):
+        return dataclasses.replace(base, segment=dataclasses.replace(base.segment, views=views))
+
+    plain = predict(net, image, mask, "fast", device, base)
+    np.testing.assert_array_equal(predict(net, image, mask, "fast", device, with_views("axial")), plain)
+    # coronal: the slices are Y planes, so the same network on the (X, Z, Y) volume, put back in (X, Y, Z)
+    coronal = predict(net, image, mask, "fast", device, with_views("coronal"))
+    by_hand = predict_fast(net, np.ascontiguousarray(image.transpose(0, 1, 3, 2)),
+                           np.ascontiguousarray(mask.transpose(0, 2, 1)), batch_size=base.segment.batch_size,
+                           background_value=BACKGROUND)
+    assert coronal.shape == plain.shape
+    np.testing.assert_array_equal(coronal, by_hand.transpose(0, 1, 3, 2))
+    # sagittal: X planes, the (Y, Z, X) volume
+    sagittal = predict(net, image, mask, "fast", device, with_views("sagittal"))
+    by_hand = predict_fast(net, np.ascontiguousarray(image.transpose(0, 2, 3, 1)),
+                           np.ascontiguousarray(mask.transpose(1, 2, 0)), batch_size=base.segment.batch_size,
+                           background_value=BACKGROUND)
+    np.testing.assert_array_equal(sagittal, by_hand.transpose(0, 3, 1, 2))
+    assert not np.allclose(coronal, plain, atol=1e-3) and not np.allclose(sagittal, plain, atol=1e-3)
+    three = predict(net, image, mask, "fast", device, with_views("axial", "coronal", "sagittal"))
+    np.testing.assert_allclose(three, (plain + coronal + sagittal) / 3, atol=1e-6)
+    assert (three[0][~mask] == 1).all()
+    # views and rotations: every (plane, angle) pair, averaged
+    both = dataclasses.replace(base, segment=dataclasses.replace(base.segment, views=("axial", "coronal"),
+                                                                tta_rotations=(0, 90)))
+    turned = dataclasses.replace(base, segment=dataclasses.replace(base.segment, tta_rotations=(0, 90)))
+    turned_coronal = dataclasses.replace(turned, segment=dataclasses.replace(turned.segment, views=("coronal",)))
+    np.testing.assert_allclose(predict(net, image, mask, "fast", device, both),
+                               (predict(net, image, mask, "fast", device, turned)
+                                + predict(net, image, mask, "fast", device, turned_coronal)) / 2, atol=1e-6)
+    with pytest.raises(ConfigError, match="segment.views must name planes from axial, coronal, sagittal"):
+        predict(net, image, mask, "fast", device, with_views("oblique"))
+    with pytest.raises(ConfigError, match="segment.views"):
+        load_config("pereira_lgg", ["segment.views=[axial,oblique]"])
+
+
 @pytest.mark.parametrize("architecture", ["hgg", "lgg"])
 def test_dense_network_computes_fast_mode_and_trains_the_patch_network(architecture):
     # dense training optimises exactly the function fast mode runs, through the patch network's own weights

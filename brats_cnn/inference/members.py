@@ -150,7 +150,7 @@ def member_record(member: Member, class_prior: np.ndarray | None) -> dict:
     return {"model": str(member.path), "prior_alpha": segment.prior_alpha, "prior_adapt": segment.prior_adapt,
             "class_prior": None if class_prior is None else [round(float(p), 6) for p in class_prior],
             "class_weights": list(segment.class_weights) or None,
-            "tta": segment.tta, "tta_rotations": list(segment.tta_rotations)}
+            "tta": segment.tta, "tta_rotations": list(segment.tta_rotations), "views": list(segment.views)}
 
 
 # Speed and memory settings of the machine that runs inference, not of the model: ``segment`` takes

@@ -1,4 +1,5 @@
-"""Voxel-wise prediction of one normalised case (SPEC stage 6), exact or fast, with test-time rotations.
+"""Voxel-wise prediction of one normalised case (SPEC stage 6), exact or fast, with test-time rotations
+and slice planes.
 
 * **exact** (:func:`predict_exact`): every brain voxel is classified from its own 33x33 axial
   patch, exactly as in training; patches that cross the volume border are filled with the
@@ -252,32 +253,50 @@ def resolve_mode(mode: str, device: "torch.device") -> str:
     return mode
 
 
+# Each slice plane as the order of the (X, Y, Z) axes that puts its slice axis last, where the fast
+# mode's slices are: the 2-D network then runs on coronal or sagittal slices of the 1 mm grid.
+VIEW_AXES: dict[str, tuple[int, int, int]] = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
+
+
 def predict(network: "nn.Module", image: np.ndarray, mask: np.ndarray, mode: str, device: "torch.device",
             config: Config, progress: bool = False) -> np.ndarray:
     """Run :func:`predict_exact` or :func:`predict_fast` with the settings of a full ``Config``.
 
     With ``segment.tta_rotations`` other than ``(0,)`` (test-time augmentation), the image and mask
-    are turned in the axial plane by each angle (multiples of 90 degrees, as in training), predicted,
-    turned back, and the probabilities averaged. Shapes and dtypes as :func:`predict_exact`.
+    are turned in the slice plane by each angle (multiples of 90 degrees, as in training), predicted,
+    turned back, and the probabilities averaged. With ``segment.views`` other than ``("axial",)``
+    the same is done in each named plane (:data:`VIEW_AXES`: the volume is transposed so that plane's
+    slices are axial, predicted, transposed back), and every plane's and rotation's probabilities are
+    averaged. Shapes and dtypes as :func:`predict_exact`.
     """
     rotations = tuple(config.segment.tta_rotations)
     if not rotations or any(angle % 90 for angle in rotations):
         raise ConfigError(f"segment.tta_rotations must be multiples of 90 degrees, got {list(rotations)}")
+    views = tuple(config.segment.views)
+    if not views or any(view not in VIEW_AXES for view in views):
+        raise ConfigError(f"segment.views must name planes from {', '.join(VIEW_AXES)}, got {list(views)}")
     common = dict(batch_size=config.segment.batch_size, compute=compute_settings(device, config.compute),
                   background_value=config.preprocess.background_value, progress=progress)
     total = None
-    for angle in rotations:
-        turns = (angle // 90) % 4
-        turned_image = np.ascontiguousarray(np.rot90(image, turns, axes=(1, 2))) if turns else image
-        turned_mask = np.ascontiguousarray(np.rot90(mask, turns, axes=(0, 1))) if turns else mask
-        if mode == "exact":
-            probs = predict_exact(network, turned_image, turned_mask, memory_fraction=config.segment.memory_fraction,
-                                  **common)
-        else:
-            probs = predict_fast(network, turned_image, turned_mask, slices_per_batch=config.segment.slices_per_batch,
-                                 **common)
-        probs = np.rot90(probs, -turns, axes=(1, 2))
-        total = probs if total is None else total + probs  # predict_* return fresh arrays: no copy needed
-    if len(rotations) > 1:
-        total = total / np.float32(len(rotations))
+    for view in views:
+        axes = VIEW_AXES[view]
+        back = tuple(int(a) for a in np.argsort(axes))
+        plane_image = np.ascontiguousarray(image.transpose(0, *(a + 1 for a in axes))) if view != "axial" else image
+        plane_mask = np.ascontiguousarray(mask.transpose(axes)) if view != "axial" else mask
+        for angle in rotations:
+            turns = (angle // 90) % 4
+            turned_image = np.ascontiguousarray(np.rot90(plane_image, turns, axes=(1, 2))) if turns else plane_image
+            turned_mask = np.ascontiguousarray(np.rot90(plane_mask, turns, axes=(0, 1))) if turns else plane_mask
+            if mode == "exact":
+                probs = predict_exact(network, turned_image, turned_mask,
+                                      memory_fraction=config.segment.memory_fraction, **common)
+            else:
+                probs = predict_fast(network, turned_image, turned_mask,
+                                     slices_per_batch=config.segment.slices_per_batch, **common)
+            probs = np.rot90(probs, -turns, axes=(1, 2))
+            if view != "axial":
+                probs = probs.transpose(0, *(a + 1 for a in back))
+            total = probs if total is None else total + probs  # predict_* return fresh arrays: no copy needed
+    if len(rotations) * len(views) > 1:
+        total = total / np.float32(len(rotations) * len(views))
     return np.ascontiguousarray(total, dtype=np.float32)  # no copy for the plain (untransformed) prediction
