@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
+from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, extract_plane_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 
@@ -60,6 +60,67 @@ def test_extract_patches_reads_a_memmap(tmp_path):
     a = extract_patches(mapped, np.array([1]), np.array([20]), np.array([22]), 33, 0.0)
     b = extract_patches(case.image, np.array([1]), np.array([20]), np.array([22]), 33, 0.0)
     np.testing.assert_array_equal(a, b)
+
+
+def test_plane_patches_are_the_axial_patches_of_the_volume_segment_views_transposes():
+    # a coronal (sagittal) training patch is exactly what the network sees at that voxel when segment
+    # runs it on coronal (sagittal) slices: the same rows and columns, not their transpose
+    from brats_cnn.inference.predict import VIEW_AXES
+
+    case = fake_case(3, shape=(40, 38, 44))  # Z deep enough for whole patches across slices
+    z, x, y = np.array([16, 20, 23]), np.array([16, 19, 21]), np.array([17, 20, 27])
+    volume = np.moveaxis(case.image.astype(np.float32), 0, -1)  # (C, X, Y, Z), as segment holds a case
+    for plane in ("axial", "coronal", "sagittal"):
+        patches = extract_plane_patches(case.image, z, x, y, 33, 0.0, plane)
+        assert patches.shape == (3, 4, 33, 33) and patches.dtype == np.float32
+        axes = VIEW_AXES[plane]
+        view = volume.transpose(0, *(a + 1 for a in axes))  # this plane's slices along the last axis
+        for n in range(3):
+            at = np.array([x[n], y[n], z[n]])[list(axes)]  # the centre in the view's (rows, columns, slice)
+            expected = view[:, at[0] - 16:at[0] + 17, at[1] - 16:at[1] + 17, at[2]]
+            np.testing.assert_array_equal(patches[n], expected)
+            np.testing.assert_array_equal(patches[n, :, 16, 16], case.image[z[n], :, x[n], y[n]])
+    np.testing.assert_array_equal(extract_plane_patches(case.image, z, x, y, 33, 0.0, "axial"),
+                                  extract_patches(case.image, z, x, y, 33, 0.0))
+    with pytest.raises(ConfigError, match="sampling.planes must name planes"):
+        extract_plane_patches(case.image, z, x, y, 33, 0.0, "oblique")
+
+
+def test_plane_patches_pad_beyond_the_volume_with_background():
+    case = fake_case(4)  # 6 slices: every coronal or sagittal patch crosses the volume's Z ends
+    patch = extract_plane_patches(case.image, np.array([2]), np.array([20]), np.array([21]), 33, -7.0, "coronal")[0]
+    # rows along X (x 4..36 inside), columns along Z (z -14..18, slices 0..5 inside)
+    np.testing.assert_array_equal(patch[:, :, 14:20], np.moveaxis(case.image[0:6, :, 4:37, 21], 0, -1).astype(np.float32))
+    assert np.all(patch[:, :, :14] == -7.0) and np.all(patch[:, :, 20:] == -7.0)
+    patch = extract_plane_patches(case.image, np.array([5]), np.array([20]), np.array([3]), 33, -7.0, "sagittal")[0]
+    np.testing.assert_array_equal(patch[:, 13:, 11:17], np.moveaxis(case.image[0:6, :, 20, 0:20], 0, -1).astype(np.float32))
+    assert np.all(patch[:, :13] == -7.0) and np.all(patch[:, :, 17:] == -7.0) and np.all(patch[:, :, :11] == -7.0)
+
+
+def test_patch_batches_draw_each_patchs_plane_reproducibly_and_axial_alone_is_the_paper():
+    cases = [fake_case(0, shape=(36, 40, 44)), fake_case(1, shape=(36, 40, 44))]
+    centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 256, 4, make_rng(0, 1))
+    axial = _dataset(cases, centres, rotation_angles=(0,))
+    default = _dataset(cases, centres, rotation_angles=(0,), planes=("axial",))
+    torch.testing.assert_close(axial[0][0], default[0][0], rtol=0, atol=0)
+    three = _dataset(cases, centres, rotation_angles=(0,), planes=("axial", "coronal", "sagittal"))
+    draws = three._plane_draws(0)
+    assert np.bincount(draws, minlength=3).min() >= 3  # all three planes drawn in a batch of 32
+    patches, labels = three[0]
+    members = centres.take(three.order[:32])
+    np.testing.assert_array_equal(labels.numpy(), members.label)
+    for j in range(32):
+        case = cases[members.case[j]]
+        at = [np.array([v]) for v in (members.z[j], members.x[j], members.y[j])]
+        expected = extract_plane_patches(case.image, *at, 33, 0.0, three.planes[draws[j]])[0]
+        np.testing.assert_array_equal(patches[j].numpy(), expected)
+    torch.testing.assert_close(three[0][0], _dataset(cases, centres, rotation_angles=(0,),
+                                                     planes=("axial", "coronal", "sagittal"))[0][0], rtol=0, atol=0)
+    ranks = [_dataset(cases, centres, rotation_angles=(0,), planes=("axial", "coronal", "sagittal"), rank=r,
+                      world_size=2)[0][0] for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(ranks), patches, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="sampling.planes must name planes"):
+        _dataset(cases, centres, planes=("axial", "oblique"))
 
 
 # ---- centres -----------------------------------------------------------------------------------
@@ -259,6 +320,8 @@ def test_slab_batches_label_the_crop_centre_ignore_outside_the_brain_and_rotate_
     centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 24, 4, make_rng(0, 1))
     kwargs = dict(crop_size=9, batch_size=6, patch_size=33, background=0.0, seed=0)
     plain = SlabBatches(cases, centres, rotation_angles=(0,), **kwargs)
+    with pytest.raises(ConfigError, match="dense training takes axial crops only"):
+        SlabBatches(cases, centres, rotation_angles=(0,), planes=("axial", "coronal"), **kwargs)
     crops, labels = plain[0]
     assert crops.shape == (6, 4, 41, 41) and labels.shape == (6, 9, 9) and labels.dtype == torch.int64
     for j, n in enumerate(plain.order[:6]):

@@ -35,6 +35,7 @@ VALIDATION_STREAM = 2
 ORDER_STREAM = 3
 AUGMENT_STREAM = 4
 INTENSITY_STREAM = 5
+PLANE_STREAM = 6
 RIGHT_ANGLE = 90
 
 
@@ -189,6 +190,42 @@ def extract_patches(image: np.ndarray, z: np.ndarray, x: np.ndarray, y: np.ndarr
     return out
 
 
+# The two (Z, X, Y) cache axes a patch of each slice plane runs along (its rows, then its columns),
+# in the order segment's views put them (predict.VIEW_AXES): axial (X, Y), coronal (X, Z), sagittal (Y, Z).
+PLANE_AXES: dict[str, tuple[int, int]] = {"axial": (1, 2), "coronal": (1, 0), "sagittal": (2, 0)}
+
+
+def extract_plane_patches(image: np.ndarray, z: np.ndarray, x: np.ndarray, y: np.ndarray, patch_size: int,
+                          background: float, plane: str) -> np.ndarray:
+    """Gather patches of one slice plane around centres of one case (:data:`PLANE_AXES`).
+
+    Axial patches are :func:`extract_patches`; a coronal patch is ``image[z-P//2 : z+P//2+1, :,
+    x-P//2 : x+P//2+1, y]`` with rows along X and columns along Z, a sagittal one rows along Y and
+    columns along Z. Arguments and output as :func:`extract_patches`; positions outside the volume
+    get ``background``.
+    """
+    if plane == "axial":
+        return extract_patches(image, z, x, y, patch_size, background)
+    if plane not in PLANE_AXES:
+        raise ConfigError(f"sampling.planes must name planes from {', '.join(PLANE_AXES)}, got '{plane}'")
+    rows, columns = PLANE_AXES[plane]
+    half = patch_size // 2
+    offsets = np.arange(-half, half + 1)
+    sizes = (image.shape[0], image.shape[2], image.shape[3])
+    coordinates, valid = [], np.ones((len(z), patch_size, patch_size), bool)
+    for axis, centre in enumerate((z, x, y)):
+        at = np.asarray(centre, dtype=np.intp)[:, None, None]
+        if axis == rows:
+            at = at + offsets[None, :, None]
+        elif axis == columns:
+            at = at + offsets[None, None, :]
+        at = np.broadcast_to(at, valid.shape)
+        valid &= (at >= 0) & (at < sizes[axis])
+        coordinates.append(np.clip(at, 0, sizes[axis] - 1))
+    gathered = np.moveaxis(image[coordinates[0], :, coordinates[1], coordinates[2]], -1, 1)  # (N, C, P, P)
+    return np.where(valid[:, None], gathered, np.float32(background)).astype(np.float32, copy=False)
+
+
 def quarter_turns(angles: Sequence[int]) -> np.ndarray:
     """Rotation angles in degrees (multiples of 90) -> quarter turns ``(K,)`` int64 in 0..3."""
     angles = np.asarray(angles, dtype=np.int64)
@@ -289,6 +326,9 @@ class PatchBatches(Dataset):
         centres: centres indexing into ``cases``.
         rotation_angles: degrees, multiples of 90; each patch gets one uniformly at random.
         arbitrary_rotation: rotate by a uniform angle in [0, 2 pi) instead (bilinear).
+        planes: slice planes (:data:`PLANE_AXES`); each patch is taken from one of them, drawn uniformly
+            from ``(seed, PLANE_STREAM, epoch, batch)`` (only when there are several), then rotated
+            in its own plane. ``("axial",)`` is the paper's sampling.
         intensity_scale, intensity_shift: each patch's sequence ``c`` is multiplied by a factor drawn
             uniformly from ``[1 - scale, 1 + scale]`` and shifted by one from ``[-shift, shift]``
             (:func:`jitter_intensity`, draws from ``(seed, INTENSITY_STREAM, epoch, batch)``); 0 and
@@ -298,7 +338,7 @@ class PatchBatches(Dataset):
 
     def __init__(self, cases: Sequence[Any], centres: Centres, *, batch_size: int, patch_size: int,
                  background: float, rotation_angles: Sequence[int] = (0,), arbitrary_rotation: bool = False,
-                 intensity_scale: float = 0.0, intensity_shift: float = 0.0,
+                 intensity_scale: float = 0.0, intensity_shift: float = 0.0, planes: Sequence[str] = ("axial",),
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
@@ -311,6 +351,9 @@ class PatchBatches(Dataset):
         self.turns = quarter_turns(rotation_angles)
         self.arbitrary_rotation = arbitrary_rotation
         self.intensity_scale, self.intensity_shift = float(intensity_scale), float(intensity_shift)
+        self.planes = tuple(planes)
+        if not self.planes or any(plane not in PLANE_AXES for plane in self.planes):
+            raise ConfigError(f"sampling.planes must name planes from {', '.join(PLANE_AXES)}, got {list(self.planes)}")
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.order = (make_rng(seed, ORDER_STREAM, epoch).permutation(len(centres)) if shuffle
                       else np.arange(len(centres)))
@@ -364,16 +407,27 @@ class PatchBatches(Dataset):
         return jitter_intensity(patches, factors[local].astype(np.float32), offsets[local].astype(np.float32),
                                 self.background)
 
+    def _plane_draws(self, batch: int) -> np.ndarray:
+        """Index into ``planes`` of each patch of this rank's part of a batch (drawn for the global batch)."""
+        members, local = self._global_batch(batch)
+        if len(self.planes) == 1:
+            return np.zeros(members[local].size, np.intp)
+        return make_rng(self.seed, PLANE_STREAM, self.epoch, batch).integers(0, len(self.planes), members.size)[local]
+
     def batch_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(patches (B, C, P, P) float32, labels (B,) int64)`` of this rank's part of a batch."""
         centres, draws = self._members(batch)
+        planes = self._plane_draws(batch)
         side = rotation_support(self.patch_size) if self.arbitrary_rotation else self.patch_size
         patches = np.empty((len(centres), self._image(int(centres.case[0])).shape[1], side, side), np.float32) \
             if len(centres) else np.zeros((0, 0, side, side), np.float32)
         for case in np.unique(centres.case):
-            selected = centres.case == case
-            patches[selected] = extract_patches(self._image(int(case)), centres.z[selected], centres.x[selected],
-                                                centres.y[selected], side, self.background)
+            for index, plane in enumerate(self.planes):
+                selected = (centres.case == case) & (planes == index)
+                if selected.any():
+                    patches[selected] = extract_plane_patches(self._image(int(case)), centres.z[selected],
+                                                              centres.x[selected], centres.y[selected], side,
+                                                              self.background, plane)
         patches = self._jitter(batch, patches)
         if self.arbitrary_rotation:
             patches = rotate_patches(patches, draws, self.patch_size, self.background)
@@ -404,6 +458,8 @@ class SlabBatches(PatchBatches):
         if kwargs.get("arbitrary_rotation"):
             raise ConfigError("dense training rotates by multiples of 90 degrees only; "
                               "set sampling.arbitrary_rotation: false")
+        if tuple(kwargs.get("planes", ("axial",))) != ("axial",):
+            raise ConfigError("dense training takes axial crops only; set sampling.planes: [axial]")
         super().__init__(cases, centres, **kwargs)
         self.crop_size = crop_size
 
