@@ -152,3 +152,19 @@ def test_edema_contrast_probe_prints_each_sequences_brain_and_edema_medians(tmp_
     assert probe.edema_class(tmp_path) == 1
     with pytest.raises(SystemExit, match="no cached cases"):
         probe.main([str(tmp_path / "Brats18_X_1")])
+
+
+def test_views_probe_compare_puts_the_probes_column_beside_the_axial_models_and_checks_it_is_the_same_model(capsys):
+    probe = _script("pipelines/views_probe_compare.py")
+    tables = REPO / "benchmarks" / "results"
+    # the axial tables against themselves: the probe's row is the 4-rotation row
+    assert probe.main(["--fold", "3", "--alphas", "0.6", "--axial", str(tables / "cv4_intensity_strong" / "tables"),
+                       "--probe", str(tables / "cv4_intensity_strong" / "tables")]) == 0
+    rows = {line.split("  ")[1].strip(): line.split("  ")[-2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("  ")}
+    assert rows["axial 4 rotations (4 passes)"] == rows["probe (its tta column)"]
+    assert rows["axial (1 pass)"] != rows["probe (its tta column)"]
+    # another cross-validation's tables hold another fold model's plain prediction: refused
+    with pytest.raises(SystemExit, match="not the same fold model's prediction"):
+        probe.main(["--fold", "3", "--alphas", "0.6", "--axial", str(tables / "cv4_intensity_strong" / "tables"),
+                    "--probe", str(tables / "cv4_intensity" / "tables")])
