@@ -227,8 +227,13 @@ def _right_angle() -> tuple[Any, str]:
     return (lambda v: v % 90 == 0), "multiples of 90 degrees"
 
 
+# The slice planes the 2-D network can be trained on (sampling.planes) and run over (segment.views);
+# predict.VIEW_AXES and sampling.PLANE_AXES give each its axes, in this order.
+PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
+
+
 def _plane() -> tuple[Any, str]:
-    return (lambda v: v in ("axial", "coronal", "sagittal")), "planes from axial, coronal, sagittal"
+    return (lambda v: v in PLANES), f"planes from {', '.join(PLANES)}"
 
 
 def _sequence() -> tuple[Any, str]:

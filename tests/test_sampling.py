@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.training.sampling import Centres, PatchBatches, extract_patches, extract_plane_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
+from brats_cnn.training.sampling import PLANE_AXES, Centres, PatchBatches, extract_patches, extract_plane_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 
@@ -65,12 +65,15 @@ def test_extract_patches_reads_a_memmap(tmp_path):
 def test_plane_patches_are_the_axial_patches_of_the_volume_segment_views_transposes():
     # a coronal (sagittal) training patch is exactly what the network sees at that voxel when segment
     # runs it on coronal (sagittal) slices: the same rows and columns, not their transpose
+    from brats_cnn.config import PLANES
     from brats_cnn.inference.predict import VIEW_AXES
 
+    # the config's plane names (sampling.planes, segment.views) are exactly the planes both axis maps know
+    assert tuple(VIEW_AXES) == PLANES and tuple(PLANE_AXES) == PLANES
     case = fake_case(3, shape=(40, 38, 44))  # Z deep enough for whole patches across slices
     z, x, y = np.array([16, 20, 23]), np.array([16, 19, 21]), np.array([17, 20, 27])
     volume = np.moveaxis(case.image.astype(np.float32), 0, -1)  # (C, X, Y, Z), as segment holds a case
-    for plane in ("axial", "coronal", "sagittal"):
+    for plane in PLANES:
         patches = extract_plane_patches(case.image, z, x, y, 33, 0.0, plane)
         assert patches.shape == (3, 4, 33, 33) and patches.dtype == np.float32
         axes = VIEW_AXES[plane]
