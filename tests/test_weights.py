@@ -77,13 +77,18 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
-    assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] is None  # LGG's rule, not HGG's
-    assert sidecar["tta_rotations"] == [0]
-    assert load_checkpoint(bundled_weights("hgg")).config.segment.prior_alpha == 0.6
+    assert sidecar["prior_alpha"] == 0.4 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
+    hgg = load_checkpoint(bundled_weights("hgg")).config
+    assert hgg.segment.class_weights == () and hgg.postprocess.keep_largest is False
+
+
+# The cross-validation whose grid chose the bundled rules, and the fold config it ran (v10: three planes).
+CHOSEN_CV = REPO / "benchmarks" / "results" / "cv4_intensity_planes"
+CHOSEN_CV_CONFIG = REPO / "pipelines" / "configs" / "cv_hgg_intensity_planes.yaml"
 
 
 def _grid_rule(population: str) -> dict[str, str]:
-    grid = json.loads((REPO / "benchmarks" / "results" / "cv4_intensity" / "grid.json").read_text())
+    grid = json.loads((CHOSEN_CV / "grid.json").read_text())
     return dict(item.split("=") for item in grid[population]["rule"].split())
 
 
@@ -105,3 +110,7 @@ def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population
     assert config.postprocess.min_component_voxels == int(rule["t_vol"])
     assert config.postprocess.keep_largest is (rule["keep_largest"] == "True")
     assert (tuple(config.segment.tta_rotations) != (0,)) is (rule["tta"] == "on")
+    # the grid's probabilities came from the fold models' planes: the bundled model segments over the same
+    folds = load_config(CHOSEN_CV_CONFIG)
+    assert config.segment.views == folds.segment.views == ("axial", "coronal", "sagittal")
+    assert checkpoint.config.sampling.planes == folds.sampling.planes

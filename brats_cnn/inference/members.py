@@ -34,13 +34,14 @@ DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is 
 # the user's --set). LGG cases get the HGG network: on the sample's LGG cases it beats the paper's
 # LGG network trained on the one or two LGG cases the sample can spare (docs/results.md, "LGG").
 # The decision rules are chosen by 4-fold cross-validation over the 23 sample cases outside the test
-# split, on fold models trained with the bundled model's recipe (v9: intensity augmentation; docs/results.md,
-# benchmarks/results/cv4_intensity/grid.json): HGG (and cases of unknown grade, chosen on both grades: the
-# same rule) alpha 0.6, TTA, t_vol 0 with keep-largest, in the checkpoint's calibration; LGG alpha 0.2
-# without TTA (level with TTA there, 0.425 against 0.425 mean Dice, with the better worst case).
+# split, on fold models trained with the bundled model's recipe (v10: intensity augmentation, patches from
+# three slice planes, segmented over the three; docs/results.md, benchmarks/results/cv4_intensity_planes/grid.json):
+# HGG (and cases of unknown grade, chosen on both grades: the same rule) alpha 0.4, TTA, t_vol 3,000, in the
+# checkpoint's calibration; LGG alpha 0.4 with edema x2, TTA, t_vol 0 with keep-largest.
 BUNDLED_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hgg": ("hgg.pt", ()),
-    "lgg": ("hgg.pt", ("segment.prior_alpha=0.2", "segment.tta_rotations=[0]")),
+    "lgg": ("hgg.pt", ("segment.prior_alpha=0.4", "segment.class_weights=[1,1,2,1]",
+                       "postprocess.min_component_voxels=0", "postprocess.keep_largest=true")),
 }
 
 
