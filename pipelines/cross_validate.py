@@ -502,7 +502,7 @@ def choose(rows: list[dict], population: str) -> dict:
     return max(near, key=lambda r: (r["worst_dice_complete"], r["mean_dice"]))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("split")
@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--config", type=Path, help="the fold models' training config (not with --models-from)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fold", type=int, nargs="+", help="only these folds (default: all, in order)")
+    p.add_argument("--fold", type=int, nargs="+", action="extend",
+                   help="only these folds (default: all, in order); repeatable: --fold 0 1 or --fold 0 --fold 1")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", help="a train --set (a tiny schedule for a trial run)")
     p.add_argument("--tables", type=Path, help="where the count tables go (default: <out>/tables)")
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fold", type=int, nargs="+")
+    p.add_argument("--fold", type=int, nargs="+", action="extend", help="only these folds (repeatable)")
     p.add_argument("--tables", type=Path)
     p.add_argument("--ensemble", type=Path, nargs="+", help="further cross-validations' --out (same split): the "
                                                             "tables of the mean of their probabilities and --out's")
@@ -542,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the grid's --out (holds grid.json)")
     p.add_argument("--tables", type=Path)
     p.add_argument("--population", default="hgg", choices=("hgg", "lgg", "all"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.action == "run" and (args.config is None) == (args.models_from is None):
         parser.error("run needs --config (train the fold models) or --models-from (use finished ones), not both")

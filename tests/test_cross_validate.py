@@ -34,6 +34,17 @@ def test_folds_are_stratified_disjoint_and_fixed_by_the_seed():
     assert cv.make_folds(hgg, lgg, 4) == folds and cv.make_folds(hgg, lgg, 4, seed=1) != folds
 
 
+def test_fold_is_repeatable_and_takes_several_values():
+    """``--fold 2 --fold 3`` once ran only fold 3 (the last flag replaced the first): both spellings
+    must select both folds."""
+    parser = _module().build_parser()
+    common = ["--data", "d", "--split", "s", "--out", "o", "--config", "c"]
+    assert parser.parse_args(["run", *common, "--fold", "2", "--fold", "3"]).fold == [2, 3]
+    assert parser.parse_args(["run", *common, "--fold", "2", "3"]).fold == [2, 3]
+    assert parser.parse_args(["run", *common]).fold is None
+    assert parser.parse_args(["tables", "--data", "d", "--split", "s", "--out", "o", "--fold", "0", "--fold", "1"]).fold == [0, 1]
+
+
 def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
     from brats_cnn.config import PostprocessConfig
     from brats_cnn.data.labels import classify
