@@ -13,6 +13,7 @@ priors are applied by ``prior.apply_class_prior`` (``pi ** gamma``, like the tra
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,12 +37,17 @@ def complete_dice(probabilities: np.ndarray, truth: np.ndarray) -> float:
     return dice(truth > 0, classify(probabilities, "brats2017") > 0)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     from brats_cnn.data.io import load_case
     from brats_cnn.data.layouts import list_cases
     from brats_cnn.inference.prior import apply_class_prior, estimate_case_prior
 
-    out, folds, name = Path(argv[0]), [int(f) for f in argv[1].split(",")], argv[2]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the cross-validation's --out")
+    parser.add_argument("folds", help="comma-separated fold numbers")
+    parser.add_argument("name", choices=("plain", "tta"))
+    args = parser.parse_args(argv)
+    out, folds, name = args.out, [int(f) for f in args.folds.split(",")], args.name
     split = json.loads(SPLIT.read_text())["folds"]
     held = {case for fold in folds for case in split[fold]["hgg"]}
     rows = {}
@@ -61,4 +67,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
