@@ -133,6 +133,7 @@ class PostprocessConfig:
     connectivity: int = 1  # (choice) 1 = face (6-), 2 = edge (18-), 3 = vertex (26-) connectivity
     keep_largest: bool = False  # (choice) keep only the largest tumour component (after the t_vol removal)
     never_empty: bool = True  # (choice) if t_vol would remove every component, keep the largest one instead
+    require_core: bool = False  # (choice) remove components without a tumour-core voxel (edema alone), chosen by cross-validation
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
 # Keys whose every value of the right type is valid (free text, switches).
 _FREE_KEYS = ("name", "preprocess.strict", "sampling.arbitrary_rotation", "sampling.resample_each_epoch",
               "train.compile", "train.validate_dice", "train.deterministic", "train.init_weights", "postprocess.keep_largest",
-              "postprocess.never_empty",
+              "postprocess.never_empty", "postprocess.require_core",
               "segment.prior_adapt", "compute.channels_last")
 # List keys that may be empty (no N4 at all).
 _MAY_BE_EMPTY = ("preprocess.n4.sequences", "segment.class_weights")

@@ -208,10 +208,12 @@ class Rule:
     t_vol: int
     keep_largest: bool
     never_empty: bool
+    require_core: bool = False  # drop components without a tumour-core voxel (postprocess.require_core)
 
     def name(self) -> str:
         return (f"tta={'on' if self.tta else 'off'} alpha={self.alpha:g} edema_boost={self.edema_boost:g} "
-                f"t_vol={self.t_vol} keep_largest={self.keep_largest} never_empty={self.never_empty}")
+                f"t_vol={self.t_vol} keep_largest={self.keep_largest} never_empty={self.never_empty}"
+                + (" require_core=True" if self.require_core else ""))  # older grids' names stay as they were
 
 
 def corrected(probabilities: np.ndarray, frequencies: np.ndarray, alpha: float, edema_boost: float,
@@ -247,8 +249,9 @@ def rule_scores(sizes: np.ndarray, tables: dict[str, tuple], rule: "Rule") -> di
     from brats_cnn.evaluation.metrics import dice_from_counts, sensitivity_from_counts
     from brats_cnn.inference.postprocess import kept_components
 
-    keep, _ = kept_components(sizes, PostprocessConfig(min_component_voxels=rule.t_vol,
-                                                       keep_largest=rule.keep_largest, never_empty=rule.never_empty))
+    config = PostprocessConfig(min_component_voxels=rule.t_vol, keep_largest=rule.keep_largest,
+                               never_empty=rule.never_empty, require_core=rule.require_core)
+    keep, _ = kept_components(sizes, config, tables["core"][1])  # predicted core voxels per component
     keep[0] = False  # id 0 is outside the tumour: no predicted voxel there
     scores = {}
     for region, (tp, positive, reference) in tables.items():
@@ -279,9 +282,11 @@ def summarise(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def grid_rules(t_vols: tuple[int, ...]) -> list[Rule]:
-    return [Rule(tta, alpha, boost, t_vol, keep_largest, never_empty)
+    """Every rule of the grid (1,152 with :data:`T_VOLS`; ``require_core`` joined it on 2026-12-07, so
+    grids written before hold the 576 rules without it)."""
+    return [Rule(tta, alpha, boost, t_vol, keep_largest, never_empty, require_core)
             for tta in (False, True) for alpha in ALPHAS for boost in EDEMA_BOOSTS for t_vol in t_vols
-            for keep_largest in (False, True) for never_empty in (False, True)]
+            for keep_largest in (False, True) for never_empty in (False, True) for require_core in (False, True)]
 
 
 def _crop(case: dict) -> dict:

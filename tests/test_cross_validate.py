@@ -46,9 +46,11 @@ def test_fold_is_repeatable_and_takes_several_values():
 
 
 def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
+    from scipy import ndimage
+
     from brats_cnn.config import PostprocessConfig
     from brats_cnn.data.labels import classify
-    from brats_cnn.inference.postprocess import postprocess_labels
+    from brats_cnn.inference.postprocess import core_of, postprocess_labels
 
     cv = _module()
     rng = np.random.default_rng(0)
@@ -57,19 +59,29 @@ def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
     truth[4:14, 5:15, 2:8] = 2
     truth[7:11, 8:12, 3:7] = 3
     truth[8:10, 9:11, 4:6] = 1
+    # a far edema-only satellite, called edema only and set apart by a sure-background shell: what
+    # require_core removes
+    satellite = np.zeros(shape, dtype=bool)
+    satellite[18:23, 15:21, 1:4] = True
+    truth[satellite] = 2
     logits = rng.normal(size=(4, *shape)) + 3.0 * np.eye(4)[truth].transpose(3, 0, 1, 2)
+    logits[:, satellite] = np.array([-5.0, -5.0, 5.0, -5.0])[:, None]
+    logits[:, ndimage.binary_dilation(satellite) & ~satellite] = np.array([5.0, -5.0, -5.0, -5.0])[:, None]
     probabilities = np.exp(logits) / np.exp(logits).sum(0)
     case = {"truth": truth, "frequencies": np.array([0.9, 0.02, 0.05, 0.03]),
             "plain": probabilities.astype(np.float32), "tta": probabilities[:, ::-1].copy().astype(np.float32)}
-    rules = [cv.Rule(tta, alpha, boost, t_vol, keep, never) for tta in (False, True) for alpha in (0.0, 0.6)
-             for boost in (1.0, 2.0) for t_vol in (0, 3, 40, 10_000) for keep in (False, True) for never in (False, True)]
+    rules = [cv.Rule(tta, alpha, boost, t_vol, keep, never, core) for tta in (False, True) for alpha in (0.0, 0.6)
+             for boost in (1.0, 2.0) for t_vol in (0, 3, 40, 10_000) for keep in (False, True) for never in (False, True)
+             for core in (False, True)]
     scores = cv.score_case(case, "brats2017", rules)
     for rule in rules:
         chosen = case["tta" if rule.tta else "plain"]
         classes = classify(cv.corrected(chosen, case["frequencies"], rule.alpha, rule.edema_boost, 2), "brats2017")
         kept = postprocess_labels(classes, PostprocessConfig(min_component_voxels=rule.t_vol,
                                                              keep_largest=rule.keep_largest,
-                                                             never_empty=rule.never_empty))
+                                                             never_empty=rule.never_empty,
+                                                             require_core=rule.require_core),
+                                  core_of(classes, "brats2017"))
         from brats_cnn.data.labels import from_class_indices, region_masks
         from brats_cnn.evaluation.metrics import dice, sensitivity
 
@@ -82,6 +94,12 @@ def test_rule_scores_from_component_tables_equal_post_processing_each_rule():
     strict = scores[cv.Rule(False, 0.0, 1.0, 10_000, False, False)]
     rescued = scores[cv.Rule(False, 0.0, 1.0, 10_000, False, True)]
     assert strict["dice_complete"] == 0.0 and rescued["dice_complete"] > 0.5
+    # the edema-only satellite is called and kept at t_vol 40, and removed with require_core: complete
+    # sensitivity falls by its share, the core is untouched
+    kept = scores[cv.Rule(False, 0.0, 1.0, 40, False, True)]
+    coreless = scores[cv.Rule(False, 0.0, 1.0, 40, False, True, True)]
+    assert coreless["sens_complete"] < kept["sens_complete"] - 0.1
+    assert coreless["dice_core"] == kept["dice_core"] and coreless["dice_enhancing"] == kept["dice_enhancing"]
 
 
 def test_choose_prefers_fewer_failures_then_the_better_worst_case_within_noise():

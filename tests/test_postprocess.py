@@ -97,7 +97,8 @@ def test_a_small_tumour_is_never_removed_entirely():
     labels = _blobs([(4, (0, 0, 0)), (5, (10, 10, 10)), (3, (20, 20, 20))])  # 64, 125 and 27 voxels, all < t_vol
     kept, report = postprocess_with_report(labels, PostprocessConfig(min_component_voxels=10_000))
     assert np.count_nonzero(kept) == 125 and (kept[10:15, 10:15, 10:15] == 2).all()
-    assert report == {"removed_voxels": 91, "removed_components": 2, "kept_voxels": 125, "never_empty_applied": True}
+    assert report == {"removed_voxels": 91, "removed_components": 2, "kept_voxels": 125, "never_empty_applied": True,
+                      "removed_without_core": 0}
     strict = PostprocessConfig(min_component_voxels=10_000, never_empty=False)  # the paper's rule as written
     assert np.count_nonzero(postprocess_labels(labels, strict)) == 0
     # a component at or above t_vol: the rule as before, nothing rescued
@@ -105,6 +106,33 @@ def test_a_small_tumour_is_never_removed_entirely():
     assert np.count_nonzero(kept) == 125 and report["never_empty_applied"] is False and report["removed_voxels"] == 91
     empty, report = postprocess_with_report(np.zeros((4, 4, 4), dtype=np.int16), PostprocessConfig())
     assert not empty.any() and report["never_empty_applied"] is False
+
+
+def test_require_core_removes_edema_only_components_of_any_size_and_keeps_satellites_with_core():
+    from brats_cnn.config import PostprocessConfig
+    from brats_cnn.inference.postprocess import core_of, postprocess_with_report
+
+    # class indices of brats2017: 1 necrosis / non-enhancing, 2 edema, 3 enhancing; core = 1 and 3
+    labels = _blobs([(6, (0, 0, 0)), (5, (10, 10, 10)), (3, (20, 20, 20))])  # 216, 125 and 27 voxels of edema
+    labels[2, 2, 2] = 3   # the largest component has an enhancing voxel
+    labels[21, 21, 21] = 1  # so has the small satellite; the middle one is edema only
+    core = core_of(labels, "brats2017")
+    assert np.count_nonzero(core) == 2
+    config = PostprocessConfig(min_component_voxels=0, require_core=True)
+    kept, report = postprocess_with_report(labels, config, core)
+    assert np.count_nonzero(kept) == 216 + 27 and not kept[10:15, 10:15, 10:15].any()
+    assert report["removed_voxels"] == 125 and report["removed_components"] == 1 and report["removed_without_core"] == 1
+    # with t_vol 100 the 27-voxel satellite goes for its size; only the 125-voxel one counts as without core
+    kept, report = postprocess_with_report(labels, PostprocessConfig(min_component_voxels=100, require_core=True), core)
+    assert np.count_nonzero(kept) == 216 and report["removed_components"] == 2 and report["removed_without_core"] == 1
+    # edema only everywhere: never empty keeps the largest component, and says so
+    edema = np.where(labels > 0, 2, 0)
+    kept, report = postprocess_with_report(edema, config, core_of(edema, "brats2017"))
+    assert np.count_nonzero(kept) == 216 and report["never_empty_applied"] is True
+    # off (the default) it changes nothing; on, it needs the core mask
+    assert np.count_nonzero(postprocess_with_report(labels, PostprocessConfig(min_component_voxels=0))[0]) == 368
+    with pytest.raises(ValueError, match="require_core needs the tumour-core mask"):
+        postprocess_with_report(labels, config)
 
 
 @pytest.mark.parametrize("t_vol", [0, 30, 100, 200])

@@ -562,6 +562,26 @@ def test_segment_never_writes_an_empty_map_because_post_processing_removed_every
     assert not np.asarray(nib.load(tmp_path / "strict.nii.gz").dataobj).any()
 
 
+def test_segment_require_core_equals_post_processing_the_raw_map_and_the_sidecar_counts_it(phantom_setup, tmp_path):
+    from brats_cnn.config import PostprocessConfig
+    from brats_cnn.data.labels import region_mask
+    from brats_cnn.inference.postprocess import postprocess_with_report
+
+    root, refs, model = phantom_setup
+    case = refs[0].image_paths[0].parent
+    run_segment([case], model=model, out=tmp_path / "raw.nii.gz", device="cpu", postprocess=False)
+    raw = np.asarray(nib.load(tmp_path / "raw.nii.gz").dataobj)
+    run_segment([case], model=model, out=tmp_path / "core.nii.gz", device="cpu",
+                overrides=["postprocess.min_component_voxels=0", "postprocess.require_core=true"])
+    config = PostprocessConfig(min_component_voxels=0, require_core=True)
+    expected, expected_report = postprocess_with_report(raw, config, region_mask(raw, "brats2017", "core"))
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "core.nii.gz").dataobj), expected)
+    report = json.loads((tmp_path / "core.json").read_text())["postprocess"]
+    assert report["require_core"] is True
+    assert report["removed_without_core"] == expected_report["removed_without_core"]
+    assert report["removed_voxels"] == np.count_nonzero(raw) - np.count_nonzero(expected)
+
+
 def test_class_weights_apply_after_the_prior_as_the_cv_grid_scores_them(phantom_setup, tmp_path):
     import importlib.util
     import sys

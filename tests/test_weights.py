@@ -109,6 +109,7 @@ def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population
     assert weights[edema] == float(rule["edema_boost"]) and sum(weights) - weights[edema] == 3.0
     assert config.postprocess.min_component_voxels == int(rule["t_vol"])
     assert config.postprocess.keep_largest is (rule["keep_largest"] == "True")
+    assert config.postprocess.require_core is (rule.get("require_core") == "True")  # absent: a grid before it
     assert (tuple(config.segment.tta_rotations) != (0,)) is (rule["tta"] == "on")
     # the grid's probabilities came from the fold models' planes: the bundled model segments over the same
     folds = load_config(CHOSEN_CV_CONFIG)

@@ -11,6 +11,13 @@ Never empty (``postprocess.never_empty``, on by default, a choice of ours): when
 smaller than ``t_vol``, the paper's rule would answer "no tumour" for a case where the network
 called tumour (seen on a 38 ml BraTS 2021 tumour the network under-called: 6,465 voxels, all
 removed). The largest component is kept instead, and :func:`postprocess_with_report` says so.
+
+Require a core (``postprocess.require_core``, off in the paper's configs, a choice of ours chosen by
+cross-validation, docs/results.md): a glioma's edema surrounds a tumour core (necrosis,
+non-enhancing or enhancing tumour), so a component the network labelled edema only is dropped,
+whatever its size. Out of fold these are the network's large false positives far from the tumour
+(FLAIR-bright tissue elsewhere), which ``t_vol`` keeps and ``keep_largest`` removes only together
+with true satellite components that do carry core. Never empty applies to it as to ``t_vol``.
 """
 
 from __future__ import annotations
@@ -96,18 +103,24 @@ def keep_largest_component(labels: np.ndarray, connectivity: int = 1) -> np.ndar
     return out
 
 
-def kept_components(sizes: np.ndarray, config: "PostprocessConfig") -> tuple[np.ndarray, bool]:
-    """Which components the configured post-processing keeps, from their sizes alone.
+def kept_components(sizes: np.ndarray, config: "PostprocessConfig",
+                    core_voxels: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """Which components the configured post-processing keeps, from their sizes and core counts alone.
 
     Args:
         sizes: voxel count per component id, ``sizes[0]`` the background (:func:`component_sizes`).
-        config: ``min_component_voxels``, ``keep_largest`` and ``never_empty``.
+        config: ``min_component_voxels``, ``keep_largest``, ``never_empty`` and ``require_core``.
+        core_voxels: tumour-core voxel count per component id (needed with ``require_core``).
 
     Returns:
         ``(keep, rescued)``: bool per id (``keep[0]`` True), and whether ``never_empty`` kept the
-        largest component because ``t_vol`` would have removed them all.
+        largest component because ``t_vol`` (and ``require_core``) would have removed them all.
     """
     keep = np.asarray(sizes) >= config.min_component_voxels  # the paper's rule: exactly t_vol stays
+    if getattr(config, "require_core", False):
+        if core_voxels is None or len(core_voxels) != len(keep):
+            raise ValueError("postprocess.require_core needs the tumour-core voxel count of every component")
+        keep &= np.asarray(core_voxels) > 0
     keep[0] = True  # the background id
     rescued = bool(getattr(config, "never_empty", False) and keep.size > 1 and not keep[1:].any())
     if rescued or (config.keep_largest and keep[1:].any()):
@@ -119,32 +132,57 @@ def kept_components(sizes: np.ndarray, config: "PostprocessConfig") -> tuple[np.
     return keep, rescued
 
 
-def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig") -> tuple[np.ndarray, dict]:
+def core_of(classes: np.ndarray, convention: str) -> np.ndarray:
+    """The tumour-core voxels (the ``core`` region) of ``(X, Y, Z)`` class indices of a label convention."""
+    from brats_cnn.data.labels import from_class_indices, region_mask
+
+    return region_mask(from_class_indices(classes, convention), convention, "core")
+
+
+def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig",
+                            core: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """:func:`postprocess_labels` and what it removed.
+
+    Args:
+        labels, config: as :func:`postprocess_labels`.
+        core: ``(X, Y, Z)`` bool tumour-core voxels of ``labels`` (:func:`core_of`); needed with
+            ``config.require_core``.
 
     Returns:
         ``(kept, report)``; ``report`` holds ``removed_voxels``, ``removed_components`` (tumour
-        components dropped in whole or in part), ``kept_voxels`` and ``never_empty_applied`` (True when
-        every component was under ``t_vol`` and the largest was kept instead of none).
+        components dropped in whole or in part), ``kept_voxels``, ``never_empty_applied`` (True when
+        every component was under ``t_vol`` or without core and the largest was kept instead of
+        none) and ``removed_without_core`` (components of at least ``t_vol`` voxels dropped for
+        having no core voxel).
     """
     labels = np.asarray(labels)
     components, sizes = component_sizes(labels != 0, config.connectivity)  # one labelling for every step
-    keep, rescued = kept_components(sizes, config)
+    core_voxels = None
+    if getattr(config, "require_core", False):
+        if core is None or np.shape(core) != labels.shape:
+            raise ValueError("postprocess.require_core needs the tumour-core mask of the labels (core_of)")
+        core_voxels = np.bincount(components[np.asarray(core, dtype=bool)], minlength=sizes.size)
+    keep, rescued = kept_components(sizes, config, core_voxels)
     kept = labels.copy()
     kept[~keep[components]] = 0
+    coreless = 0
+    if core_voxels is not None:
+        coreless = int(np.count_nonzero((~keep[1:]) & (sizes[1:] >= config.min_component_voxels) & (core_voxels[1:] == 0)))
     report = {"removed_voxels": int(np.count_nonzero(labels) - np.count_nonzero(kept)),
               "removed_components": int(np.count_nonzero(~keep[1:])), "kept_voxels": int(np.count_nonzero(kept)),
-              "never_empty_applied": rescued}
+              "never_empty_applied": rescued, "removed_without_core": coreless}
     return kept, report
 
 
-def postprocess_labels(labels: np.ndarray, config: "PostprocessConfig") -> np.ndarray:
-    """The configured post-processing: small-component removal, then (optionally) the largest component.
+def postprocess_labels(labels: np.ndarray, config: "PostprocessConfig", core: np.ndarray | None = None) -> np.ndarray:
+    """The configured post-processing: small-component removal (and, with ``require_core``, of the
+    components without a tumour-core voxel), then (optionally) the largest component.
 
     Never empty where the network called tumour unless ``config.never_empty`` is off (module docstring).
 
     Args:
         labels: ``(X, Y, Z)`` label values or class indices, 0 = background.
-        config: ``min_component_voxels``, ``connectivity``, ``keep_largest`` and ``never_empty``.
+        config: ``min_component_voxels``, ``connectivity``, ``keep_largest``, ``never_empty`` and ``require_core``.
+        core: the tumour-core voxels of ``labels`` (:func:`core_of`), with ``require_core`` only.
     """
-    return postprocess_with_report(labels, config)[0]
+    return postprocess_with_report(labels, config, core)[0]

@@ -81,13 +81,14 @@ def _find_cases(inputs: list) -> list[CaseRef]:
 def _say_what_was_removed(case_id: str, report: dict, config: PostprocessConfig) -> None:
     """One terminal line when post-processing removed tumour; a warning when it would have removed all of it."""
     if report["never_empty_applied"]:
-        log.warning("%s: every tumour component was smaller than t_vol = %d voxels; kept the largest (%d voxels) "
+        log.warning("%s: every tumour component was smaller than t_vol = %d voxels%s; kept the largest (%d voxels) "
                     "instead of an empty segmentation, removed %d voxels in %d component(s)", case_id,
-                    config.min_component_voxels, report["kept_voxels"], report["removed_voxels"],
-                    report["removed_components"])
+                    config.min_component_voxels, " or had no tumour core" if config.require_core else "",
+                    report["kept_voxels"], report["removed_voxels"], report["removed_components"])
     elif report["removed_voxels"]:
-        log.info("%s: post-processing removed %d tumour voxels in %d component(s) (t_vol %d%s)", case_id,
+        log.info("%s: post-processing removed %d tumour voxels in %d component(s) (t_vol %d%s%s)", case_id,
                  report["removed_voxels"], report["removed_components"], config.min_component_voxels,
+                 f", {report['removed_without_core']} of them without tumour core" if config.require_core else "",
                  ", keep-largest" if config.keep_largest else "")
 
 
@@ -108,7 +109,7 @@ def segment_case(ref: CaseRef, target: OutputTarget, *, members: list, mode: str
     from brats_cnn.data.labels import classify, convert_labels, from_class_indices
     from brats_cnn.data.resample import needs_resampling, resample_volume, to_isotropic
     from brats_cnn.fsutil import write_json_atomic
-    from brats_cnn.inference.postprocess import postprocess_with_report
+    from brats_cnn.inference.postprocess import core_of, postprocess_with_report
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -139,9 +140,10 @@ def segment_case(ref: CaseRef, target: OutputTarget, *, members: list, mode: str
         probabilities = probabilities / np.float32(len(members))
     classes = classify(probabilities, checkpoint.label_convention, config.segment.decision)
     lap("predict")
-    report = {"removed_voxels": 0, "removed_components": 0, "never_empty_applied": False}
+    report = {"removed_voxels": 0, "removed_components": 0, "never_empty_applied": False, "removed_without_core": 0}
     if postprocess:
-        classes, report = postprocess_with_report(classes, config.postprocess)
+        core = core_of(classes, checkpoint.label_convention) if config.postprocess.require_core else None
+        classes, report = postprocess_with_report(classes, config.postprocess, core)
         _say_what_was_removed(ref.case_id, report, config.postprocess)
     lap("postprocess")
     labels = from_class_indices(classes, checkpoint.label_convention)
@@ -185,7 +187,8 @@ def segment_case(ref: CaseRef, target: OutputTarget, *, members: list, mode: str
         "postprocess": {"enabled": postprocess, "min_component_voxels": config.postprocess.min_component_voxels,
                         "connectivity": config.postprocess.connectivity,
                         "keep_largest": config.postprocess.keep_largest,
-                        "never_empty": config.postprocess.never_empty, **report},
+                        "never_empty": config.postprocess.never_empty,
+                        "require_core": config.postprocess.require_core, **report},
         "brain_voxels": int(mask.sum()),
         "resampled_to_1mm": case is not grid,
         "timings_s": timings,
