@@ -25,12 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cross_validate as cv  # noqa: E402
 
-POST = ((3000, False), (0, True))  # (t_vol, keep_largest): v10's rule and v9's
+POST = ((3000, False, False), (3000, False, True), (0, True, False))  # (t_vol, keep_largest, require_core): v10's rule, with require-core (since 2026-12-07), and v9's
 
 
 def rules(alphas: tuple[float, ...]) -> list:
-    return [cv.Rule(tta, alpha, 1.0, t_vol, keep, False)
-            for tta in (False, True) for t_vol, keep in POST for alpha in alphas]
+    return [cv.Rule(tta, alpha, 1.0, t_vol, keep, False, core)
+            for tta in (False, True) for t_vol, keep, core in POST for alpha in alphas]
 
 
 def main(argv: list[str] | None = None) -> int:
