@@ -154,6 +154,16 @@ def test_edema_contrast_probe_prints_each_sequences_brain_and_edema_medians(tmp_
         probe.main([str(tmp_path / "Brats18_X_1")])
 
 
+def test_edema_contrast_probe_separability_auc_and_the_left_right_mirror():
+    probe = _script("pipelines/edema_contrast_probe.py")
+    assert probe.auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert probe.auc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert probe.auc(np.array([1.0]), np.array([1.0])) == 0.5  # a tie counts half
+    mask = np.zeros((2, 10, 3), bool)
+    mask[:, 2:7] = True  # brain at X 2..6: its centre is 4
+    np.testing.assert_array_equal(probe.mirror_index(mask), [8, 7, 6, 5, 4, 3, 2, 1, 0, 0])
+
+
 def test_views_probe_compare_puts_the_probes_column_beside_the_axial_models_and_checks_it_is_the_same_model(capsys):
     probe = _script("pipelines/views_probe_compare.py")
     tables = REPO / "benchmarks" / "results"
