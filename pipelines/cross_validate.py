@@ -332,6 +332,15 @@ def _load_oof_case(ref, out: Path, convention: str, ensemble: tuple[Path, ...] =
     return case
 
 
+def held_hgg_refs(data: Path, split: Path, folds: list[int]) -> list:
+    """The HGG cases the given folds hold out, as ``CaseRef`` s of ``data`` sorted by case id (the probes' cases)."""
+    from brats_cnn.data.layouts import list_cases
+
+    fold_cases = json.loads(Path(split).read_text())["folds"]
+    held = {case for fold in folds for case in fold_cases[fold]["hgg"]}
+    return sorted((r for r in list_cases(data) if r.case_id in held), key=lambda r: r.case_id)
+
+
 def _key_name(key: tuple) -> str:
     tta, alpha, boost = key
     return f"tta={int(tta)}_alpha={alpha:g}_boost={boost:g}"

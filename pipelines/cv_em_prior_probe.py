@@ -14,7 +14,6 @@ priors are applied by ``prior.apply_class_prior`` (``pi ** gamma``, like the tra
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -39,7 +38,6 @@ def complete_dice(probabilities: np.ndarray, truth: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from brats_cnn.data.io import load_case
-    from brats_cnn.data.layouts import list_cases
     from brats_cnn.inference.prior import apply_class_prior, estimate_case_prior
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=("plain", "tta"))
     args = parser.parse_args(argv)
     out, folds, name = args.out, [int(f) for f in args.folds.split(",")], args.name
-    split = json.loads(SPLIT.read_text())["folds"]
-    held = {case for fold in folds for case in split[fold]["hgg"]}
     rows = {}
-    for ref in sorted((r for r in list_cases(DATA) if r.case_id in held), key=lambda r: r.case_id):
+    for ref in cv.held_hgg_refs(DATA, SPLIT, folds):
         case = cv._load_oof_case(ref, out, "brats2017")
         brain = (load_case(ref).image != 0).any(axis=0)
         probabilities, truth, frequencies = case[name], case["truth"], np.asarray(case["frequencies"])

@@ -16,7 +16,6 @@ non-enhancing / enhancing). What led to ``postprocess.require_core`` (docs/resul
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -40,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     from scipy import ndimage
 
     from brats_cnn.data.labels import classify
-    from brats_cnn.data.layouts import list_cases
     from brats_cnn.evaluation.metrics import dice
     from brats_cnn.inference.postprocess import component_sizes, core_of
     from brats_cnn.inference.prior import apply_class_prior
@@ -51,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=("plain", "tta"))
     parser.add_argument("alpha", type=float, help="the prior-correction exponent")
     args = parser.parse_args(argv)
-    split = json.loads(SPLIT.read_text())["folds"]
-    held = {case for fold in (int(f) for f in args.folds.split(",")) for case in split[fold]["hgg"]}
-    refs = sorted((r for r in list_cases(DATA) if r.case_id in held), key=lambda r: r.case_id)
+    refs = cv.held_hgg_refs(DATA, SPLIT, [int(f) for f in args.folds.split(",")])
     print(f"{'case':22s} dice   truth  called     FP <=2  <=5  >10 |     FN <=2  <=5")
     components_lines = []
     for ref in refs:
