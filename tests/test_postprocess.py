@@ -122,6 +122,9 @@ def test_require_core_removes_edema_only_components_of_any_size_and_keeps_satell
     kept, report = postprocess_with_report(labels, config, core)
     assert np.count_nonzero(kept) == 216 + 27 and not kept[10:15, 10:15, 10:15].any()
     assert report["removed_voxels"] == 125 and report["removed_components"] == 1 and report["removed_without_core"] == 1
+    # the label convention instead of the mask derives the same core (what segment and calibrate pass)
+    by_convention, same_report = postprocess_with_report(labels, config, convention="brats2017")
+    assert np.array_equal(by_convention, kept) and same_report == report
     # with t_vol 100 the 27-voxel satellite goes for its size; only the 125-voxel one counts as without core
     kept, report = postprocess_with_report(labels, PostprocessConfig(min_component_voxels=100, require_core=True), core)
     assert np.count_nonzero(kept) == 216 and report["removed_components"] == 2 and report["removed_without_core"] == 1

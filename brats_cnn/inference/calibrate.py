@@ -95,7 +95,7 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
     """
     from dataclasses import replace
 
-    from brats_cnn.inference.postprocess import core_of, postprocess_labels
+    from brats_cnn.inference.postprocess import postprocess_labels
 
     choices = []
     for tta, per_case in probabilities.items():
@@ -105,8 +105,7 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], truths: list[np.n
                 classes = [classify(p, convention, decision) for p in corrected]
                 for keep_largest in (False, True):
                     config = replace(postprocess, keep_largest=keep_largest)
-                    scores = [region_dice(postprocess_labels(c, config, core_of(c, convention) if config.require_core
-                                                             else None), t, convention)
+                    scores = [region_dice(postprocess_labels(c, config, convention=convention), t, convention)
                               for c, t in zip(classes, truths)]
                     mean = {region: float(np.mean([s[region] for s in scores])) for region in REGIONS}
                     choices.append(Choice(float(alpha), tta, keep_largest, decision, mean, region_mean(mean), adapt))

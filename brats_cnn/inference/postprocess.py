@@ -139,14 +139,16 @@ def core_of(classes: np.ndarray, convention: str) -> np.ndarray:
     return region_mask(from_class_indices(classes, convention), convention, "core")
 
 
-def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig",
-                            core: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig", core: np.ndarray | None = None,
+                            *, convention: str | None = None) -> tuple[np.ndarray, dict]:
     """:func:`postprocess_labels` and what it removed.
 
     Args:
         labels, config: as :func:`postprocess_labels`.
         core: ``(X, Y, Z)`` bool tumour-core voxels of ``labels`` (:func:`core_of`); needed with
-            ``config.require_core``.
+            ``config.require_core`` unless ``convention`` is given.
+        convention: the label convention of ``labels`` (class indices of it); with ``config.require_core``
+            and no ``core``, the core is derived from it (:func:`core_of`).
 
     Returns:
         ``(kept, report)``; ``report`` holds ``removed_voxels``, ``removed_components`` (tumour
@@ -159,6 +161,8 @@ def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig",
     components, sizes = component_sizes(labels != 0, config.connectivity)  # one labelling for every step
     core_voxels = None
     if getattr(config, "require_core", False):
+        if core is None and convention is not None:
+            core = core_of(labels, convention)
         if core is None or np.shape(core) != labels.shape:
             raise ValueError("postprocess.require_core needs the tumour-core mask of the labels (core_of)")
         core_voxels = np.bincount(components[np.asarray(core, dtype=bool)], minlength=sizes.size)
@@ -174,7 +178,8 @@ def postprocess_with_report(labels: np.ndarray, config: "PostprocessConfig",
     return kept, report
 
 
-def postprocess_labels(labels: np.ndarray, config: "PostprocessConfig", core: np.ndarray | None = None) -> np.ndarray:
+def postprocess_labels(labels: np.ndarray, config: "PostprocessConfig", core: np.ndarray | None = None,
+                       *, convention: str | None = None) -> np.ndarray:
     """The configured post-processing: small-component removal (and, with ``require_core``, of the
     components without a tumour-core voxel), then (optionally) the largest component.
 
@@ -184,5 +189,6 @@ def postprocess_labels(labels: np.ndarray, config: "PostprocessConfig", core: np
         labels: ``(X, Y, Z)`` label values or class indices, 0 = background.
         config: ``min_component_voxels``, ``connectivity``, ``keep_largest``, ``never_empty`` and ``require_core``.
         core: the tumour-core voxels of ``labels`` (:func:`core_of`), with ``require_core`` only.
+        convention: instead of ``core``, the label convention to derive it from (class indices of it).
     """
-    return postprocess_with_report(labels, config, core)[0]
+    return postprocess_with_report(labels, config, core, convention=convention)[0]

@@ -109,7 +109,7 @@ def segment_case(ref: CaseRef, target: OutputTarget, *, members: list, mode: str
     from brats_cnn.data.labels import classify, convert_labels, from_class_indices
     from brats_cnn.data.resample import needs_resampling, resample_volume, to_isotropic
     from brats_cnn.fsutil import write_json_atomic
-    from brats_cnn.inference.postprocess import core_of, postprocess_with_report
+    from brats_cnn.inference.postprocess import postprocess_with_report
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -142,8 +142,7 @@ def segment_case(ref: CaseRef, target: OutputTarget, *, members: list, mode: str
     lap("predict")
     report = {"removed_voxels": 0, "removed_components": 0, "never_empty_applied": False, "removed_without_core": 0}
     if postprocess:
-        core = core_of(classes, checkpoint.label_convention) if config.postprocess.require_core else None
-        classes, report = postprocess_with_report(classes, config.postprocess, core)
+        classes, report = postprocess_with_report(classes, config.postprocess, convention=checkpoint.label_convention)
         _say_what_was_removed(ref.case_id, report, config.postprocess)
     lap("postprocess")
     labels = from_class_indices(classes, checkpoint.label_convention)
