@@ -75,6 +75,8 @@ class ModelConfig:
     architecture: str = "hgg"  # (paper) "hgg" (Table I) or "lgg" (Table II)
     dropout: float = 0.1  # (paper) 0.1 HGG, 0.5 LGG
     leaky_relu_slope: float = 0.333  # (paper)
+    context: int = 1  # (choice) 1: the paper's single 33x33 pathway; k > 1: a second pathway on the k-times larger
+                      # neighbourhood averaged down k x k (DeepMedic's context pathway, k = 3), half the main widths
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "sampling.planes": _plane(),
     "model.dropout": _fraction(False, True),
     "model.leaky_relu_slope": _at_least(0),
+    "model.context": _at_least(1),
     "train.epochs": _at_least(1),
     "train.batch_size": _at_least(1),
     "train.lr_start": _positive(),

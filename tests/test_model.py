@@ -32,6 +32,33 @@ def test_output_shape_for_a_batch(architecture):
     assert out.dtype == torch.float32
 
 
+def test_context_pathway_reads_the_averaged_neighbourhood_and_the_main_one_the_centre():
+    # HGG with context 3: + a half-width stack (4->32->32->32, 32->64->64->64: 111,904 weights and biases)
+    # + 64 x 7 x 7 more inputs to the first FC layer (802,816 weights) = 3,032,804 with 4 outputs
+    torch.manual_seed(0)
+    net = PereiraCNN("hgg", 4, context=3).eval()
+    assert count_parameters(net) == 3_032_804 and net.input_size == 99
+    wide = torch.randn(2, 4, 99, 99)
+    with torch.no_grad():
+        out = net(wide)
+        centre = wide[:, :, 33:66, 33:66]
+        averaged = nn.functional.avg_pool2d(wide, 3)
+        expected = net.classifier(torch.cat([net.features(centre).flatten(1),
+                                             net.context_features(averaged).flatten(1)], 1))
+        assert torch.equal(out, expected)
+        # what lies outside the centre reaches the output through the context pathway only
+        changed = wide.clone()
+        changed[:, :, :3, :3] += 5.0
+        assert not torch.equal(net(changed), out)
+        net.context_features[0].weight.zero_()
+        net.context_features[0].bias.zero_()
+        assert torch.equal(net(changed), net(wide))
+    config = load_config("pereira_hgg", ["model.context=3"])
+    assert build_network(config.model, 4, patch_size=33).input_size == 99
+    with pytest.raises(ConfigError, match="model.context=2 must be odd"):
+        build_network(load_config("pereira_hgg", ["model.context=2"]).model, 4, patch_size=33)
+
+
 def test_xavier_init_weights_within_glorot_bound_and_zero_bias():
     torch.manual_seed(0)
     net = PereiraCNN("hgg", 5)

@@ -100,6 +100,22 @@ def test_plane_patches_pad_beyond_the_volume_with_background():
     assert np.all(patch[:, :13] == -7.0) and np.all(patch[:, :, 17:] == -7.0) and np.all(patch[:, :, :11] == -7.0)
 
 
+@pytest.mark.parametrize("patch_size", [9, 27])
+def test_plane_patches_equal_slices_of_the_background_padded_volume_anywhere(patch_size):
+    # random centres, border ones included, and patches wider than the volume (a context pathway's)
+    case = fake_case(5, shape=(14, 20, 18))
+    half = patch_size // 2
+    padded = np.pad(case.image.astype(np.float32), ((half, half), (0, 0), (half, half), (half, half)),
+                    constant_values=-3.0)  # (Z, C, X, Y) + half on every spatial side
+    rng = np.random.default_rng(1)
+    z, x, y = (rng.integers(0, n, 12) for n in (14, 20, 18))
+    for plane, take in (("coronal", lambda n: padded[z[n]:z[n] + patch_size, :, x[n]:x[n] + patch_size, y[n] + half]),
+                        ("sagittal", lambda n: padded[z[n]:z[n] + patch_size, :, x[n] + half, y[n]:y[n] + patch_size])):
+        patches = extract_plane_patches(case.image, z, x, y, patch_size, -3.0, plane)
+        for n in range(12):
+            np.testing.assert_array_equal(patches[n], np.transpose(take(n), (1, 2, 0)))
+
+
 def test_patch_batches_draw_each_patchs_plane_reproducibly_and_axial_alone_is_the_paper():
     cases = [fake_case(0, shape=(36, 40, 44)), fake_case(1, shape=(36, 40, 44))]
     centres = sample_balanced_centres([(c.label, c.mask) for c in cases], 256, 4, make_rng(0, 1))

@@ -19,9 +19,10 @@ from brats_cnn.inference.segment import run_segment
 BACKGROUND = 0.5  # a non-zero background value shows that border patches are padded with it
 
 
-def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0, patch_size: int = 33) -> PereiraCNN:
+def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0, patch_size: int = 33,
+             context: int = 1) -> PereiraCNN:
     torch.manual_seed(seed)
-    net = PereiraCNN(architecture, classes, patch_size=patch_size).eval()
+    net = PereiraCNN(architecture, classes, patch_size=patch_size, context=context).eval()
     with torch.no_grad():  # non-zero biases so that every layer matters
         for module in net.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -29,11 +30,11 @@ def _network(architecture: str = "hgg", classes: int = 4, seed: int = 0, patch_s
     return net
 
 
-def _centre_tap_network(architecture: str, patch_size: int = 33) -> PereiraCNN:
+def _centre_tap_network(architecture: str, patch_size: int = 33, context: int = 1) -> PereiraCNN:
     """Convolutions with only the centre tap: the patch's zero padding is never read."""
-    net = _network(architecture, patch_size=patch_size)
+    net = _network(architecture, patch_size=patch_size, context=context)
     with torch.no_grad():
-        for module in net.features:
+        for module in net.modules():
             if isinstance(module, torch.nn.Conv2d):
                 centre = module.weight[:, :, 1, 1].clone() * 3
                 module.weight.zero_()
@@ -76,12 +77,14 @@ def test_exact_equals_naive_per_voxel_reference(patch_size):
     assert (got[0][~mask] == 1).all() and (got[1:][:, ~mask] == 0).all()
 
 
-@pytest.mark.parametrize(("architecture", "patch_size"), [("hgg", 33), ("lgg", 33), ("hgg", 25), ("lgg", 9)])
-def test_fast_equals_exact_when_patch_padding_is_never_read(architecture, patch_size):
+@pytest.mark.parametrize(("architecture", "patch_size", "context"),
+                         [("hgg", 33, 1), ("lgg", 33, 1), ("hgg", 25, 1), ("lgg", 9, 1), ("hgg", 33, 3), ("lgg", 9, 5)])
+def test_fast_equals_exact_when_patch_padding_is_never_read(architecture, patch_size, context):
     # With centre-tap convolutions the only difference between the modes (the zero padding at
     # the edge of each patch) disappears, so this checks the weight reuse, dilations and alignment,
-    # also for other patch sizes than the paper's 33.
-    net = _centre_tap_network(architecture, patch_size)
+    # also for other patch sizes than the paper's 33, and for a context pathway (its k x k average,
+    # k-times dilations and its own FC window beside the main one's).
+    net = _centre_tap_network(architecture, patch_size, context)
     image, mask = _volume((4, 10, 9, 3), seed=1)
     exact = predict_exact(net, image, mask, batch_size=256, device="cpu", background_value=BACKGROUND)
     fast = predict_fast(net, image, mask, batch_size=100, device="cpu", background_value=BACKGROUND,

@@ -503,3 +503,28 @@ def test_make_loader_takes_its_workers_from_loader_workers(cache):
     two = make_loader(data, load_config("smoke", ["train.num_workers=2"]), torch.device("cpu"), seed=0)
     assert (auto.num_workers, two.num_workers) == (0, 2)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(auto, two))
+
+
+def test_a_context_pathway_trains_on_the_wider_patches_and_its_checkpoint_segments(cache, tmp_path):
+    # model.context=3: the training patches are 3 x 9 = 27 wide, the checkpoint rebuilds the two
+    # pathways, and fast mode (the dense form of both) gives the same probabilities as exact mode
+    # would on its own wide patches (checked to equality in test_segment with centre-tap weights)
+    from brats_cnn.inference.predict import predict_exact, predict_fast
+
+    result = run_training("hgg", cache, tmp_path / "ctx", config="smoke", device="cpu",
+                          overrides=TINY + ["sampling.patch_size=9", "model.context=3", "train.epochs=1"])
+    assert result.history[0]["train_loss"] > 0
+    ckpt = load_checkpoint(tmp_path / "ctx" / "last.pt")
+    net = ckpt.network
+    assert (ckpt.config.model.context, net.context, net.input_size) == (3, 3, 27)
+    assert net.classifier[2].in_features == (128 + 64) * 1 * 1  # LGG: 9 -> 4 -> 1, main and context
+    image, mask = np.random.default_rng(0).normal(size=(4, 9, 8, 2)).astype(np.float32), np.ones((9, 8, 2), bool)
+    exact = predict_exact(net, image, mask, device="cpu")
+    fast = predict_fast(net, image, mask, device="cpu")
+    assert exact.shape == fast.shape == (4, 9, 8, 2)
+    np.testing.assert_allclose(fast.sum(0), 1.0, atol=1e-5)
+    # dense training has no context pathway: refused before any work
+    with pytest.raises(ConfigError, match="model.context=3 .* train.mode: patch only"):
+        run_training("hgg", cache, tmp_path / "dense", config="smoke", device="cpu",
+                     overrides=TINY + ["model.context=3", "train.mode=dense"])
+    assert not (tmp_path / "dense").exists()

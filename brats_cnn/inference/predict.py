@@ -56,18 +56,20 @@ def _inference_copy(network: "nn.Module", device: "torch.device") -> "nn.Module"
 
 
 def _max_activation_elements(network: "nn.Module") -> int:
-    """Largest per-patch activation (elements) of the network's feature stack."""
+    """Largest per-patch activation (elements) of the network's feature stacks, or its input if larger."""
     import torch
 
-    largest = 0
-    size = network.patch_size
-    channels = 0
-    for layer in network.features:
-        if isinstance(layer, torch.nn.Conv2d):
-            channels = layer.out_channels
-        elif isinstance(layer, torch.nn.MaxPool2d):
-            size = (size - layer.kernel_size) // layer.stride + 1
-        largest = max(largest, channels * size * size)
+    side = getattr(network, "input_size", network.patch_size)
+    largest = 4 * side * side
+    stacks = [network.features] + ([network.context_features] if getattr(network, "context_features", None) is not None else [])
+    for stack in stacks:
+        size, channels = network.patch_size, 0
+        for layer in stack:
+            if isinstance(layer, torch.nn.Conv2d):
+                channels = layer.out_channels
+            elif isinstance(layer, torch.nn.MaxPool2d):
+                size = (size - layer.kernel_size) // layer.stride + 1
+            largest = max(largest, channels * size * size)
     return largest
 
 
@@ -129,7 +131,7 @@ def predict_exact(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, 
     compute = _compute_of(compute, device)
     device = compute.device
     net = compute.network(_inference_copy(network, device))
-    size = net.patch_size
+    size = getattr(net, "input_size", net.patch_size)  # with a context pathway, the wider neighbourhood
     half = size // 2
     probs = background_probabilities(net.num_classes, mask.shape)
     # slice-major voxel order keeps consecutive patches in the same few slices (cache locality)
@@ -205,21 +207,31 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
     half = network.patch_size // 2
     reach = dense.head_reach
     lead = dense.window_lead(half)  # first FC-window start inside the crop
+    # with a context pathway the crop's margin is half its wider input, and the main pathway reads the inner part
+    outer = getattr(network, "input_size", network.patch_size) // 2
+    context = dense.context
+    if context is not None:
+        context_features = context.features.to(device, memory_format=memory_format)
+        context_reach, context_lead = context.head_reach, context.window_lead(outer)
     num_classes = network.num_classes
     # slice-major buffer: each group writes whole (C, X, Y) slabs; one transpose at the end
     by_slice = np.zeros((mask.shape[2], num_classes, *mask.shape[:2]), dtype=np.float32)
     by_slice[:, 0] = 1.0
     volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image.astype(np.float32, copy=False), 3, 0)))
-    volume = torch.nn.functional.pad(volume, (half, half, half, half), value=background_value)  # (Z, 4, X+2h, Y+2h)
+    volume = torch.nn.functional.pad(volume, (outer, outer, outer, outer), value=background_value)  # (Z, 4, X+2o, Y+2o)
     total = int(mask.sum())
     with torch.inference_mode(), _progress(total, "fast", "vox", progress) as bar:
         for group, xr, yr in _slice_groups(mask, slices_per_batch):
             nx, ny = xr.stop - xr.start, yr.stop - yr.start
-            # padded index x + half is voxel x, so the crop [x0, x1 + 2 half) spans the box +- half
-            crop = volume[group, :, xr.start:xr.stop + 2 * half, yr.start:yr.stop + 2 * half]
+            # padded index x + outer is voxel x, so the crop [x0, x1 + 2 outer) spans the box +- outer
+            crop = volume[group, :, xr.start:xr.stop + 2 * outer, yr.start:yr.stop + 2 * outer]
             crop = crop.to(device).contiguous(memory_format=memory_format)
+            inner = crop[:, :, outer - half:outer + half + nx, outer - half:outer + half + ny]  # the box +- half
             with compute.autocast():
-                fmap = features(crop)[:, :, lead:lead + nx + 2 * reach, lead:lead + ny + 2 * reach]
+                fmap = features(inner)[:, :, lead:lead + nx + 2 * reach, lead:lead + ny + 2 * reach]
+                if context is not None:
+                    wide = context_features(crop)[:, :, context_lead:context_lead + nx + 2 * context_reach,
+                                                  context_lead:context_lead + ny + 2 * context_reach]
             inside = np.moveaxis(mask[xr, yr][:, :, group], 2, 0)[:, None]  # (B, 1, nx, ny)
             box = by_slice[group, :, xr, yr]  # (B, C, nx, ny) copy, background outside the brain
             rows = max(1, batch_size // (len(group) * ny))
@@ -231,7 +243,9 @@ def predict_fast(network: "nn.Module", image: np.ndarray, mask: np.ndarray, *, b
                     continue
                 c0, c1 = columns[0], columns[-1] + 1
                 with compute.autocast():
-                    logits = head(fmap[:, :, row:stop + 2 * reach, c0:c1 + 2 * reach])
+                    logits = head(fmap[:, :, row:stop + 2 * reach, c0:c1 + 2 * reach],
+                                  None if context is None else
+                                  wide[:, :, row:stop + 2 * context_reach, c0:c1 + 2 * context_reach])
                 strip = torch.softmax(logits.float(), dim=1).cpu().numpy()
                 box[:, :, row:stop, c0:c1] = np.where(inside[:, :, row:stop, c0:c1], strip, box[:, :, row:stop, c0:c1])
             by_slice[group, :, xr, yr] = box

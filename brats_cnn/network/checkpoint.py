@@ -224,7 +224,8 @@ def _run_difference(first: Checkpoint, other: Checkpoint) -> str | None:
     a, b = first.network, other.network
     for what, mine, theirs in (
             ("architecture", a.architecture, b.architecture), ("number of classes", a.num_classes, b.num_classes),
-            ("patch size", a.patch_size, b.patch_size), ("grade", first.grade, other.grade),
+            ("patch size", a.patch_size, b.patch_size), ("context", getattr(a, "context", 1), getattr(b, "context", 1)),
+            ("grade", first.grade, other.grade),
             ("label convention", first.label_convention, other.label_convention),
             ("channel order", first.channel_order, other.channel_order)):
         if mine != theirs:

@@ -33,6 +33,10 @@ class FullyConvolutional:
         head_dilation: spacing of that neighbourhood in input voxels (4 after two stride-2 pools).
         shift: the exact network's FC window for the voxel at ``c`` is centred at dense position
             ``c + shift`` (-1 for the paper's networks: pooling 33 -> 16 -> 7 drops the last row).
+        context: the context pathway's dense form (``model.context`` k > 1), whose ``features`` start
+            with a stride-1 ``k x k`` average and whose dilations, ``head_dilation`` and ``shift`` are
+            ``k`` times the main pathway's; None without one.
+        patch_size: the main pathway's patch side (its input margin is half of it).
     """
 
     features: "nn.Module"
@@ -40,6 +44,8 @@ class FullyConvolutional:
     head_size: int
     head_dilation: int
     shift: int
+    context: "FullyConvolutional | None" = None
+    patch_size: int = 33
 
     @property
     def head_reach(self) -> int:
@@ -53,24 +59,63 @@ class FullyConvolutional:
             raise InputError("fast mode needs the FC neighbourhood to fit inside the patch margin")
         return lead
 
-    def convolutional_head(self) -> "nn.Module":
+    def convolutional_head(self) -> "DenseHead":
         """The FC layers as convolutions (inference): the first as an ``n x n`` convolution dilated by
-        :attr:`head_dilation` (its weight viewed as ``(out, F, n, n)``), the others as 1x1; dropout,
+        :attr:`head_dilation` (its weight viewed as ``(out, F, n, n)``; with a context pathway, a second
+        one dilated by the context's, over its columns of the weight), the others as 1x1; dropout,
         an identity in eval mode, is left out. ``(B, F, S + 2 reach, S' + 2 reach) -> (B, C, S, S')``
         logits, with no per-voxel gather of neighbourhoods."""
 
+        first: list[nn.Module] = []
         layers: list[nn.Module] = []
         for layer in self.classifier:
-            if isinstance(layer, nn.Linear):
-                n = self.head_size if not layers else 1
-                conv = nn.utils.skip_init(nn.Conv2d, layer.in_features // (n * n), layer.out_features, n,
-                                          dilation=self.head_dilation if not layers else 1)
-                conv.weight.data.copy_(layer.weight.detach().view(layer.out_features, -1, n, n))
+            if isinstance(layer, nn.Linear) and not first:
+                n = self.head_size
+                weight = layer.weight.detach().view(layer.out_features, -1, n, n)
+                pathways = [self] + ([self.context] if self.context is not None else [])
+                for pathway, columns in zip(pathways, weight.split(_feature_widths(self, weight.shape[1]), dim=1)):
+                    conv = nn.utils.skip_init(nn.Conv2d, columns.shape[1], layer.out_features, n,
+                                              dilation=pathway.head_dilation, bias=not first)
+                    conv.weight.data.copy_(columns)
+                    if not first:
+                        conv.bias.data.copy_(layer.bias.detach())
+                    first.append(conv)
+            elif isinstance(layer, nn.Linear):
+                conv = nn.utils.skip_init(nn.Conv2d, layer.in_features, layer.out_features, 1)
+                conv.weight.data.copy_(layer.weight.detach().view(layer.out_features, -1, 1, 1))
                 conv.bias.data.copy_(layer.bias.detach())
                 layers.append(conv)
-            elif not isinstance(layer, (nn.Flatten, nn.Dropout)):
+            elif not isinstance(layer, (nn.Flatten, nn.Dropout)) and first:
                 layers.append(copy.deepcopy(layer))
-        return nn.Sequential(*layers).eval()
+        return DenseHead(first[0], first[1] if len(first) > 1 else None, nn.Sequential(*layers)).eval()
+
+
+def _feature_widths(dense: FullyConvolutional, total: int) -> list[int]:
+    """Channels of the main (and context) feature maps the first FC layer reads, in its column order."""
+    if dense.context is None:
+        return [total]
+    context = _out_channels(dense.context.features)
+    return [total - context, context]
+
+
+def _out_channels(features: "nn.Module") -> int:
+    return [m for m in features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+class DenseHead(nn.Module):
+    """The FC layers as convolutions (:meth:`FullyConvolutional.convolutional_head`): ``first`` reads the
+    main feature map, ``first_context`` (when the network has a context pathway) the context one; their
+    sum (the first FC layer on the concatenated features) goes through ``rest``."""
+
+    def __init__(self, first: "nn.Module", first_context: "nn.Module | None", rest: "nn.Module"):
+        super().__init__()
+        self.first, self.first_context, self.rest = first, first_context, rest
+
+    def forward(self, main: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.first(main)
+        if self.first_context is not None:
+            x = x + self.first_context(context)
+        return self.rest(x)
 
 
 def _dilated_max_pool(kernel: int, dilation: int) -> "nn.Module":
@@ -122,11 +167,33 @@ def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyCo
     """
 
     net = network if share else copy.deepcopy(network).eval()
+    if share and getattr(net, "context_features", None) is not None:
+        raise InputError("dense training does not take a context pathway (model.context > 1): train.mode: patch")
+    features, size, dilation, centre = _dense_stack(net.features, share, 1, net.patch_size)
+    dense = FullyConvolutional(features, net.classifier, size, dilation, centre - net.patch_size // 2,
+                               patch_size=net.patch_size)
+    if getattr(net, "context_features", None) is not None:
+        k = net.context
+        average = nn.AvgPool2d(k, stride=1, padding=k // 2)  # "same": position b averages the block centred on b
+        stack, size, dilation, centre = _dense_stack(net.context_features, share, k, net.patch_size)
+        # context-grid index i is the block centred on input k*i + k//2; the patch centre is block patch_size//2
+        dense.context = FullyConvolutional(nn.Sequential(average, *stack).eval(), net.classifier, size, dilation,
+                                           centre - k * (net.patch_size // 2), patch_size=net.patch_size)
+    return dense
+
+
+def _dense_stack(stack: "nn.Module", share: bool, dilation: int, size: int) -> tuple["nn.Sequential", int, int, int]:
+    """One pathway's dense layers, from input dilation ``dilation`` (the context pathway's factor) and
+    patch side ``size`` (on the pathway's own grid).
+
+    Returns:
+        ``(features, size, dilation, centre)``: the dense layers; the final feature-map side of the
+        patch form; the final dilation; the centre of the patch form's final feature map, in input
+        voxels from the patch (or context grid) start.
+    """
     layers: list[nn.Module] = []
-    dilation = 1
     origin = 0  # patch coordinate of feature-map index 0, in input voxels
-    size = net.patch_size
-    for layer in net.features:
+    for layer in stack:
         if isinstance(layer, nn.Conv2d):
             (k, _) = layer.kernel_size
             # skip_init: no random initialisation to overwrite, so the global RNG is left alone (a
@@ -152,11 +219,10 @@ def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyCo
             layers.append(layer)
     if size % 2 == 0:
         raise InputError(f"fast mode needs an odd final feature map, got {size}x{size}")
-    centre = origin + dilation * (size - 1) // 2
     features = nn.Sequential(*layers)
     if not share:
         features.eval()
-    return FullyConvolutional(features, net.classifier, size, dilation, centre - net.patch_size // 2)
+    return features, size, dilation, origin + dilation * (size - 1) // 2
 
 
 class DenseNetwork(nn.Module):

@@ -6,6 +6,12 @@ logits for the centre voxel. All convolutions are 3x3, stride 1, "same" padding;
 dropout precedes every FC layer; weights use Xavier/Glorot uniform initialisation, biases zero.
 
 Parameter counts with 5 outputs: HGG 2,118,213, LGG 1,933,701 (4 outputs: 2,117,956 / 1,933,444).
+
+``model.context: k`` (k odd, > 1; a choice of ours, off in the paper's configs) adds DeepMedic's context
+pathway (Kamnitsas et al. 2017): the input is then the ``(N, 4, 33k, 33k)`` neighbourhood; the usual
+pathway reads its central 33x33 patch, a second stack of the same layers at half the widths reads the
+whole neighbourhood averaged down ``k x k`` to 33x33, and the first FC layer reads both flattened
+feature maps (the main one first). The HGG network with k = 3 has 3,032,804 parameters (4 outputs).
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ def feature_size(architecture: str, patch_size: int = PATCH_SIZE) -> int:
     return size
 
 
+def context_layers(architecture: str) -> tuple[str, ...]:
+    """The context pathway's layers: the main pathway's at half the widths ("c64" -> "c32")."""
+    return tuple(op if op == "p" else f"c{int(op[1:]) // 2}" for op in LAYERS[architecture])
+
+
 def check_patch_size(architecture: str, patch_size: int) -> None:
     """Raise a one-line ConfigError unless the ``architecture`` network can take ``patch_size`` patches.
 
@@ -54,34 +65,51 @@ def check_patch_size(architecture: str, patch_size: int) -> None:
                           f"{', '.join(str(p) for p in near if p is not None)}")
 
 
+def _stack(ops: tuple[str, ...], in_channels: int, leaky_relu_slope: float) -> tuple[nn.Sequential, int]:
+    """The convolution/pooling layers of ``ops`` and their output channels."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for op in ops:
+        if op == "p":
+            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+        else:
+            width = int(op[1:])
+            layers += [nn.Conv2d(channels, width, kernel_size=3, stride=1, padding=1),
+                       nn.LeakyReLU(leaky_relu_slope)]
+            channels = width
+    return nn.Sequential(*layers), channels
+
+
 class PereiraCNN(nn.Module):
     """One of the paper's patch classifiers.
 
     Attributes:
         features: the convolution/pooling stack, ``(N, 4, 33, 33) -> (N, 128, 7, 7)``.
+        context_features: with ``context`` k > 1, the context pathway (:func:`context_layers`) on the
+            ``k x k``-averaged neighbourhood, ``(N, 4, 33, 33) -> (N, 64, 7, 7)``; else None.
         classifier: flatten, then dropout + FC256 + LReLU, dropout + FC256 + LReLU, dropout + FC.
+        input_size: side of the input patches, ``context * patch_size``.
     """
 
     def __init__(self, architecture: str = "hgg", num_classes: int = 5, dropout: float = 0.1,
                  leaky_relu_slope: float = 0.333, in_channels: int = IN_CHANNELS,
-                 patch_size: int = PATCH_SIZE):
+                 patch_size: int = PATCH_SIZE, context: int = 1):
         super().__init__()
         if architecture not in LAYERS:
             raise ValueError(f"architecture must be one of {list(LAYERS)}, got {architecture!r}")
+        if context < 1 or (context > 1 and context % 2 == 0):
+            raise ValueError(f"context must be 1 or an odd factor > 1, got {context}")
         self.architecture = architecture
         self.num_classes = num_classes
         self.patch_size = patch_size
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for op in LAYERS[architecture]:
-            if op == "p":
-                layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
-            else:
-                width = int(op[1:])
-                layers += [nn.Conv2d(channels, width, kernel_size=3, stride=1, padding=1),
-                           nn.LeakyReLU(leaky_relu_slope)]
-                channels = width
-        self.features = nn.Sequential(*layers)
+        self.context = context
+        self.input_size = patch_size * context
+        self.features, channels = _stack(LAYERS[architecture], in_channels, leaky_relu_slope)
+        self.context_features = None
+        if context > 1:
+            self.context_features, context_channels = _stack(context_layers(architecture), in_channels,
+                                                             leaky_relu_slope)
+            channels += context_channels
         flat = channels * feature_size(architecture, patch_size) ** 2
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -99,8 +127,19 @@ class PereiraCNN(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """``(N, 4, 33, 33)`` float -> ``(N, num_classes)`` logits."""
-        return self.classifier(self.features(patches))
+        """``(N, 4, S, S)`` float (``S`` = :attr:`input_size`) -> ``(N, num_classes)`` logits."""
+        if self.context_features is None:
+            return self.classifier(self.features(patches))
+        start = (self.input_size - self.patch_size) // 2
+        centre = patches[:, :, start:start + self.patch_size, start:start + self.patch_size]
+        wide = nn.functional.avg_pool2d(patches, self.context)  # block i averages input k*i .. k*i + k - 1
+        return self.classifier(torch.cat([self.features(centre).flatten(1),
+                                          self.context_features(wide).flatten(1)], dim=1))
+
+
+def input_side(config) -> int:
+    """Side of the patches a full config's network reads: ``sampling.patch_size`` times ``model.context``."""
+    return int(config.sampling.patch_size) * int(getattr(config.model, "context", 1))
 
 
 def build_network(config: ModelConfig, num_classes: int, *, patch_size: int) -> PereiraCNN:
@@ -110,8 +149,11 @@ def build_network(config: ModelConfig, num_classes: int, *, patch_size: int) -> 
     is trained and run on); ConfigError if the architecture cannot take it (:func:`check_patch_size`).
     """
     check_patch_size(config.architecture, patch_size)
+    context = int(getattr(config, "context", 1))
+    if context > 1 and context % 2 == 0:
+        raise ConfigError(f"model.context={context} must be odd (the averaged blocks are centred on voxels)")
     return PereiraCNN(config.architecture, num_classes, dropout=config.dropout,
-                      leaky_relu_slope=config.leaky_relu_slope, patch_size=patch_size)
+                      leaky_relu_slope=config.leaky_relu_slope, patch_size=patch_size, context=context)
 
 
 def freeze_for(network: PereiraCNN, trainable: str) -> int:

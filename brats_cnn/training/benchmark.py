@@ -29,7 +29,7 @@ import torch
 
 from brats_cnn.config import Config, check_grade, load_config
 from brats_cnn.errors import ConfigError
-from brats_cnn.network.model import build_network
+from brats_cnn.network.model import build_network, input_side
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def forward_flops(network: torch.nn.Module, patch_size: int | None = None) -> in
     Counted from the layer shapes with forward hooks on one ``(1, C, P, P)`` patch; activations,
     pooling and biases are not counted.
     """
-    patch_size = patch_size or network.patch_size
+    patch_size = patch_size or getattr(network, "input_size", network.patch_size)
     total = 0
 
     def count(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -135,7 +135,7 @@ def _pipeline_batches(cache: Path, config: Config, batch_size: int, batches: int
     num_classes = get_convention(config.data.label_convention).num_classes
     centres = sample_balanced_centres(cases_label_mask(folders), batch_size * batches, num_classes,
                                       make_rng(config.train.seed, CENTRE_STREAM))
-    return PatchBatches(folders, centres, batch_size=batch_size, patch_size=config.sampling.patch_size,
+    return PatchBatches(folders, centres, batch_size=batch_size, patch_size=input_side(config),
                         background=config.preprocess.background_value,
                         rotation_angles=config.sampling.rotation_angles,
                         arbitrary_rotation=config.sampling.arbitrary_rotation, seed=config.train.seed)
@@ -197,9 +197,9 @@ def run_benchmark(grade: str = "hgg", device: str = "auto", batch_size: int = 12
     configured = compute_settings(device_, config.compute)
     load_before = os.getloadavg()
     torch.manual_seed(config.train.seed)
-    side = config.sampling.patch_size
     initial = build_network(config.model, get_convention(config.data.label_convention).num_classes,
-                            patch_size=side)
+                            patch_size=config.sampling.patch_size)
+    side = input_side(config)  # the patches it reads (wider with a context pathway)
     flops = forward_flops(initial, side)
     flops_per_patch = float(flops)  # counted for this network and patch size (357.5 MFLOP: HGG, 33x33)
     host_patches = torch.randn(batch_size, 4, side, side)

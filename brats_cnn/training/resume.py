@@ -146,11 +146,12 @@ def initial_weights(path: Path, cfg: Config) -> dict:
     source = load_checkpoint(path)  # CheckpointError names the file when it cannot be read
     plain = unwrap_network(source.network)
     wanted = (cfg.model.architecture, get_convention(cfg.data.label_convention).num_classes, cfg.sampling.patch_size)
-    if (plain.architecture, plain.num_classes, plain.patch_size) != wanted:
+    if (plain.architecture, plain.num_classes, plain.patch_size) != wanted or \
+            getattr(plain, "context", 1) != cfg.model.context:
         raise ConfigError(f"train.init_weights holds a {plain.architecture.upper()} network with {plain.num_classes} "
-                          f"classes for {plain.patch_size}x{plain.patch_size} patches; this run trains a "
-                          f"{wanted[0].upper()} network with {wanted[1]} classes for {wanted[2]}x{wanted[2]} "
-                          f"patches", path)
+                          f"classes for {plain.patch_size}x{plain.patch_size} patches (context "
+                          f"{getattr(plain, 'context', 1)}); this run trains a {wanted[0].upper()} network with "
+                          f"{wanted[1]} classes for {wanted[2]}x{wanted[2]} patches (context {cfg.model.context})", path)
     return plain.state_dict()
 
 

@@ -51,7 +51,7 @@ from brats_cnn.inference.calibrate import region_mean
 from brats_cnn.inference.prior import class_frequencies
 from brats_cnn.network.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, save_checkpoint, unwrap_network
 from brats_cnn.network.dense import DenseNetwork
-from brats_cnn.network.model import build_network, check_patch_size, freeze_for
+from brats_cnn.network.model import build_network, check_patch_size, freeze_for, input_side
 from brats_cnn.preprocessing.cache import cases_label_mask
 from brats_cnn.training.distributed import Distributed, all_ranks_agree, init_distributed
 from brats_cnn.training.loss import dense_class_weights, loss_function
@@ -312,7 +312,7 @@ def epoch_batches(run: Run, epoch: int) -> PatchBatches:
     centres = CENTRE_SAMPLERS[cfg.sampling.centres](run.train_pairs, cfg.dense.crops_per_epoch if dense else
                                                     cfg.sampling.total_patches, num_classes,
                                                     make_rng(cfg.train.seed, CENTRE_STREAM, *keys))
-    common = dict(patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
+    common = dict(patch_size=input_side(cfg), background=cfg.preprocess.background_value,
                   rotation_angles=cfg.sampling.rotation_angles, arbitrary_rotation=cfg.sampling.arbitrary_rotation,
                   intensity_scale=cfg.sampling.intensity_scale, intensity_shift=cfg.sampling.intensity_shift,
                   planes=cfg.sampling.planes, seed=cfg.train.seed, epoch=epoch, rank=run.dist.rank, world_size=run.dist.world_size)
@@ -329,6 +329,9 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
     if cfg.grade != grade:
         raise ConfigError(f"config '{cfg.name}' is for grade '{cfg.grade}' but --grade {grade} was given")
     check_patch_size(cfg.model.architecture, cfg.sampling.patch_size)  # before any preprocessing
+    if cfg.model.context > 1 and cfg.train.mode == "dense":
+        raise ConfigError(f"model.context={cfg.model.context} (a context pathway) trains in train.mode: patch only, "
+                          "not dense")
     initial = initial_weights(Path(cfg.train.init_weights), cfg) if cfg.train.init_weights and resumed is None else None
     dist = init_distributed(device)
     compute = compute_settings(resolve_device(device, dist.local_rank), cfg.compute)
@@ -356,7 +359,7 @@ def setup_run(grade: str, data: Path, out: Path, config: str | Path | None, over
                                               cfg.sampling.validation_patches, num_classes,
                                               make_rng(tc.seed, VALIDATION_STREAM))
         validation = PatchBatches(data_.validation_dirs, val_centres, batch_size=tc.batch_size,
-                                  patch_size=cfg.sampling.patch_size, background=cfg.preprocess.background_value,
+                                  patch_size=input_side(cfg), background=cfg.preprocess.background_value,
                                   shuffle=False)
 
     torch.manual_seed(tc.seed)
