@@ -36,7 +36,6 @@ class FullyConvolutional:
         context: the context pathway's dense form (``model.context`` k > 1), whose ``features`` start
             with a stride-1 ``k x k`` average and whose dilations, ``head_dilation`` and ``shift`` are
             ``k`` times the main pathway's; None without one.
-        patch_size: the main pathway's patch side (its input margin is half of it).
     """
 
     features: "nn.Module"
@@ -45,7 +44,6 @@ class FullyConvolutional:
     head_dilation: int
     shift: int
     context: "FullyConvolutional | None" = None
-    patch_size: int = 33
 
     @property
     def head_reach(self) -> int:
@@ -170,15 +168,14 @@ def to_fully_convolutional(network: "nn.Module", share: bool = False) -> FullyCo
     if share and getattr(net, "context_features", None) is not None:
         raise InputError("dense training does not take a context pathway (model.context > 1): train.mode: patch")
     features, size, dilation, centre = _dense_stack(net.features, share, 1, net.patch_size)
-    dense = FullyConvolutional(features, net.classifier, size, dilation, centre - net.patch_size // 2,
-                               patch_size=net.patch_size)
+    dense = FullyConvolutional(features, net.classifier, size, dilation, centre - net.patch_size // 2)
     if getattr(net, "context_features", None) is not None:
         k = net.context
         average = nn.AvgPool2d(k, stride=1, padding=k // 2)  # "same": position b averages the block centred on b
         stack, size, dilation, centre = _dense_stack(net.context_features, share, k, net.patch_size)
         # context-grid index i is the block centred on input k*i + k//2; the patch centre is block patch_size//2
         dense.context = FullyConvolutional(nn.Sequential(average, *stack).eval(), net.classifier, size, dilation,
-                                           centre - k * (net.patch_size // 2), patch_size=net.patch_size)
+                                           centre - k * (net.patch_size // 2))
     return dense
 
 
