@@ -77,14 +77,15 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
-    assert sidecar["prior_alpha"] == 0.4 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
+    assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
+    assert sidecar["tta"] == "never"  # the LGG rule chose no TTA on any device; --tta still asks for it
     hgg = load_checkpoint(bundled_weights("hgg")).config
     assert hgg.segment.class_weights == () and hgg.postprocess.keep_largest is False
 
 
-# The cross-validation whose grid chose the bundled rules, and the fold config it ran (v10: three planes).
-CHOSEN_CV = REPO / "benchmarks" / "results" / "cv4_intensity_planes"
-CHOSEN_CV_CONFIG = REPO / "pipelines" / "configs" / "cv_hgg_intensity_planes.yaml"
+# The cross-validation whose grid chose the bundled rules, and the fold config it ran (v10's recipe and schedule).
+CHOSEN_CV = REPO / "benchmarks" / "results" / "cv4_intensity_planes_full"
+CHOSEN_CV_CONFIG = REPO / "pipelines" / "configs" / "cv_hgg_intensity_planes_full.yaml"
 
 
 def _grid_rule(population: str) -> dict[str, str]:
@@ -110,8 +111,19 @@ def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population
     assert config.postprocess.min_component_voxels == int(rule["t_vol"])
     assert config.postprocess.keep_largest is (rule["keep_largest"] == "True")
     assert config.postprocess.require_core is (rule.get("require_core") == "True")  # absent: a grid before it
-    assert (tuple(config.segment.tta_rotations) != (0,)) is (rule["tta"] == "on")
+    assert (tuple(config.segment.tta_rotations) != (0,) and config.segment.tta != "never") is (rule["tta"] == "on")
     # the grid's probabilities came from the fold models' planes: the bundled model segments over the same
     folds = load_config(CHOSEN_CV_CONFIG)
     assert config.segment.views == folds.segment.views == ("axial", "coronal", "sagittal")
     assert checkpoint.config.sampling.planes == folds.sampling.planes
+
+
+def test_tta_flag_overrides_the_lgg_rules_no_tta(tmp_path):
+    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["LGG"])
+    out = tmp_path / "seg.nii.gz"
+    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "-q", "segment", str(refs[0].image_paths[0]),
+                             "--grade", "lgg", "--tta", "--out", str(out), "--mode", "fast", "--no-postprocess"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    sidecar = json.loads(out.with_name("seg.json").read_text())
+    assert sidecar["tta"] == "always" and sidecar["tta_rotations"] == [0, 90, 180, 270]

@@ -34,15 +34,16 @@ DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is 
 # the user's --set). LGG cases get the HGG network: on the sample's LGG cases it beats the paper's
 # LGG network trained on the one or two LGG cases the sample can spare (docs/results.md, "LGG").
 # The decision rules are chosen by 4-fold cross-validation over the 23 sample cases outside the test
-# split, on fold models trained with the bundled model's recipe (v10: intensity augmentation, patches from
-# three slice planes, segmented over the three; docs/results.md, benchmarks/results/cv4_intensity_planes/grid.json):
-# HGG (and cases of unknown grade, chosen on both grades: the same rule) alpha 0.4, TTA, t_vol 3,000, in the
-# checkpoint's calibration, plus require-core (components without tumour core removed; it joined the
-# grid after v10 was built, so it is set here until the next weights carry it); LGG alpha 0.4 with
-# edema x2, TTA, t_vol 0 with keep-largest.
+# split, on fold models trained with the bundled model's recipe and schedule (v10: intensity augmentation,
+# patches from three slice planes, segmented over the three, 6 epochs; docs/results.md,
+# benchmarks/results/cv4_intensity_planes_full/grid.json): HGG (and cases of unknown grade, chosen on both
+# grades: the same rule) alpha 0.4, TTA, t_vol 3,000, in the checkpoint's calibration, plus require-core
+# (components without tumour core removed; it joined the grid after v10 was built, so it is set here until
+# the next weights carry it); LGG alpha 0.2 with edema x2, no TTA (segment.tta never; --tta
+# still turns it on), t_vol 0 with keep-largest.
 BUNDLED_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hgg": ("hgg.pt", ("postprocess.require_core=true",)),
-    "lgg": ("hgg.pt", ("segment.prior_alpha=0.4", "segment.class_weights=[1,1,2,1]",
+    "lgg": ("hgg.pt", ("segment.prior_alpha=0.2", "segment.class_weights=[1,1,2,1]", "segment.tta=never",
                        "postprocess.min_component_voxels=0", "postprocess.keep_largest=true")),
 }
 
