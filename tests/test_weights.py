@@ -38,44 +38,41 @@ def test_bundled_checkpoint_is_the_papers_hgg_network_with_its_normaliser_and_ca
     assert checkpoint.normaliser.channel_order == ("t1", "t1c", "t2", "flair")
 
 
-def test_segment_with_grade_uses_the_bundled_model(tmp_path):
-    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["HGG"])
+def _segment_phantom(tmp_path, grade: str, *options: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """``brats-cnn segment`` (fast mode, no post-processing) on a one-case phantom of ``grade``; the run,
+    the phantom's first image and the output path."""
+    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=[grade])
     out = tmp_path / "seg.nii.gz"
-    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "-q", "segment",
-                             str(refs[0].image_paths[0]), "--grade", "hgg", "--out", str(out),
-                             "--mode", "fast", "--no-postprocess"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", *options, str(refs[0].image_paths[0]),
+                             "--out", str(out), "--mode", "fast", "--no-postprocess"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    return result, Path(refs[0].image_paths[0]), out
+
+
+def test_segment_with_grade_uses_the_bundled_model(tmp_path):
+    _, image, out = _segment_phantom(tmp_path, "HGG", "-q", "segment", "--grade", "hgg")
     labels = np.asarray(nib.load(out).dataobj)
     assert labels.shape == (40, 40, 10)
     assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
-    source = nib.load(refs[0].image_paths[0])
+    source = nib.load(image)
     np.testing.assert_allclose(nib.load(out).affine, source.affine)
 
 
 def test_segment_without_grade_or_model_uses_the_bundled_hgg_model_with_one_notice(tmp_path):
-    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["HGG"])
-    out = tmp_path / "seg.nii.gz"
-    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "segment", str(refs[0].image_paths[0]),
-                             "--out", str(out), "--mode", "fast", "--no-postprocess"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result, _, out = _segment_phantom(tmp_path, "HGG", "segment")
     notices = [line for line in result.stderr.splitlines() if "no --grade or --model" in line]
     assert notices == ["WARNING brats_cnn.inference.members: no --grade or --model given: using the bundled HGG model "
                        "(the default for cases of unknown grade; see docs/results.md)"]
-    sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
+    sidecar = json.loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
 
 
 def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_path):
-    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["LGG"])
-    out = tmp_path / "seg.nii.gz"
-    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "segment", str(refs[0].image_paths[0]),
-                             "--grade", "lgg", "--out", str(out), "--mode", "fast", "--no-postprocess"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result, _, out = _segment_phantom(tmp_path, "LGG", "segment", "--grade", "lgg")
     notices = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert notices == ["WARNING brats_cnn.inference.members: --grade lgg: using the bundled HGG model, which scores better "
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
-    sidecar = __import__("json").loads(out.with_name("seg.json").read_text())
+    sidecar = json.loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
     assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
     assert sidecar["tta"] == "never"  # the LGG rule chose no TTA on any device; --tta still asks for it
@@ -119,11 +116,6 @@ def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population
 
 
 def test_tta_flag_overrides_the_lgg_rules_no_tta(tmp_path):
-    refs = write_phantom_dataset(tmp_path / "data", 1, seed=3, shape=(40, 40, 10), grades=["LGG"])
-    out = tmp_path / "seg.nii.gz"
-    result = subprocess.run([sys.executable, "-m", "brats_cnn.cli", "-q", "segment", str(refs[0].image_paths[0]),
-                             "--grade", "lgg", "--tta", "--out", str(out), "--mode", "fast", "--no-postprocess"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    _, _, out = _segment_phantom(tmp_path, "LGG", "-q", "segment", "--grade", "lgg", "--tta")
     sidecar = json.loads(out.with_name("seg.json").read_text())
     assert sidecar["tta"] == "always" and sidecar["tta_rotations"] == [0, 90, 180, 270]
