@@ -141,7 +141,7 @@ def calibrate(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Preprocessed cache of the run's cases (default: <run>/cache)."),
     device: str = DeviceOpt,
     no_tta: bool = typer.Option(False, "--no-tta", help="Do not try test-time augmentation (4x faster)."),
-    fixed: Optional[List[str]] = typer.Option(None, "--fixed", help="KEY=VALUE: write these calibration settings (segment.prior_alpha, segment.prior_adapt, segment.tta_rotations, segment.decision, postprocess.keep_largest) into --model without a search; for a model trained without validation cases. Repeatable."),
+    fixed: Optional[List[str]] = typer.Option(None, "--fixed", help="KEY=VALUE: write these calibration settings (segment.prior_alpha, segment.tta_rotations, segment.tta, segment.class_weights, postprocess.min_component_voxels, postprocess.keep_largest, postprocess.require_core, ...: docs/segmentation.md) into --model without a search; for a model trained without validation cases. Repeatable."),
 ) -> None:
     """Choose the class-prior correction, test-time augmentation and post-processing on validation cases."""
     from brats_cnn.inference.calibrate import CALIBRATED_NAME, run_calibrate, write_fixed_calibration

@@ -244,9 +244,11 @@ def test_fixed_calibration_writes_the_given_settings_without_a_search(tiny_run, 
     # the cross-validated decisions (pipelines/cross_validate.py) are calibration settings too
     cv = tmp_path / "cv.pt"
     assert main([*base, "--out", str(cv), "--fixed", "segment.class_weights=[1,1,1.5,1]",
-                 "--fixed", "postprocess.min_component_voxels=3000", "--fixed", "postprocess.keep_largest=true"]) == 0
+                 "--fixed", "postprocess.min_component_voxels=3000", "--fixed", "postprocess.keep_largest=true",
+                 "--fixed", "segment.tta=never"]) == 0
     chosen = load_checkpoint(cv).config
     assert chosen.segment.class_weights == (1.0, 1.0, 1.5, 1.0) and chosen.postprocess.min_component_voxels == 3000
+    assert chosen.segment.tta == "never"  # a rule chosen without TTA: also on CUDA
     assert chosen.postprocess.keep_largest is True and chosen.segment.prior_alpha == last.config.segment.prior_alpha
     case = next(p for p in (tiny_run / "raw").iterdir() if p.is_dir())
     run_segment([case], model=out, out=tmp_path / "seg.nii.gz", device="cpu", overrides=["segment.tta=always"])

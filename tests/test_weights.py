@@ -95,11 +95,11 @@ def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population
     """Each grade's settings, after BUNDLED_MODELS' overrides, equal the rule chosen on the out-of-fold cases."""
     from brats_cnn.config import config_to_dict, load_config
     from brats_cnn.data.labels import get_convention
-    from brats_cnn.inference.members import BUNDLED_MODELS, DEFAULT_GRADE
+    from brats_cnn.inference.members import BUNDLED_MODELS, UNKNOWN_GRADE
 
     rule = _grid_rule(population)
-    name, overrides = BUNDLED_MODELS[grade or DEFAULT_GRADE]
-    checkpoint = load_checkpoint(bundled_weights(grade or DEFAULT_GRADE))
+    name, overrides = BUNDLED_MODELS[grade or UNKNOWN_GRADE]
+    checkpoint = load_checkpoint(bundled_weights(grade or UNKNOWN_GRADE))
     config = load_config(None, list(overrides), base=config_to_dict(checkpoint.config))
     assert config.segment.prior_alpha == float(rule["alpha"]) and config.segment.prior_adapt is False
     weights = list(config.segment.class_weights) or [1.0] * 4

@@ -123,9 +123,9 @@ def best_choice(choices: Sequence[Choice]) -> Choice:
 
 # the settings calibrate chooses; --fixed may set only these (the class weights and t_vol: chosen by
 # cross-validation, pipelines/cross_validate.py)
-CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_rotations", "segment.decision",
-                    "segment.class_weights", "postprocess.keep_largest", "postprocess.min_component_voxels",
-                    "postprocess.never_empty", "postprocess.require_core")
+CALIBRATION_KEYS = ("segment.prior_alpha", "segment.prior_adapt", "segment.tta_rotations", "segment.tta",
+                    "segment.decision", "segment.class_weights", "postprocess.keep_largest",
+                    "postprocess.min_component_voxels", "postprocess.never_empty", "postprocess.require_core")
 
 
 def _refuse_to_overwrite(run: Path, model: Path, out: Path) -> None:

@@ -28,6 +28,7 @@ WEIGHTS_DIR_NAME = "weights"
 
 
 DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is given
+UNKNOWN_GRADE = "unknown"  # BUNDLED_MODELS' entry for that case: the default model with the unknown-grade rule
 
 
 # The bundled checkpoint that serves each grade, and the settings applied to it for that grade (before
@@ -40,9 +41,11 @@ DEFAULT_GRADE = "hgg"  # bundled model used when neither --grade nor --model is 
 # grades: the same rule) alpha 0.4, TTA, t_vol 3,000, in the checkpoint's calibration, plus require-core
 # (components without tumour core removed; it joined the grid after v10 was built, so it is set here until
 # the next weights carry it); LGG alpha 0.2 with edema x2, no TTA (segment.tta never; --tta
-# still turns it on), t_vol 0 with keep-largest.
+# still turns it on), t_vol 0 with keep-largest. Cases of unknown grade (no --grade, no --model) get
+# the rule chosen on the out-of-fold cases of both grades, which may differ from the HGG rule.
 BUNDLED_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hgg": ("hgg.pt", ("postprocess.require_core=true",)),
+    UNKNOWN_GRADE: ("hgg.pt", ("postprocess.require_core=true",)),
     "lgg": ("hgg.pt", ("segment.prior_alpha=0.2", "segment.class_weights=[1,1,2,1]", "segment.tta=never",
                        "postprocess.min_component_voxels=0", "postprocess.keep_largest=true")),
 }
@@ -74,9 +77,13 @@ def resolve_checkpoints(model: str | Path | list | None, grade: str | None) -> t
     if models:
         return [Path(m) for m in models], ()  # with --grade as well, run_segment checks each checkpoint's grade
     if grade is None:  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
-        grade = DEFAULT_GRADE
         log.warning("no --grade or --model given: using the bundled %s model (the default for cases of unknown "
-                    "grade; see docs/results.md)", grade.upper())
+                    "grade; see docs/results.md)", DEFAULT_GRADE.upper())
+        path = bundled_weights(UNKNOWN_GRADE)
+        if not path.is_file():
+            raise CheckpointError("no bundled weights in this installation; train a model (brats-cnn train) "
+                                  "and pass it with --model", path)
+        return [path], BUNDLED_MODELS[UNKNOWN_GRADE][1]
     path = bundled_weights(grade)
     if path.name != f"{grade}.pt":
         log.warning("--grade %s: using the bundled %s model, which scores better on %s cases than the paper's "
