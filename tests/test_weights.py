@@ -18,17 +18,18 @@ from brats_cnn.network.model import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
-# 4 outputs: the brats2017 convention (0, 1, 2, 4) the bundled model was trained in.
-HGG_PARAMETERS = 2_117_956
+# 4 outputs: the brats2017 convention (0, 1, 2, 4) the bundled model was trained in; the paper's HGG
+# network (2,117,956) plus the context pathway of model.context 3 (v11).
+HGG_PARAMETERS = 3_032_804
 
 
 @pytest.mark.parametrize("grade", ["hgg", "lgg"])
-def test_bundled_checkpoint_is_the_papers_hgg_network_with_its_normaliser_and_calibration(grade):
+def test_bundled_checkpoint_is_the_papers_hgg_network_with_context_normaliser_and_calibration(grade):
     checkpoint = load_checkpoint(bundled_weights(grade))  # LGG cases get the HGG model too (docs/results.md)
     assert checkpoint.grade == "hgg"
     assert checkpoint.network.architecture == "hgg"
     assert count_parameters(checkpoint.network) == HGG_PARAMETERS
-    assert checkpoint.config.model.dropout == 0.1
+    assert checkpoint.config.model.dropout == 0.1 and checkpoint.config.model.context == 3
     frequencies = checkpoint.calibration["class_frequencies"]  # the prior correction segment applies
     assert len(frequencies) == 4 and abs(sum(frequencies) - 1) < 1e-9 and frequencies[0] > 0.9
     assert checkpoint.config.segment.prior_alpha > 0
@@ -65,6 +66,8 @@ def test_segment_without_grade_or_model_uses_the_bundled_hgg_model_with_one_noti
                        "(the default for cases of unknown grade; see docs/results.md)"]
     sidecar = json.loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
+    # the unknown-grade rule (chosen on both grades), not the HGG one the checkpoint carries
+    assert sidecar["prior_alpha"] == 0.4 != load_checkpoint(bundled_weights("hgg")).config.segment.prior_alpha
 
 
 def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_path):
@@ -74,15 +77,16 @@ def test_segment_with_grade_lgg_uses_the_bundled_hgg_model_with_one_notice(tmp_p
                        "on LGG cases than the paper's LGG network trained on the sample (see docs/results.md)"]
     sidecar = json.loads(out.with_name("seg.json").read_text())
     assert sidecar["grade"] == "hgg" and sidecar["model"] == str(bundled_weights("hgg"))
-    assert sidecar["prior_alpha"] == 0.2 and sidecar["class_weights"] == [1, 1, 2, 1]  # LGG's rule, not HGG's
-    assert sidecar["tta"] == "never"  # the LGG rule chose no TTA on any device; --tta still asks for it
     hgg = load_checkpoint(bundled_weights("hgg")).config
+    assert sidecar["prior_alpha"] == 0 != hgg.segment.prior_alpha  # LGG's rule, not HGG's
+    assert sidecar["tta"] == "never"  # the LGG rule chose no TTA on any device; --tta still asks for it
     assert hgg.segment.class_weights == () and hgg.postprocess.keep_largest is False
+    assert hgg.postprocess.require_core is True
 
 
-# The cross-validation whose grid chose the bundled rules, and the fold config it ran (v10's recipe and schedule).
-CHOSEN_CV = REPO / "benchmarks" / "results" / "cv4_intensity_planes_full"
-CHOSEN_CV_CONFIG = REPO / "pipelines" / "configs" / "cv_hgg_intensity_planes_full.yaml"
+# The cross-validation whose grid chose the bundled rules, and the fold config it ran (v11's recipe, half its schedule).
+CHOSEN_CV = REPO / "benchmarks" / "results" / "cv4_context"
+CHOSEN_CV_CONFIG = REPO / "pipelines" / "configs" / "cv_hgg_context.yaml"
 
 
 def _grid_rule(population: str) -> dict[str, str]:
@@ -113,6 +117,7 @@ def test_the_bundled_rules_are_the_ones_cross_validation_chose(grade, population
     folds = load_config(CHOSEN_CV_CONFIG)
     assert config.segment.views == folds.segment.views == ("axial", "coronal", "sagittal")
     assert checkpoint.config.sampling.planes == folds.sampling.planes
+    assert checkpoint.config.model.context == folds.model.context == 3  # the grid's fold models' network
 
 
 def test_tta_flag_overrides_the_lgg_rules_no_tta(tmp_path):

@@ -35,18 +35,17 @@ UNKNOWN_GRADE = "unknown"  # BUNDLED_MODELS' entry for that case: the default mo
 # the user's --set). LGG cases get the HGG network: on the sample's LGG cases it beats the paper's
 # LGG network trained on the one or two LGG cases the sample can spare (docs/results.md, "LGG").
 # The decision rules are chosen by 4-fold cross-validation over the 23 sample cases outside the test
-# split, on fold models trained with the bundled model's recipe and schedule (v10: intensity augmentation,
-# patches from three slice planes, segmented over the three, 6 epochs; docs/results.md,
-# benchmarks/results/cv4_intensity_planes_full/grid.json): HGG (and cases of unknown grade, chosen on both
-# grades: the same rule) alpha 0.4, TTA, t_vol 3,000, in the checkpoint's calibration, plus require-core
-# (components without tumour core removed; it joined the grid after v10 was built, so it is set here until
-# the next weights carry it); LGG alpha 0.2 with edema x2, no TTA (segment.tta never; --tta
-# still turns it on), t_vol 0 with keep-largest. Cases of unknown grade (no --grade, no --model) get
-# the rule chosen on the out-of-fold cases of both grades, which may differ from the HGG rule.
+# split, on fold models trained with the bundled model's recipe (v11: intensity augmentation, patches
+# from three slice planes, segmented over the three, the context pathway; docs/results.md,
+# benchmarks/results/cv4_context/grid.json, fold models at half the schedule): HGG alpha 0.6, no TTA
+# (segment.tta never: also on CUDA; --tta still turns it on), t_vol 1,000, require-core, all in the
+# checkpoint's calibration. Cases of unknown grade (no --grade, no --model; chosen on the out-of-fold
+# cases of both grades): alpha 0.4, TTA (segment.tta auto: on CUDA, or with --tta), t_vol 3,000,
+# require-core. LGG: alpha 0, no TTA, t_vol 0 with keep-largest.
 BUNDLED_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "hgg": ("hgg.pt", ("postprocess.require_core=true",)),
-    UNKNOWN_GRADE: ("hgg.pt", ("postprocess.require_core=true",)),
-    "lgg": ("hgg.pt", ("segment.prior_alpha=0.2", "segment.class_weights=[1,1,2,1]", "segment.tta=never",
+    "hgg": ("hgg.pt", ()),
+    UNKNOWN_GRADE: ("hgg.pt", ("segment.prior_alpha=0.4", "segment.tta=auto", "postprocess.min_component_voxels=3000")),
+    "lgg": ("hgg.pt", ("segment.prior_alpha=0", "postprocess.require_core=false",
                        "postprocess.min_component_voxels=0", "postprocess.keep_largest=true")),
 }
 
