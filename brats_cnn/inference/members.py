@@ -75,23 +75,19 @@ def resolve_checkpoints(model: str | Path | list | None, grade: str | None) -> t
     models = list(model) if isinstance(model, (list, tuple)) else [] if model is None else [model]
     if models:
         return [Path(m) for m in models], ()  # with --grade as well, run_segment checks each checkpoint's grade
-    if grade is None:  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
+    entry = grade or UNKNOWN_GRADE  # BraTS 2019+ data carries no grade: the documented default (docs/results.md)
+    path = bundled_weights(entry)
+    if grade is None:
         log.warning("no --grade or --model given: using the bundled %s model (the default for cases of unknown "
                     "grade; see docs/results.md)", DEFAULT_GRADE.upper())
-        path = bundled_weights(UNKNOWN_GRADE)
-        if not path.is_file():
-            raise CheckpointError("no bundled weights in this installation; train a model (brats-cnn train) "
-                                  "and pass it with --model", path)
-        return [path], BUNDLED_MODELS[UNKNOWN_GRADE][1]
-    path = bundled_weights(grade)
-    if path.name != f"{grade}.pt":
+    elif path.name != f"{grade}.pt":
         log.warning("--grade %s: using the bundled %s model, which scores better on %s cases than the paper's "
                     "%s network trained on the sample (see docs/results.md)", grade, path.stem.upper(),
                     grade.upper(), grade.upper())
     if not path.is_file():
-        raise CheckpointError(f"no bundled {grade.upper()} weights in this installation; train a model "
-                              f"(brats-cnn train) and pass it with --model", path)
-    return [path], BUNDLED_MODELS[grade][1]
+        raise CheckpointError(f"no bundled {(grade or DEFAULT_GRADE).upper()} weights in this installation; train a "
+                              f"model (brats-cnn train) and pass it with --model", path)
+    return [path], BUNDLED_MODELS[entry][1]
 
 
 def reorder_channels(image: np.ndarray, channel_order: tuple[str, ...]) -> np.ndarray:
