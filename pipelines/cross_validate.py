@@ -26,6 +26,10 @@ post-processing the same way). Each step resumes where it stopped, across sessio
         --split pipelines/splits/brats_sample_cv4.json --models-from runs/cv_intensity_full \
         --segment-set "segment.views=[axial,coronal,sagittal]" --out runs/cv_views \
         --tables benchmarks/results/cv4_views/tables
+    # a lever: one network for both grades (the other folds' LGG cases join each fold's training data)
+    .venv/bin/python pipelines/cross_validate.py run --data ../shared/data/brats_sample \
+        --split pipelines/splits/brats_sample_cv4.json --config pipelines/configs/cv_hgg_context.yaml \
+        --train-grades hgg lgg --out runs/cv_mixed --tables benchmarks/results/cv4_mixed/tables
     # a lever: two cross-validations' fold models as an ensemble (the mean of their saved probabilities,
     # as nnU-Net scores an ensemble of configurations), then grid over its tables
     .venv/bin/python pipelines/cross_validate.py tables --data ../shared/data/brats_sample \
@@ -119,11 +123,14 @@ def _call(command: list[str]) -> None:
 
 
 def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path, device: str,
-               overrides: list[str], init_from: Path | None = None) -> Path:
-    """Train fold ``fold`` on the HGG cases of the other folds (resuming its last.pt); its last.pt.
+               overrides: list[str], init_from: Path | None = None, grades: tuple[str, ...] = ("hgg",)) -> Path:
+    """Train fold ``fold`` on the cases of ``grades`` in the other folds (resuming its last.pt); its last.pt.
 
     ``init_from``: the ``--out`` of an earlier cross-validation whose fold ``fold`` model this one
     starts from (a second training phase: the same fold's model, so its held-out cases stay unseen).
+    ``grades``: ``("hgg",)`` trains the HGG network on HGG cases, as the bundled models are; with
+    ``"lgg"`` the other folds' LGG cases join its training data (one network for both grades, as
+    nnU-Net and MONAI train on BraTS 2019+); the held-out cases stay unseen either way.
     """
     from brats_cnn.data.layouts import list_cases
 
@@ -131,11 +138,15 @@ def train_fold(data: Path, folds: list[dict], fold: int, config: Path, out: Path
     run = folder / "run"
     if (run / "done.json").is_file():
         return run / "last.pt"
-    train_ids = {case for i, f in enumerate(folds) if i != fold for case in f["hgg"]}
+    train_ids = {case for i, f in enumerate(folds) if i != fold for grade in grades for case in f[grade]}
     refs = [replace(r, grade="HGG") for r in list_cases(data) if r.case_id in train_ids]
     if len(refs) != len(train_ids):
         raise SystemExit(f"{data}: fold {fold}: training cases not found: "
                          f"{sorted(train_ids - {r.case_id for r in refs})}")
+    linked = {p.name for p in (folder / "data").glob("*") if p.is_symlink()}
+    if linked and linked != train_ids:
+        raise SystemExit(f"{folder / 'data'}: fold {fold} was started on other training cases "
+                         f"({', '.join(sorted(linked ^ train_ids))} differ): the same --train-grades, or another --out")
     link_cases(refs, folder / "data")
     earlier = sorted(out.glob("fold*/run/cache/.percase"))  # N4 results of the same cases: reused
     if earlier and not (run / "cache" / ".percase").exists():
@@ -188,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"{model.parent}: fold {fold} of --models-from has not finished (no done.json)")
         else:
             model = train_fold(args.data, folds, fold, args.config, args.out, args.device, args.set or [],
-                               args.init_from)
+                               args.init_from, tuple(args.train_grades))
         predict_fold(args.data, folds, fold, model, args.out, args.device, args.segment_set or [])
         write_tables(args.data, folds, fold, args.out, tables)
     return 0
@@ -536,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", type=Path, help="where the count tables go (default: <out>/tables)")
     p.add_argument("--init-from", type=Path, help="an earlier cross-validation's --out: each fold starts from "
                                                   "that fold's last.pt (a second training phase)")
+    p.add_argument("--train-grades", nargs="+", choices=("hgg", "lgg"), default=["hgg"],
+                   help="whose cases of the other folds each fold model trains on (default: hgg; 'hgg lgg': "
+                        "the LGG cases join the HGG network's training data, one network for both grades)")
     p.add_argument("--models-from", type=Path, help="an earlier cross-validation's --out: segment with its finished "
                                                     "fold models, no training (a test-time lever)")
     p.add_argument("--segment-set", action="append", help="a segment --set for the out-of-fold predictions "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -151,6 +152,20 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
     assert sorted(p.stem for p in (tmp_path / "cv2" / "tables").glob("*.npz")) == sorted(held)
     with pytest.raises(SystemExit, match="fold 1 of --init-from has not finished"):
         cv.main([*phase, "--fold", "1", "--init-from", str(tmp_path / "cv2")])
+    # one network for both grades (--train-grades hgg lgg): the other fold's LGG case joins the training data
+    lgg_fold = next(i for i, f in enumerate(folds) if f["lgg"])
+    other = 1 - lgg_fold
+    mixed = ["run", "--data", str(data), "--split", str(split), "--config", str(REPO / "configs" / "smoke.yaml"),
+             "--out", str(tmp_path / "cv_mixed"), "--device", "cpu", "--fold", str(other),
+             *[a for s in tiny for a in ("--set", s)]]
+    assert cv.main([*mixed, "--train-grades", "hgg", "lgg"]) == 0
+    trained = json.loads((tmp_path / "cv_mixed" / f"fold{other}" / "run" / "done.json").read_text())["train"]
+    assert trained == sorted(folds[lgg_fold]["hgg"] + folds[lgg_fold]["lgg"])
+    assert (tmp_path / "cv" / f"fold{other}" / "run" / "done.json").read_text().count("Phantom") == 2
+    (tmp_path / "cv_mixed" / f"fold{other}" / "run" / "done.json").unlink()
+    shutil.rmtree(tmp_path / "cv_mixed" / "tables")
+    with pytest.raises(SystemExit, match=f"fold {other} was started on other training cases \\({folds[lgg_fold]['lgg'][0]} differ"):
+        cv.main(mixed)  # resuming it with the default --train-grades would change its data
     # a test-time lever on the same fold models (--models-from): no training, segment's --set applied
     views = ["run", "--data", str(data), "--split", str(split), "--out", str(tmp_path / "cv3"), "--device", "cpu",
              "--fold", "0", "--models-from", str(tmp_path / "cv"), "--segment-set", "segment.views=[axial,coronal]"]
@@ -195,8 +210,6 @@ def test_the_whole_pipeline_on_phantoms_resumes_and_chooses_a_rule(tmp_path):
             np.testing.assert_array_equal(saved[key][1][region][0], tp)
             assert saved[key][1][region][2] == reference
     # a fresh checkout holds only the tables: run does nothing, grid works without the probabilities
-    import shutil
-
     shutil.move(tmp_path / "cv" / "tables", tmp_path / "tables")
     shutil.rmtree(tmp_path / "cv")
     assert cv.main([*args, "--tables", str(tmp_path / "tables")]) == 0
