@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cross_validate as cv  # noqa: E402
 
-POST = ((3000, False, False), (3000, False, True), (0, True, False))  # (t_vol, keep_largest, require_core): v10's rule, with require-core (since 2026-12-07), and v9's
+POST = ((3000, False, False), (3000, False, True), (0, True, False), (1000, False, True))  # (t_vol, keep_largest, require_core): v10's rule, with require-core (since 2026-12-07), v9's, and v11's (since 2026-12-08)
 
 
 def rules(alphas: tuple[float, ...]) -> list:
