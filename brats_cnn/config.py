@@ -64,6 +64,7 @@ class SamplingConfig:
     arbitrary_rotation: bool = False  # (choice) also rotate by a uniform random angle
     intensity_scale: float = 0.0  # (choice) per patch and sequence, multiply brain intensities by U[1-s, 1+s]; 0 = off (paper)
     intensity_shift: float = 0.0  # (choice) ... and add U[-t, t] (z-score units); 0 = off (paper)
+    gamma: float = 0.0  # (choice) per patch and sequence, gamma curve exp(U[-g, g]) of brain intensities (nnU-Net, TorchIO); 0 = off (paper)
     planes: tuple[str, ...] = ("axial",)  # (paper: axial) each patch from one of these slice planes, uniformly (choice: + coronal, sagittal)
     centres: str = "balanced"  # (paper) equal centres per class; "natural" (choice): uniform over brain voxels (Havaei 2017)
     validation_patches: int = 20_000  # (choice) patch-accuracy validation set size
@@ -264,6 +265,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "sampling.validation_patches": _at_least(1),
     "sampling.intensity_scale": _fraction(False, True),
     "sampling.intensity_shift": _at_least(0),
+    "sampling.gamma": _at_least(0),
     "sampling.planes": _plane(),
     "model.dropout": _fraction(False, True),
     "model.leaky_relu_slope": _at_least(0),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.training.sampling import PLANE_AXES, Centres, PatchBatches, extract_patches, extract_plane_patches, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
+from brats_cnn.training.sampling import PLANE_AXES, Centres, PatchBatches, extract_patches, extract_plane_patches, gamma_intensity, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 
@@ -323,6 +323,55 @@ def test_intensity_augmentation_ranges_are_checked():
         load_config("smoke", ["sampling.intensity_scale=1.0"])
     with pytest.raises(ConfigError, match="sampling.intensity_shift"):
         load_config("smoke", ["sampling.intensity_shift=-0.1"])
+
+
+def test_gamma_intensity_bends_a_hand_computed_patch_and_keeps_its_mean_and_spread():
+    # brain values 0, 2, 4 (range 4) with gamma 2: 0, 1, 4 before the stats are restored to mean 2,
+    # std sqrt(8/3); by hand: 0.39872, 1.35949, 4.24179. The background voxel (1.0 here) stays.
+    patches = np.array([[[[0.0, 2.0], [4.0, 1.0]]]], np.float32)
+    out = gamma_intensity(patches, np.array([[2.0]]), background=1.0)
+    np.testing.assert_allclose(out[0, 0].ravel(), [0.39872, 1.35949, 4.24179, 1.0], atol=2e-5)
+    assert out.dtype == np.float32
+
+
+def test_gamma_intensity_is_monotone_keeps_the_stats_and_is_the_identity_at_one():
+    rng = np.random.default_rng(0)
+    patches = rng.normal(size=(6, 4, 33, 33)).astype(np.float32)
+    patches[:, :, :5] = 0.0  # background rows
+    patches[5, 2] = 0.0  # a sequence without brain voxels
+    before = patches.copy()
+    np.testing.assert_allclose(gamma_intensity(patches, np.ones((6, 4)), 0.0), patches, atol=1e-5)
+    gammas = np.exp(rng.uniform(-0.4, 0.4, size=(6, 4)))
+    out = gamma_intensity(patches, gammas, 0.0)
+    np.testing.assert_array_equal(patches, before)  # a new array
+    np.testing.assert_array_equal(out[patches == 0], 0.0)
+    np.testing.assert_array_equal(out[5, 2], patches[5, 2])
+    for n, c in np.ndindex(5, 4):
+        brain = patches[n, c] != 0
+        x, y = patches[n, c][brain], out[n, c][brain]
+        np.testing.assert_allclose([y.mean(), y.std()], [x.mean(), x.std()], atol=1e-4)
+        order = np.argsort(x)
+        assert (np.diff(y[order]) >= -1e-5).all()  # monotone: intensities keep their order
+        assert np.abs(y - x).max() > 0.01  # and are changed
+    assert np.abs(out[patches != 0] - patches[patches != 0]).max() > 0.1
+
+
+def test_gamma_augmentation_draws_from_its_own_stream_per_patch_and_sequence():
+    case = fake_case(0)
+    case.image = np.where(case.mask[:, None], case.image, 0).astype(np.float16)
+    centres = sample_balanced_centres([(case.label, case.mask)], 64, 4, make_rng(0, 1))
+    affine = dict(rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5)
+    plain, bent = _dataset([case], centres, **affine)[0][0].numpy(), _dataset([case], centres, gamma=0.4, **affine)[0][0].numpy()
+    np.testing.assert_array_equal(bent[plain == 0], 0.0)
+    gammas = np.exp(make_rng(3, 7, 0, 0).uniform(-0.4, 0.4, size=plain.shape[:2]))  # seed 3, GAMMA_STREAM 7, epoch 0, batch 0
+    np.testing.assert_allclose(bent, gamma_intensity(plain, gammas, 0.0), atol=1e-6)  # the affine draws are unchanged
+    ranks = [_dataset([case], centres, gamma=0.4, **affine, rank=r, world_size=2)[0][0] for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(ranks).numpy(), bent, rtol=0, atol=0)
+    from brats_cnn.config import load_config
+
+    assert load_config("smoke", ["sampling.gamma=0.4"]).sampling.gamma == 0.4
+    with pytest.raises(ConfigError, match="sampling.gamma"):
+        load_config("smoke", ["sampling.gamma=-0.1"])
 
 
 def test_patch_batches_empty_centres():

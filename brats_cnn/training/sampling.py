@@ -36,6 +36,7 @@ ORDER_STREAM = 3
 AUGMENT_STREAM = 4
 INTENSITY_STREAM = 5
 PLANE_STREAM = 6
+GAMMA_STREAM = 7
 RIGHT_ANGLE = 90
 
 
@@ -278,6 +279,55 @@ def jitter_intensity(patches: np.ndarray, factors: np.ndarray, offsets: np.ndarr
     return np.where(patches == background, patches, changed).astype(np.float32, copy=False)
 
 
+def gamma_intensity(patches: np.ndarray, gammas: np.ndarray, background: float) -> np.ndarray:
+    """Per-patch, per-sequence gamma curve of the brain voxels, with their mean and spread kept.
+
+    nnU-Net's gamma augmentation (``GammaTransform`` with ``retain_stats``; TorchIO's ``RandomGamma``
+    draws the exponent the same way, log-uniformly): the brain voxels of patch ``n``, sequence ``c``
+    are mapped to ``[0, 1]`` by their own minimum and range, raised to ``gammas[n, c]``, mapped back,
+    then shifted and scaled to the mean and standard deviation they had. The curve is monotone, so
+    the order of intensities inside a patch is kept while their contrast is bent: an exponent below 1
+    spreads the dark end (faint lesions against normal tissue), one above 1 the bright end. Voxels
+    equal to ``background`` keep it; a patch-sequence with fewer than two brain values is returned
+    unchanged.
+
+    Args:
+        patches: ``(N, C, H, W)`` float32 z-scored intensities.
+        gammas: ``(N, C)`` positive exponents (1 = unchanged).
+        background: the cache's ``preprocess.background_value``.
+
+    Returns:
+        A new ``(N, C, H, W)`` float32 array.
+    """
+    x = np.asarray(patches, np.float32)
+    brain = x != background
+    weight = brain.astype(np.float32)
+    count = weight.sum(axis=(2, 3), keepdims=True)
+    low = np.where(brain, x, np.inf).min(axis=(2, 3), keepdims=True)
+    spread = np.where(brain, x, -np.inf).max(axis=(2, 3), keepdims=True) - low
+    usable = (count > 1) & (spread > 0)
+    low, spread = np.where(usable, low, 0.0).astype(np.float32), np.where(usable, spread, 1.0).astype(np.float32)
+    bent = np.clip((x - low) / spread, 0.0, 1.0)
+    with np.errstate(divide="ignore"):  # log 0 = -inf, and exp(-inf * gamma) = 0: numpy's power is slow at 0
+        np.log(bent, out=bent)
+    bent *= np.asarray(gammas, np.float32)[:, :, None, None]
+    np.exp(bent, out=bent)
+    bent *= spread
+    bent += low
+    total = np.maximum(count, 1.0)
+
+    def mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean = (values * weight).sum(axis=(2, 3), keepdims=True) / total
+        spread_sq = (np.square(values - mean) * weight).sum(axis=(2, 3), keepdims=True) / total
+        return mean, np.sqrt(spread_sq)
+
+    (mean, std), (mean_bent, std_bent) = mean_std(x), mean_std(bent)
+    bent -= mean_bent
+    bent *= std / np.where(std_bent > 0, std_bent, 1.0)
+    bent += mean
+    return np.where(brain & usable, bent, x).astype(np.float32, copy=False)
+
+
 def rotation_support(patch_size: int) -> int:
     """Side of the patch to extract so that any rotation of it still covers ``patch_size``."""
     half = patch_size // 2
@@ -337,13 +387,16 @@ class PatchBatches(Dataset):
             uniformly from ``[1 - scale, 1 + scale]`` and shifted by one from ``[-shift, shift]``
             (:func:`jitter_intensity`, draws from ``(seed, INTENSITY_STREAM, epoch, batch)``); 0 and
             0 (the default) draw nothing.
+        gamma: each patch's sequence gets the gamma curve ``exp(U[-gamma, gamma])`` after that
+            (:func:`gamma_intensity`, draws from ``(seed, GAMMA_STREAM, epoch, batch)``); 0 (the
+            default) draws nothing, so turning it on changes no other draw.
         shuffle: permute the centres per epoch (False for validation).
     """
 
     def __init__(self, cases: Sequence[Any], centres: Centres, *, batch_size: int, patch_size: int,
                  background: float, rotation_angles: Sequence[int] = (0,), arbitrary_rotation: bool = False,
-                 intensity_scale: float = 0.0, intensity_shift: float = 0.0, planes: Sequence[str] = ("axial",),
-                 seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+                 intensity_scale: float = 0.0, intensity_shift: float = 0.0, gamma: float = 0.0,
+                 planes: Sequence[str] = ("axial",), seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
         self.cases = list(cases)
@@ -355,6 +408,7 @@ class PatchBatches(Dataset):
         self.turns = quarter_turns(rotation_angles)
         self.arbitrary_rotation = arbitrary_rotation
         self.intensity_scale, self.intensity_shift = float(intensity_scale), float(intensity_shift)
+        self.gamma = float(gamma)
         self.planes = tuple(planes)
         if not self.planes or any(plane not in PLANE_AXES for plane in self.planes):
             raise ConfigError(f"sampling.planes must name planes from {', '.join(PLANE_AXES)}, got {list(self.planes)}")
@@ -400,12 +454,23 @@ class PatchBatches(Dataset):
         return self.centres.take(members[local]), draws[local]
 
     def _jitter(self, batch: int, patches: np.ndarray) -> np.ndarray:
-        """:func:`jitter_intensity` of this rank's part of a batch (drawn for the global batch)."""
-        if not (self.intensity_scale or self.intensity_shift) or not len(patches):
+        """:func:`jitter_intensity`, then :func:`gamma_intensity`, of this rank's part of a batch
+        (each drawn for the global batch from its own stream)."""
+        if not len(patches):
             return patches
         members, local = self._global_batch(batch)
+        if self.intensity_scale or self.intensity_shift:
+            patches = self._affine(batch, patches, members.size, local)
+        if self.gamma:
+            log_gammas = make_rng(self.seed, GAMMA_STREAM, self.epoch, batch).uniform(
+                -self.gamma, self.gamma, size=(members.size, patches.shape[1]))
+            patches = gamma_intensity(patches, np.exp(log_gammas[local]), self.background)
+        return patches
+
+    def _affine(self, batch: int, patches: np.ndarray, size: int, local: slice) -> np.ndarray:
+        """:func:`jitter_intensity` of this rank's part of a batch of ``size`` patches in all."""
         rng = make_rng(self.seed, INTENSITY_STREAM, self.epoch, batch)
-        shape = (members.size, patches.shape[1])
+        shape = (size, patches.shape[1])
         factors = rng.uniform(1.0 - self.intensity_scale, 1.0 + self.intensity_scale, size=shape)
         offsets = rng.uniform(-self.intensity_shift, self.intensity_shift, size=shape)
         return jitter_intensity(patches, factors[local].astype(np.float32), offsets[local].astype(np.float32),
