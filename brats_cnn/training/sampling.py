@@ -396,7 +396,8 @@ class PatchBatches(Dataset):
     def __init__(self, cases: Sequence[Any], centres: Centres, *, batch_size: int, patch_size: int,
                  background: float, rotation_angles: Sequence[int] = (0,), arbitrary_rotation: bool = False,
                  intensity_scale: float = 0.0, intensity_shift: float = 0.0, gamma: float = 0.0,
-                 planes: Sequence[str] = ("axial",), seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+                 planes: Sequence[str] = ("axial",), seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
         self.cases = list(cases)
@@ -456,7 +457,7 @@ class PatchBatches(Dataset):
     def _jitter(self, batch: int, patches: np.ndarray) -> np.ndarray:
         """:func:`jitter_intensity`, then :func:`gamma_intensity`, of this rank's part of a batch
         (each drawn for the global batch from its own stream)."""
-        if not len(patches):
+        if not len(patches) or not (self.intensity_scale or self.intensity_shift or self.gamma):
             return patches
         members, local = self._global_batch(batch)
         if self.intensity_scale or self.intensity_shift:
