@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brats_cnn.errors import ConfigError
-from brats_cnn.training.sampling import PLANE_AXES, Centres, PatchBatches, extract_patches, extract_plane_patches, gamma_intensity, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
+from brats_cnn.training.sampling import GAMMA_STREAM, PLANE_AXES, Centres, PatchBatches, extract_patches, extract_plane_patches, gamma_intensity, jitter_intensity, make_rng, quarter_turns, rotate_patches, rotate_patches_90, rotation_support, sample_balanced_centres, sample_natural_centres
 
 SHAPE = (6, 40, 44)  # (Z, X, Y)
 
@@ -363,7 +363,7 @@ def test_gamma_augmentation_draws_from_its_own_stream_per_patch_and_sequence():
     affine = dict(rotation_angles=(0,), intensity_scale=0.2, intensity_shift=0.5)
     plain, bent = _dataset([case], centres, **affine)[0][0].numpy(), _dataset([case], centres, gamma=0.4, **affine)[0][0].numpy()
     np.testing.assert_array_equal(bent[plain == 0], 0.0)
-    gammas = np.exp(make_rng(3, 7, 0, 0).uniform(-0.4, 0.4, size=plain.shape[:2]))  # seed 3, GAMMA_STREAM 7, epoch 0, batch 0
+    gammas = np.exp(make_rng(3, GAMMA_STREAM, 0, 0).uniform(-0.4, 0.4, size=plain.shape[:2]))  # seed 3, epoch 0, batch 0
     np.testing.assert_allclose(bent, gamma_intensity(plain, gammas, 0.0), atol=1e-6)  # the affine draws are unchanged
     ranks = [_dataset([case], centres, gamma=0.4, **affine, rank=r, world_size=2)[0][0] for r in (0, 1)]
     torch.testing.assert_close(torch.cat(ranks).numpy(), bent, rtol=0, atol=0)

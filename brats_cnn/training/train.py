@@ -315,7 +315,8 @@ def epoch_batches(run: Run, epoch: int) -> PatchBatches:
     common = dict(patch_size=input_side(cfg), background=cfg.preprocess.background_value,
                   rotation_angles=cfg.sampling.rotation_angles, arbitrary_rotation=cfg.sampling.arbitrary_rotation,
                   intensity_scale=cfg.sampling.intensity_scale, intensity_shift=cfg.sampling.intensity_shift,
-                  gamma=cfg.sampling.gamma, planes=cfg.sampling.planes, seed=cfg.train.seed, epoch=epoch, rank=run.dist.rank, world_size=run.dist.world_size)
+                  gamma=cfg.sampling.gamma, planes=cfg.sampling.planes, seed=cfg.train.seed, epoch=epoch,
+                  rank=run.dist.rank, world_size=run.dist.world_size)
     if dense:
         return SlabBatches(run.data.train_dirs, centres, crop_size=cfg.dense.crop_size,
                            batch_size=cfg.dense.batch_size, **common)
